@@ -1,0 +1,284 @@
+"""The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
+import asyncio
+import concurrent.futures
+import re
+import threading
+from typing import Any, Dict, List, Optional, Union
+
+from .certs import HubCertificates
+from .events import EventLog, HubEvent
+from .iothub import HubOperationError, IoTHubCore, MethodResponse
+from .ledger import Ledger, Telemetry
+from .registry import Device, Registry
+from .server import HubServer, is_loopback
+
+__all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
+           "HubInternalError"]
+
+_HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
+
+
+class HubInternalError(RuntimeError):
+    """The hub thread hit an unexpected error; the text carries the hub's own traceback."""
+
+
+class FakeHub:
+    """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
+
+    Runs its own event loop in a background thread. Every public method may be called from any
+    thread (including from inside an `async` test) and errors inside the hub surface here.
+    """
+
+    def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
+                 token_grace: float = 300.0, connect_timeout: float = 30.0,
+                 allow_remote: bool = False, raise_errors: bool = True):
+        if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
+            raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
+                             "digits and hyphens, starting and ending with a letter or digit")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"invalid port {port!r}: expected 0-65535")
+        if host is not None and not is_loopback(host) and not allow_remote:
+            raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True to listen on it")
+        for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        self.hub_name = hub_name
+        self.hostname = f"{hub_name}.azure-devices.net"
+        self._host = host
+        self._port = port
+        self._token_grace = float(token_grace)
+        self._connect_timeout = float(connect_timeout)
+        self._raise_errors = raise_errors
+        self.gateway_host: Optional[str] = None
+        self.port: Optional[int] = None
+        self.ca_pem: Optional[str] = None
+        self.ledger = Ledger()
+        self.event_log = EventLog()
+        self.registry = Registry(self.hostname)
+        self._core: Optional[IoTHubCore] = None
+        self._server: Optional[HubServer] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._started = threading.Event()
+        self._startup_error: Optional[BaseException] = None
+        self._stopping = False
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> "FakeHub":
+        if self._thread is not None:
+            raise RuntimeError("this FakeHub was already started")
+        self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
+        self._thread.start()
+        if not self._started.wait(60):
+            raise HubInternalError("the hub thread did not start listening within 60 s")
+        if self._startup_error is not None:
+            self._thread.join(5)
+            raise self._startup_error
+        return self
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._on_loop_error)
+        try:
+            try:
+                loop.run_until_complete(self._startup())
+            except BaseException as exc:
+                self._startup_error = exc
+                return
+            finally:
+                self._started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._server.close())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _startup(self) -> None:
+        sock = HubServer.bind(self._host, self._port)
+        try:
+            host, port = sock.getsockname()[:2]
+            self.gateway_host, self.port = host, port
+            self.registry.gateway_host = host
+            names = [self.hostname, "localhost", host]
+            self.certificates = HubCertificates(names)
+            self.ca_pem = self.certificates.ca_pem
+            self._core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
+                                    self._loop, token_grace=self._token_grace)
+            self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
+                                     connect_timeout=self._connect_timeout)
+            await self._server.serve(sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.event_log.add("hub_started", None, host=host, port=port)
+
+    def _on_loop_error(self, loop, context) -> None:
+        exc = context.get("exception")
+        if exc is not None:
+            self._core.internal_error(None, exc) if self._core else None
+        else:
+            self.event_log.add("error", None, message=str(context.get("message")))
+
+    def stop(self) -> None:
+        """Close every connection (logged as reason `hub_stopped`) and end the hub thread."""
+        if self._thread is None or self._stopping:
+            return
+        self._stopping = True
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise HubInternalError("the hub thread did not stop within 30 s")
+        if self._raise_errors and self.errors:
+            raise HubInternalError("the fake hub hit internal errors:\n" +
+                                   "\n".join(e.detail.get("traceback") or e.detail.get("message", "")
+                                             for e in self.errors))
+
+    def __enter__(self) -> "FakeHub":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.stop()
+        else:
+            try:
+                self.stop()
+            except HubInternalError:
+                pass  # the test's own exception is the one to show
+
+    async def __aenter__(self) -> "FakeHub":
+        await asyncio.get_running_loop().run_in_executor(None, self.start)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.__exit__, exc_type, exc, tb)
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None and self._loop.is_running() and not self._stopping
+
+    def _call(self, fn, *args, timeout: Optional[float] = 30.0):
+        """Run `fn(*args)` on the hub thread and return its result (or raise its exception)."""
+        if not self.running:
+            raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
+        if threading.get_ident() == self._thread.ident:
+            return fn(*args)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self._loop.call_soon_threadsafe(run)
+        return fut.result(timeout)
+
+    # --- devices -----------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, primary_key: Optional[str] = None, *,
+                   secondary_key: Optional[str] = None, enabled: bool = True) -> Device:
+        if self.gateway_host is None:
+            raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
+        return self.registry.add(device_id, primary_key, secondary_key, enabled)
+
+    def device(self, device_id: str) -> Device:
+        dev = self.registry.get(device_id)
+        if dev is None:
+            raise KeyError(f"no device {device_id!r} on hub {self.hub_name!r}")
+        return dev
+
+    @property
+    def devices(self) -> List[Device]:
+        return self.registry.all()
+
+    def remove_device(self, device_id: str) -> None:
+        """Delete the identity; a connected device is disconnected (reason `device_removed`)."""
+        self.registry.remove(device_id)
+        if self.running:
+            self._call(self._core.device_disabled, device_id, True)
+
+    def set_device_enabled(self, device_id: str, enabled: bool) -> Device:
+        dev = self.registry.set_enabled(device_id, enabled)
+        if not enabled and self.running:
+            self._call(self._core.device_disabled, device_id)
+        return dev
+
+    def connected_devices(self) -> List[str]:
+        return self._call(lambda: sorted(self._core.connections))
+
+    def is_connected(self, device_id: str) -> bool:
+        return self._call(lambda: device_id in self._core.connections)
+
+    # --- telemetry ---------------------------------------------------------------------------
+
+    def telemetry(self, device_id: Optional[str] = None) -> List[Telemetry]:
+        return self.ledger.items(device_id)
+
+    def wait_for_telemetry(self, count: int, device_id: Optional[str] = None,
+                           timeout: float = 10.0) -> List[Telemetry]:
+        return self.ledger.wait_for(count, device_id, timeout)
+
+    # --- service-side operations -------------------------------------------------------------
+
+    def send_c2d(self, device_id: str, body: Union[str, bytes], properties: Optional[Dict[str, Any]] = None,
+                 *, message_id: Optional[str] = None) -> str:
+        """Queue a cloud-to-device message; returns its message id."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if not isinstance(body, (bytes, bytearray)):
+            raise TypeError(f"C2D body must be str or bytes, not {type(body).__name__}")
+        if len(body) > 64 * 1024:
+            raise HubOperationError(f"C2D message of {len(body)} bytes exceeds IoT Hub's 64 KB limit", 400000)
+        return self._call(self._core.send_c2d, device_id, bytes(body), properties, message_id)
+
+    def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
+                      timeout: float = 30.0) -> MethodResponse:
+        """Call a direct method: the device's response, 404 if it is offline/unsubscribed, 504 on timeout."""
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            raise RuntimeError("invoke_method blocks; it cannot be called from the hub thread")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
+                   lambda r: fut.done() or fut.set_result(r))
+        return fut.result(timeout + 30)
+
+    async def invoke_method_async(self, device_id: str, method_name: str, payload: Any = None,
+                                  timeout: float = 30.0) -> MethodResponse:
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.invoke_method, device_id, method_name, payload, timeout)
+
+    def get_twin(self, device_id: str) -> Dict[str, Any]:
+        def get():
+            if self.registry.get(device_id) is None:
+                raise HubOperationError(f"device {device_id!r} is not registered", 404001)
+            return self._core.twin(device_id).document()
+        return self._call(get)
+
+    def update_desired(self, device_id: str, patch: Dict[str, Any]) -> int:
+        return self._call(self._core.update_desired, device_id, patch)
+
+    # --- observation -------------------------------------------------------------------------
+
+    @property
+    def events(self) -> List[HubEvent]:
+        return self.event_log.list()
+
+    @property
+    def errors(self) -> List[HubEvent]:
+        return self.event_log.list("error")
+
+    def wait_for_event(self, kind: str, device_id: Optional[str] = None, timeout: float = 10.0,
+                       where=None, after: float = 0.0) -> HubEvent:
+        """Wait for the first event of `kind` (for `device_id`, matching `where`, logged at/after `after`)."""
+        return self.event_log.wait_for(
+            lambda e: e.kind == kind and (device_id is None or e.device_id == device_id)
+            and e.at >= after and (where is None or where(e)),
+            timeout, what=f"{kind!r} event" + (f" for device {device_id!r}" if device_id else ""))
+
+    @property
+    def region(self) -> str:
+        return self._core.region if self._core else "primary"
+
+    def __repr__(self):
+        state = "running" if self.running else "stopped"
+        return f"<FakeHub {self.hostname} at {self.gateway_host}:{self.port} {state}>"

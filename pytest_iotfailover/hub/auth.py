@@ -1,0 +1,169 @@
+"""Connection strings, SAS tokens and MQTT user names as IoT Hub uses them.
+
+Pure functions: nothing here touches the network or the hub's state.
+"""
+import base64
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+from urllib.parse import quote, unquote
+
+DEFAULT_CLOCK_SKEW = 300.0  # IoT Hub accepts tokens up to five minutes past their expiry
+
+
+class AuthError(Exception):
+    """A credential was rejected. The message never contains the secret itself."""
+
+
+_CS_KEYS = {"HostName", "DeviceId", "ModuleId", "SharedAccessKey", "SharedAccessKeyName",
+            "SharedAccessSignature", "GatewayHostName", "x509"}
+_SECRET_KEYS = ("SharedAccessKey", "SharedAccessSignature")
+
+
+def parse_connection_string(cs: str) -> Dict[str, str]:
+    """Split `Key=value;Key=value` the way the SDKs do; unknown or repeated keys are errors."""
+    if not isinstance(cs, str) or not cs.strip():
+        raise ValueError("connection string is empty")
+    out: Dict[str, str] = {}
+    for part in cs.strip().strip(";").split(";"):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"connection string segment without '=' (key {key[:20]!r})")
+        if key not in _CS_KEYS:
+            raise ValueError(f"connection string has unknown key {key!r}")
+        if key in out:
+            raise ValueError(f"connection string repeats key {key!r}")
+        out[key] = value
+    if "HostName" not in out:
+        raise ValueError("connection string has no HostName")
+    return out
+
+
+def redact(text: str) -> str:
+    """Hide secret values in connection strings and SAS tokens, keeping the rest readable."""
+    import re
+    text = re.sub(r"(SharedAccessKey=)[^;\s'\"]+", r"\1<redacted>", text)
+    text = re.sub(r"(sig=)[^&;\s'\"]+", r"\1<redacted>", text)
+    return text
+
+
+def device_connection_string(hostname: str, device_id: str, key: str,
+                             gateway_host: Optional[str] = None) -> str:
+    cs = f"HostName={hostname};DeviceId={device_id};SharedAccessKey={key}"
+    if gateway_host:
+        cs += f";GatewayHostName={gateway_host}"
+    return cs
+
+
+def _sign(key_b64: str, sr_raw: str, se: str) -> str:
+    try:
+        key = base64.b64decode(key_b64, validate=True)
+    except Exception:
+        raise AuthError("shared access key is not valid base64") from None
+    digest = hmac.new(key, f"{sr_raw}\n{se}".encode("utf-8"), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def make_sas_token(resource_uri: str, key_b64: str, expiry: Optional[float] = None,
+                   ttl: float = 3600, key_name: Optional[str] = None) -> str:
+    """A SAS token as the SDKs build it: sr is URL-encoded, the signature covers it as sent."""
+    se = str(int(expiry if expiry is not None else time.time() + ttl))
+    sr = quote(resource_uri, safe="")
+    sig = quote(_sign(key_b64, sr, se), safe="")
+    token = f"SharedAccessSignature sr={sr}&sig={sig}&se={se}"
+    if key_name:
+        token += f"&skn={quote(key_name, safe='')}"
+    return token
+
+
+@dataclass
+class SasToken:
+    sr_raw: str       # exactly as received: the signature is computed over it
+    audience: str     # fully percent-decoded
+    signature: str    # URL-decoded base64
+    expiry: int
+    key_name: Optional[str] = None
+
+
+def parse_sas_token(token: str) -> SasToken:
+    prefix = "SharedAccessSignature "
+    if not token.startswith(prefix):
+        raise AuthError("password is not a SharedAccessSignature token")
+    fields: Dict[str, str] = {}
+    for part in token[len(prefix):].split("&"):
+        k, sep, v = part.partition("=")
+        if not sep:
+            raise AuthError(f"SAS token field {k[:10]!r} has no value")
+        fields[k.lower()] = v
+    missing = [f for f in ("sr", "sig", "se") if f not in fields]
+    if missing:
+        raise AuthError(f"SAS token lacks {', '.join(missing)}")
+    try:
+        expiry = int(fields["se"])
+    except ValueError:
+        raise AuthError("SAS token expiry 'se' is not an integer") from None
+    # tolerate the double encoding some SDKs apply to special characters in ids
+    audience = unquote(unquote(fields["sr"]))
+    return SasToken(fields["sr"], audience, unquote(fields["sig"]), expiry,
+                    unquote(fields["skn"]) if "skn" in fields else None)
+
+
+def audience_covers(audience: str, target: str) -> bool:
+    """True when the token's audience is `target` or a path prefix of it, by whole segments."""
+    a = audience.rstrip("/").lower()
+    t = target.lower()
+    return t == a or t.startswith(a + "/")
+
+
+def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
+                     now: Optional[float] = None, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
+    """Check a device SAS token; return it parsed or raise AuthError saying why (no secrets)."""
+    t = parse_sas_token(token)
+    now = time.time() if now is None else now
+    if now > t.expiry + clock_skew:
+        raise AuthError(f"SAS token expired at {t.expiry}")
+    if t.key_name is not None:
+        raise AuthError(f"SAS token signed with policy {t.key_name!r}, which this hub does not grant DeviceConnect")
+    target = f"{hostname}/devices/{device_id}"
+    if not audience_covers(t.audience, target):
+        raise AuthError(f"SAS token audience {t.audience!r} does not cover {target!r}")
+    for key in keys:
+        if key and hmac.compare_digest(_sign(key, t.sr_raw, str(t.expiry)), t.signature):
+            return t
+    raise AuthError("SAS token signature does not match the device key")
+
+
+@dataclass
+class Username:
+    hostname: str
+    device_id: str
+    module_id: Optional[str]
+    params: Dict[str, str]
+
+    @property
+    def api_version(self) -> Optional[str]:
+        return self.params.get("api-version")
+
+
+def parse_username(username: str) -> Username:
+    """`<hostname>/<device>[/<module>]/?api-version=...` (and the older form without `?`)."""
+    if not username:
+        raise AuthError("CONNECT has no user name")
+    head, sep, query = username.partition("/?")
+    if not sep:
+        idx = username.find("/api-version=")
+        if idx < 0:
+            raise AuthError("user name has no '/?api-version=' part")
+        head, query = username[:idx], username[idx + 1:]
+    parts = head.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise AuthError("user name is not '<hostname>/<device_id>/?api-version=...'")
+    params: Dict[str, str] = {}
+    for item in query.split("&"):
+        if item:
+            k, _, v = item.partition("=")
+            params[unquote(k)] = unquote(v)
+    return Username(parts[0], parts[1], parts[2] if len(parts) == 3 else None, params)

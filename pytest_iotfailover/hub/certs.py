@@ -1,0 +1,28 @@
+"""A throw-away certificate authority and server certificate for the fake hub."""
+import ssl
+from typing import Sequence
+
+import trustme
+
+
+class HubCertificates:
+    """One CA per hub; the server certificate names every host a client may dial."""
+
+    def __init__(self, names: Sequence[str]):
+        self.ca = trustme.CA(organization_name="pytest-iotfailover test CA")
+        self.names = list(dict.fromkeys(names))
+        self.server_cert = self.ca.issue_cert(*self.names)
+        self.ca_pem = self.ca.cert_pem.bytes().decode("ascii")
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_COMPRESSION
+        self.server_cert.configure_cert(ctx)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a device SDK builds: TLS 1.2+, verified, hostname checked."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        self.ca.configure_trust(ctx)
+        return ctx

@@ -1,0 +1,258 @@
+"""The asyncio TLS listener: bytes in, packets to IoT Hub semantics, bytes out. No IoT Hub rules.
+
+TLS is done with `ssl.MemoryBIO` on a plain TCP protocol instead of asyncio's own SSL transport:
+asyncio's SSL layer keeps a 256 KiB read buffer per connection, which makes thousands of idle
+devices cost hundreds of megabytes, and owning the TLS layer also lets faults pause, drop or
+reset a connection at the byte level.
+"""
+import asyncio
+import errno
+import ipaddress
+import socket
+import ssl
+import struct
+from typing import Iterable, Optional
+
+from ..mqtt import Decoder, PacketTooLarge, ProtocolError
+from .iothub import MAX_D2C_SIZE, IoTHubCore
+
+_TLS_READ = 16384  # one TLS record's worth of plaintext
+# Over IoT Hub's 256 KB message limit plus a full topic, so an oversized message is still parsed
+# and refused by the hub's own size rule; anything larger is refused unread.
+MAX_PACKET_SIZE = MAX_D2C_SIZE + 70_000
+
+
+class MqttTlsProtocol(asyncio.Protocol):
+    """One device socket. Also the `link` the hub core writes to and closes."""
+
+    def __init__(self, server: "HubServer"):
+        self.server = server
+        self.loop = server.loop
+        self.transport = None
+        self.conn = None
+        self.closing = False
+        self.blackholed = False
+        self._pending = []
+        self._in_batch = False
+        self._handshaken = False
+        self._timer = None
+        self._keep_alive = None
+        self._last_rx = 0.0
+
+    # --- asyncio side ----------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = self.server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+        self._decoder = Decoder(MAX_PACKET_SIZE)
+        self._last_rx = self.loop.time()
+        self.conn = self.server.core.open(self, f"{peer[0]}:{peer[1]}")
+        self.server.protocols.add(self)
+        self._timer = self.loop.call_later(self.server.connect_timeout, self._connect_timeout)
+        faults = self.server.core.faults
+        if faults is not None:
+            faults.on_socket(self)
+
+    def data_received(self, data):
+        if self.closing or self.blackholed:
+            return
+        self._last_rx = self.loop.time()
+        self._in.write(data)
+        if not self._handshaken:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._write_tls()
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self.server.core.events.add("tls_error", None, message=str(exc), peer=self.conn.peer)
+                self._write_tls()
+                self.close(abort=True)
+                return
+            self._handshaken = True
+        self._in_batch = True
+        conn = self.conn
+        try:
+            while not self.closing:
+                try:
+                    chunk = self._tls.read(_TLS_READ)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    self.close()
+                    break
+                except ssl.SSLError as exc:
+                    self.server.core.events.add("tls_error", conn.device_id, message=str(exc), peer=conn.peer)
+                    self.close(abort=True)
+                    break
+                if not chunk:
+                    self.close()
+                    break
+                try:
+                    packets = self._decoder.feed(chunk)
+                except PacketTooLarge as exc:
+                    conn.protocol_violation(f"packet too large: {exc}")
+                    break
+                except ProtocolError as exc:
+                    conn.protocol_violation(f"malformed MQTT: {exc}")
+                    break
+                for packet in packets:
+                    try:
+                        conn.received(packet)
+                    except Exception as exc:  # a hub bug must not take the hub thread down
+                        self.server.core.internal_error(conn, exc)
+                    if self.closing or self.blackholed:
+                        break
+        finally:
+            self._in_batch = False
+            self._flush()
+
+    def eof_received(self):
+        return None  # close our side too
+
+    def connection_lost(self, exc):
+        self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.server.protocols.discard(self)
+        try:
+            self.conn.connection_lost()
+        except Exception as err:
+            self.server.core.internal_error(None, err)
+
+    # --- link side (called by the hub core) ---------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if self.closing or self.blackholed:
+            return
+        self._pending.append(data)
+        if not self._in_batch:
+            self._flush()
+
+    def close(self, abort: bool = False) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if abort:
+            # SO_LINGER 0 turns close() into a TCP reset, like the real hub's KillTcp
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            self.transport.abort()
+        else:
+            self._flush(force=True)
+            self.transport.close()
+
+    def set_keep_alive(self, seconds: float) -> None:
+        self._keep_alive = seconds
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(seconds, self._check_keep_alive)
+
+    def set_blackhole(self, on: bool) -> None:
+        """Silence: read nothing, write nothing; the socket stays open."""
+        self.blackholed = on
+        if on:
+            self._pending.clear()
+            self.transport.pause_reading()
+        elif not self.closing:
+            self._last_rx = self.loop.time()
+            self.transport.resume_reading()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _flush(self, force: bool = False) -> None:
+        if self._pending and (force or not self.closing):
+            data = b"".join(self._pending)
+            self._pending.clear()
+            try:
+                self._tls.write(data)
+            except ssl.SSLError:
+                return
+        self._write_tls()
+
+    def _write_tls(self) -> None:
+        out = self._out.read()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _connect_timeout(self):
+        if not self.conn.connected and not self.closing:
+            self.server.core.events.add("connect_timeout", None, peer=self.conn.peer,
+                                        seconds=self.server.connect_timeout)
+            self.close()
+
+    def _check_keep_alive(self):
+        if self.closing:
+            return
+        idle = self.loop.time() - self._last_rx
+        if idle >= self._keep_alive and not self.blackholed:
+            self.conn.close("keepalive", idle=round(idle, 3))
+        else:
+            self._timer = self.loop.call_later(max(self._keep_alive - idle, 0.05), self._check_keep_alive)
+
+
+def loopback_candidates(count: int = 254) -> Iterable[str]:
+    for i in range(1, count + 1):
+        yield f"127.0.0.{i}"
+
+
+class HubServer:
+    def __init__(self, core: IoTHubCore, ssl_context: ssl.SSLContext, loop, *, connect_timeout: float = 30.0):
+        self.core = core
+        self.ssl_context = ssl_context
+        self.loop = loop
+        self.connect_timeout = connect_timeout
+        self.protocols = set()
+        self._server = None
+
+    @staticmethod
+    def bind(host: Optional[str], port: int) -> socket.socket:
+        """Bind `host:port`, or with no host the first free loopback address of 127.0.0.1, .2, ..."""
+        candidates = [host] if host else loopback_candidates()
+        last = None
+        for candidate in candidates:
+            family = socket.AF_INET6 if ":" in candidate else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((candidate, port))
+                sock.listen(4096)
+                sock.setblocking(False)
+                return sock
+            except OSError as exc:
+                sock.close()
+                last = exc
+                if host or exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                    raise OSError(exc.errno, f"cannot listen on {candidate}:{port}: {exc.strerror}") from None
+        raise OSError(getattr(last, "errno", None),
+                      f"no free loopback address for port {port} (tried 127.0.0.1 to 127.0.0.254): {last}")
+
+    async def serve(self, sock: socket.socket) -> None:
+        self._server = await self.loop.create_server(lambda: MqttTlsProtocol(self), sock=sock)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for proto in list(self.protocols):
+            proto.conn.close("hub_stopped")
+        if self._server is not None:
+            await self._server.wait_closed()
+        # let connection_lost callbacks run so every disconnect is logged
+        for _ in range(3):
+            if not self.protocols:
+                break
+            await asyncio.sleep(0)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
