@@ -49,9 +49,6 @@ def _connect_body(flags: int, payload: bytes = _s("dev")) -> bytes:
     return _s("MQTT") + bytes((4, flags)) + _u16(60) + payload
 
 
-def _decode_all(data: bytes, **kw):
-    return Decoder(**kw).feed(data)
-
 
 # ----------------------------------------------------------------------------- strategies
 
@@ -311,8 +308,10 @@ def _feed_checked(chunks, **kw):
     for chunk in chunks:
         try:
             got += dec.feed(chunk)
+            if dec.error is not None:
+                raise dec.error
         except ProtocolError as exc:
-            assert str(exc)
+            assert str(exc) and dec.error is exc
             for again in (b"", b"\xc0\x00", chunk):
                 with pytest.raises(ProtocolError):
                     dec.feed(again)
@@ -368,9 +367,9 @@ def test_split_feeding_agrees_with_whole_feeding(blob):
     if whole_err is None:
         assert byte_err is None and bytewise == whole
     else:
-        # a single feed drops the packets decoded before the error; byte-wise delivers them
+        # packets before the error are delivered either way
         assert byte_err is not None and str(byte_err) == str(whole_err)
-        assert bytewise[:len(whole)] == whole
+        assert bytewise == whole
 
 
 def test_poisoned_decoder_keeps_raising():
@@ -479,10 +478,12 @@ def test_five_byte_length_detected_before_fifth_byte():
 
 
 def test_valid_packets_before_error_in_same_feed():
-    """Current contract: a feed that hits an error raises, so packets decoded earlier in the
-    same feed are not returned (the connection is dropped anyway)."""
-    with pytest.raises(ProtocolError):
-        Decoder().feed(encode(p.Pingreq()) + b"\x00\x00")
+    """Packets before the garbage are returned; the error is kept and raised by the next feed."""
+    dec = Decoder()
+    assert dec.feed(encode(p.Pingreq()) + b"\x00\x00") == [p.Pingreq()]
+    assert isinstance(dec.error, ProtocolError) and "reserved packet type 0" in str(dec.error)
+    with pytest.raises(ProtocolError, match="reserved packet type 0"):
+        dec.feed(b"")
 
 
 # ----------------------------------------------------------------------------- 5. size limit

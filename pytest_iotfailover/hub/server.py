@@ -106,6 +106,9 @@ class MqttTlsProtocol(asyncio.Protocol):
                         self.server.core.internal_error(conn, exc)
                     if self.closing or self.blackholed:
                         break
+                if self._decoder.error is not None and not self.closing:
+                    conn.protocol_violation(f"malformed MQTT: {self._decoder.error}")
+                    break
         finally:
             self._in_batch = False
             self._flush()

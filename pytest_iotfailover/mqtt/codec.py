@@ -319,13 +319,19 @@ class Decoder:
     """Incremental decoder: feed bytes as they arrive, get whole packets back.
 
     After a ProtocolError the decoder is poisoned: the stream cannot be re-synchronised,
-    so every later feed raises the same error.
+    so every later feed raises the same error. When good packets precede the bad bytes in one
+    feed, they are returned and `error` is set; callers must check it.
     """
 
     def __init__(self, max_packet_size: Optional[int] = None):
         self.max_packet_size = max_packet_size
         self._buf = bytearray()
         self._error: Optional[ProtocolError] = None
+
+    @property
+    def error(self) -> Optional[ProtocolError]:
+        """The error that poisoned this decoder, if any (set even when feed() returned packets)."""
+        return self._error
 
     @property
     def buffered(self) -> int:
@@ -371,6 +377,9 @@ class Decoder:
         except ProtocolError as exc:
             self._error = exc
             del buf[:]
+            if out:
+                # the packets before the garbage are real: hand them over, raise on the next feed
+                return out
             raise
         if pos:
             del buf[:pos]
