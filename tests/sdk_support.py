@@ -1,0 +1,58 @@
+"""Helpers for tests that drive the real azure-iot-device client against a FakeHub."""
+import threading
+import time
+
+from azure.iot.device import IoTHubDeviceClient
+from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
+
+# Short enough that a lost connection is noticed within a test's budget; the SDK's floor is 1 s.
+CLIENT_KWARGS = {"keep_alive": 5, "connection_retry_interval": 1}
+
+
+def make_client(hub, device, aio=False, **kwargs):
+    cls = AioIoTHubDeviceClient if aio else IoTHubDeviceClient
+    options = dict(CLIENT_KWARGS, server_verification_cert=hub.ca_pem)
+    options.update(kwargs)
+    return cls.create_from_connection_string(device.connection_string, **options)
+
+
+def bounded(fn, *args, timeout=10.0):
+    """Run a blocking SDK call with a deadline: the SDK's send_message and get_twin have none."""
+    result, error = [], []
+
+    def run():
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # handed to the caller below
+            error.append(exc)
+    t = threading.Thread(target=run, daemon=True, name=f"bounded:{getattr(fn, '__name__', fn)}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout:g} s")
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+class Inbox:
+    """Collects what an SDK handler receives; `wait(n)` blocks until n items arrived."""
+
+    def __init__(self):
+        self.items = []
+        self._cond = threading.Condition()
+
+    def __call__(self, item):
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait(self, count=1, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.items) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"expected {count} items within {timeout:g} s, got {len(self.items)}")
+                self._cond.wait(left)
+            return list(self.items)
