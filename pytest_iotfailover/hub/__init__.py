@@ -7,13 +7,14 @@ from typing import Any, Dict, List, Optional, Union
 
 from .certs import HubCertificates
 from .events import EventLog, HubEvent
+from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
 from .iothub import HubOperationError, IoTHubCore, MethodResponse
 from .ledger import Ledger, Telemetry
 from .registry import Device, Registry
 from .server import HubServer, is_loopback
 
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "HubInternalError"]
+           "HubInternalError", "FaultHandle", "RecoveryReport"]
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 
@@ -62,6 +63,8 @@ class FakeHub:
         self._started = threading.Event()
         self._startup_error: Optional[BaseException] = None
         self._stopping = False
+        self._faults_engine: Optional[FaultEngine] = None
+        self.faults = Faults(self)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -107,6 +110,7 @@ class FakeHub:
                                     self._loop, token_grace=self._token_grace)
             self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
                                      connect_timeout=self._connect_timeout)
+            self._faults_engine = self._core.faults = FaultEngine(self._core, self._server)
             await self._server.serve(sock)
         except BaseException:
             sock.close()

@@ -253,11 +253,9 @@ class IoTHubCore:
         self.open_connections.add(conn)
         return conn
 
-    def _refuse(self, conn: Connection, code: int, device_id: Optional[str], why: str) -> None:
-        if code in (p.CONNACK_BAD_CREDENTIALS, p.CONNACK_NOT_AUTHORIZED):
-            self.events.add("auth_failure", device_id, reason=why, return_code=code, peer=conn.peer)
-        else:
-            self.events.add("connect_refused", device_id, reason=why, return_code=code, peer=conn.peer)
+    def _refuse(self, conn: Connection, code: int, device_id: Optional[str], why: str, **detail) -> None:
+        kind = "auth_failure" if code in (p.CONNACK_BAD_CREDENTIALS, p.CONNACK_NOT_AUTHORIZED) else "connect_refused"
+        self.events.add(kind, device_id, reason=why, return_code=code, peer=conn.peer, **detail)
         conn.send(p.Connack(code, False))
         conn.close("refused", return_code=code)
 
@@ -267,9 +265,14 @@ class IoTHubCore:
                                 f"protocol {pkt.protocol_name!r} level {pkt.protocol_level} is not MQTT 3.1.1")
         client_id = pkt.client_id
         if self.faults is not None:
-            code = self.faults.connack_override(client_id)
-            if code is not None:
-                return self._refuse(conn, code, client_id, "fault: refused")
+            verdict = self.faults.on_connect_attempt(conn, client_id)
+            if verdict is not None:
+                fault, code = verdict
+                if code == "silence":
+                    self.events.add("connect_ignored", client_id, fault=fault.kind, fault_id=fault.id,
+                                    peer=conn.peer)
+                    return
+                return self._refuse(conn, code, client_id, f"{fault.kind} fault", fault_id=fault.id)
         try:
             if "/" in client_id:
                 raise AuthError(f"client id {client_id!r} names a module; this hub knows devices only")
@@ -330,8 +333,6 @@ class IoTHubCore:
         self.events.add("connect", device_id, session_present=session_present,
                         clean_session=pkt.clean_session, keep_alive=pkt.keep_alive,
                         api_version=user.api_version, peer=conn.peer, region=self.region)
-        if self.faults is not None:
-            self.faults.on_connected(conn)
         # §1.3: queued C2D is pushed straight after CONNACK when the session holds the subscription
         self._pump_c2d(device_id, redeliver=True)
 
@@ -406,10 +407,20 @@ class IoTHubCore:
                 raise ProtocolViolation(f"message of {size} bytes exceeds IoT Hub's 256 KB limit")
             if pkt.retain:
                 props[self.retain_property] = "true"
-            if self.faults is not None and self.faults.intercept_d2c(conn, pkt, props, sysprops):
+            action = None if self.faults is None else self.faults.on_d2c(conn, pkt, props)
+            if action is None:
+                self._accept_d2c(conn, pkt.payload, props, sysprops, pkt.dup, pkt.qos)
+                if pkt.qos:
+                    self.ack(conn, pkt.packet_id)
+                return
+            if action.consume:
                 return
             self._accept_d2c(conn, pkt.payload, props, sysprops, pkt.dup, pkt.qos)
-            if pkt.qos:
+            if action.close_after_accept:
+                conn.close(action.reason, abort=True, message_id=sysprops.get("message_id"))
+            elif pkt.qos and action.ack_delay > 0:
+                self.scheduler.call_later(action.ack_delay, self.ack, conn, pkt.packet_id)
+            elif pkt.qos:
                 self.ack(conn, pkt.packet_id)
             return
         if topic.startswith("$iothub/"):
@@ -420,8 +431,6 @@ class IoTHubCore:
         raise ProtocolViolation(f"unsupported topic {topic!r}")
 
     def ack(self, conn: Connection, packet_id: int) -> None:
-        if self.faults is not None and self.faults.delay_ack(conn, packet_id):
-            return
         if not conn.closed:
             conn.link.send(codec.encode_puback(packet_id))
 

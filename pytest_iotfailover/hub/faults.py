@@ -1,0 +1,533 @@
+"""The fault engine: regional failover, drops, silence, refusals, lost acks, throttling, expiry.
+
+The hub core and the server consult one `FaultEngine` through a handful of hooks
+(`on_socket`, `on_connect_attempt`, `on_d2c`, `on_accepted`); all of its state lives on the hub
+thread, so a fault applies to existing and new connections in a single loop step. `Faults` is
+the thread-safe face users call (`hub.faults`), and every call returns a `FaultHandle`.
+"""
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..mqtt import packets as p
+
+FAULT_PROPERTY = "AzIoTHub_FaultOperationType"
+_DELAY_PROPERTY = "AzIoTHub_FaultOperationDelayInSecs"
+_DURATION_PROPERTY = "AzIoTHub_FaultOperationDurationInSecs"
+
+# what a device-side disconnect or attempt looks like in the event log: the client noticed
+_CLIENT_SIDE_REASONS = {"connection_lost", "client"}
+_ATTEMPT_KINDS = {"connect", "connect_refused", "auth_failure"}
+
+
+class D2CAction:
+    """What the fault engine wants done with one device-to-cloud publish."""
+    __slots__ = ("consume", "close_after_accept", "ack_delay", "reason")
+
+    def __init__(self, consume=False, close_after_accept=False, ack_delay=0.0, reason=""):
+        self.consume = consume                  # neither record nor acknowledge it
+        self.close_after_accept = close_after_accept  # record it, then close before the PUBACK
+        self.ack_delay = ack_delay
+        self.reason = reason
+
+
+@dataclass
+class DeviceRecovery:
+    device_id: str
+    disconnected_at: Optional[float] = None
+    detected_at: Optional[float] = None
+    reconnected_at: Optional[float] = None
+    messages_before: int = 0
+    messages_during: int = 0
+    messages_after: int = 0
+
+    @property
+    def downtime(self) -> Optional[float]:
+        if self.disconnected_at is None or self.reconnected_at is None:
+            return None
+        return self.reconnected_at - self.disconnected_at
+
+
+@dataclass
+class RecoveryReport:
+    """How a fault went, from the hub's event log and ledger. Times are time.time() seconds."""
+    fault: str
+    target: Optional[str]
+    params: Dict[str, Any]
+    started_at: Optional[float]
+    ended_at: Optional[float]
+    devices: Dict[str, DeviceRecovery] = field(default_factory=dict)
+    messages_before: int = 0
+    messages_during: int = 0
+    messages_after: int = 0
+    duplicates: int = 0
+    time_to_detect: Optional[float] = None   # fault start -> the last affected device noticed
+    time_to_recover: Optional[float] = None  # fault end -> the last affected device back
+
+    @property
+    def recovered(self) -> bool:
+        return all(d.reconnected_at is not None for d in self.devices.values())
+
+    @property
+    def outage(self) -> Optional[float]:
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.started_at
+
+    def __str__(self) -> str:
+        def s(v):
+            return "-" if v is None else f"{v:.2f}s"
+        back = sum(1 for d in self.devices.values() if d.reconnected_at is not None)
+        return (f"{self.fault}{'@' + self.target if self.target else ''}: outage {s(self.outage)}, "
+                f"detect {s(self.time_to_detect)}, recover {s(self.time_to_recover)}, "
+                f"{back}/{len(self.devices)} devices back, messages {self.messages_before} before / "
+                f"{self.messages_during} during / {self.messages_after} after, "
+                f"{self.duplicates} duplicates")
+
+
+class Fault:
+    """Engine-side state of one fault. Users hold a FaultHandle, not this."""
+    _ids = itertools.count(1)
+
+    def __init__(self, kind: str, device_id: Optional[str], duration: Optional[float], **params):
+        self.id = next(self._ids)
+        self.kind = kind
+        self.device_id = device_id
+        self.duration = duration
+        self.params = params
+        self.state = "pending"
+        self.started_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.affected: List[str] = []
+        self.done = threading.Event()
+        self.started = threading.Event()
+        self.silenced: set = set()
+        self.countdown: Optional[int] = None
+        self._timer = None
+
+    def targets(self, device_id: Optional[str]) -> bool:
+        return self.device_id is None or self.device_id == device_id
+
+
+class FaultEngine:
+    def __init__(self, core, server):
+        self.core = core
+        self.server = server
+        self.scheduler = core.scheduler
+        self.events = core.events
+        self.active: List[Fault] = []
+        self.waiting_for_messages: List[Fault] = []
+        self.history: List[Fault] = []
+        self._injected: set = set()
+        self._gcra: Dict[int, float] = {}
+
+    # --- scheduling ----------------------------------------------------------------------------
+
+    def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+        self.history.append(fault)
+        if after_messages:
+            fault.countdown = after_messages
+            self.waiting_for_messages.append(fault)
+        elif at:
+            fault._timer = self.scheduler.call_later(at, self.start, fault)
+        else:
+            self.start(fault)
+        return fault
+
+    def start(self, fault: Fault) -> None:
+        if fault.state != "pending":
+            return
+        fault.state = "active"
+        fault.started_at = time.time()
+        core = self.core
+        fault.affected = sorted(d for d in core.connections if fault.targets(d))
+        self.events.add("fault_start", fault.device_id, fault=fault.kind, fault_id=fault.id,
+                        affected=list(fault.affected), **fault.params)
+        self.active.append(fault)
+        fault.started.set()
+        getattr(self, "_start_" + fault.kind, lambda f: None)(fault)
+        if fault.state == "active" and fault.duration is not None:
+            fault._timer = self.scheduler.call_later(fault.duration, self.end, fault)
+
+    def end(self, fault: Fault, cancelled: bool = False) -> None:
+        if fault.state == "pending":
+            if fault._timer is not None:
+                fault._timer.cancel()
+            if fault in self.waiting_for_messages:
+                self.waiting_for_messages.remove(fault)
+            fault.state = "cancelled"
+            self.events.add("fault_cancelled", fault.device_id, fault=fault.kind, fault_id=fault.id)
+            fault.done.set()
+            return
+        if fault.state != "active":
+            return
+        if fault._timer is not None:
+            fault._timer.cancel()
+        fault.state = "ended"
+        fault.ended_at = time.time()
+        self.active.remove(fault)
+        for proto in fault.silenced:
+            if not any(proto in f.silenced for f in self.active):
+                proto.set_blackhole(False)
+        fault.silenced.clear()
+        self._gcra.pop(fault.id, None)
+        self.events.add("fault_end", fault.device_id, fault=fault.kind, fault_id=fault.id,
+                        cancelled=cancelled)
+        fault.done.set()
+
+    def _close_in_scope(self, fault: Fault, reason: str, abort: bool) -> None:
+        for conn in list(self.core.open_connections):
+            if fault.device_id is None or conn.device_id == fault.device_id:
+                conn.close(reason, abort=abort, fault_id=fault.id)
+
+    # --- what each fault does when it starts -----------------------------------------------------
+
+    def _start_region_failover(self, fault: Fault) -> None:
+        core = self.core
+        if fault.device_id is None:
+            core.region = "secondary" if core.region == "primary" else "primary"
+        self._close_in_scope(fault, "region_failover", abort=True)
+        if not fault.params.get("keep_sessions"):
+            # the secondary region has no MQTT sessions: subscriptions and un-acked C2D are gone
+            for device_id in list(core.sessions):
+                if fault.targets(device_id):
+                    del core.sessions[device_id]
+
+    def _start_drop(self, fault: Fault) -> None:
+        self._close_in_scope(fault, fault.params.get("reason", "drop"),
+                             abort=not fault.params.get("graceful"))
+        self.end(fault)
+
+    def _start_expire_tokens(self, fault: Fault) -> None:
+        self._close_in_scope(fault, "token_expired", abort=False)
+        self.end(fault)
+
+    def _start_blackhole(self, fault: Fault) -> None:
+        for proto in list(self.server.protocols):
+            conn = proto.conn
+            if fault.device_id is None or conn.device_id == fault.device_id:
+                proto.set_blackhole(True)
+                fault.silenced.add(proto)
+
+    def _start_reject_publishes(self, fault: Fault) -> None:
+        self._close_in_scope(fault, fault.params["reason"], abort=False)
+
+    # --- hooks -----------------------------------------------------------------------------------
+
+    def on_socket(self, proto) -> None:
+        for fault in self.active:
+            if fault.device_id is not None:
+                continue
+            if fault.kind == "region_failover" and fault.params.get("refuse") == "tcp":
+                # accepted and reset at once: to the client, the same as a refused connection,
+                # without giving up the address another hub could take meanwhile
+                self.events.add("connect_refused", None, reason="region_failover", how="tcp",
+                                peer=proto.conn.peer, fault_id=fault.id)
+                proto.close(abort=True)
+                return
+            if fault.kind == "blackhole":
+                proto.set_blackhole(True)
+                fault.silenced.add(proto)
+                return
+
+    def on_connect_attempt(self, conn, client_id: str):
+        """None to proceed; a CONNACK code to refuse with; or "silence" to never answer."""
+        for fault in self.active:
+            if not fault.targets(client_id):
+                continue
+            if fault.kind == "region_failover":
+                return fault, p.CONNACK_SERVER_UNAVAILABLE
+            if fault.kind == "refuse":
+                return fault, fault.params["code"]
+            if fault.kind == "blackhole":
+                conn.link.set_blackhole(True)
+                fault.silenced.add(conn.link)
+                return fault, "silence"
+        return None
+
+    def on_d2c(self, conn, pkt, props: Dict[str, str]) -> Optional[D2CAction]:
+        if FAULT_PROPERTY in props:
+            action = self._service_fault_injection(conn, pkt, props)
+            if action is not None:
+                return action
+        action = None
+        for fault in self.active:
+            if not fault.targets(conn.device_id):
+                continue
+            kind = fault.kind
+            if kind == "drop_before_ack":
+                fault.params["remaining"] -= 1
+                if fault.params["remaining"] <= 0:
+                    self.scheduler.call_later(0, self.end, fault)
+                return D2CAction(close_after_accept=True, reason="drop_before_ack")
+            if kind == "reject_publishes":
+                conn.close(fault.params["reason"], fault_id=fault.id)
+                return D2CAction(consume=True)
+            if kind == "throttle":
+                delay = self._throttle_delay(fault)
+                if delay is None:
+                    conn.close("throttled", fault_id=fault.id)
+                    return D2CAction(consume=True)
+                if delay > 0:
+                    action = action or D2CAction()
+                    action.ack_delay = max(action.ack_delay, delay)
+            elif kind == "delay_acks":
+                action = action or D2CAction()
+                action.ack_delay = max(action.ack_delay, fault.params["seconds"])
+        return action
+
+    def _throttle_delay(self, fault: Fault) -> Optional[float]:
+        """Generic cell rate algorithm: the delay this message's PUBACK gets, None when over the cap."""
+        rate = fault.params["rate"]
+        burst = fault.params["burst"]
+        now = self.scheduler.time()
+        tat = max(self._gcra.get(fault.id, now), now)
+        delay = max(tat - now - (burst - 1) / rate, 0.0)
+        if delay > fault.params["max_delay"]:
+            return None
+        self._gcra[fault.id] = tat + 1.0 / rate
+        return delay
+
+    def on_accepted(self, conn, telemetry) -> None:
+        if not self.waiting_for_messages:
+            return
+        for fault in list(self.waiting_for_messages):
+            if fault.targets(conn.device_id):
+                fault.countdown -= 1
+                if fault.countdown <= 0:
+                    self.waiting_for_messages.remove(fault)
+                    # after this message's PUBACK has been written
+                    self.scheduler.call_later(0, self.start, fault)
+
+    # --- the real hub's fault-injection message properties ---------------------------------------
+
+    def _service_fault_injection(self, conn, pkt, props) -> Optional[D2CAction]:
+        key = (conn.device_id, props.get("$.mid") or (pkt.topic, bytes(pkt.payload)))
+        if key in self._injected:
+            return None  # a re-send of a request already honoured: a normal message now
+        kind = props[FAULT_PROPERTY]
+        try:
+            delay = float(props.get(_DELAY_PROPERTY) or 0)
+            duration = float(props.get(_DURATION_PROPERTY) or 0)
+        except ValueError:
+            self.events.add("fault_injection_ignored", conn.device_id, type=kind,
+                            message="delay/duration is not a number")
+            return None
+        device = conn.device_id
+        if kind == "KillTcp":
+            fault = Fault("drop", device, None, reason="drop", source="KillTcp")
+        elif kind == "ShutDownMqtt":
+            fault = Fault("drop", device, None, graceful=True, reason="shutdown_mqtt", source="ShutDownMqtt")
+        elif kind in ("InvokeThrottling", "InvokeMaxMessageQuota", "InvokeAuthError"):
+            reason = {"InvokeThrottling": "throttled", "InvokeMaxMessageQuota": "quota_exceeded",
+                      "InvokeAuthError": "auth_error"}[kind]
+            fault = Fault("reject_publishes", device, duration, reason=reason, source=kind)
+        else:
+            self.events.add("fault_injection_ignored", device, type=kind,
+                            message="not a fault IoT Hub injects over MQTT")
+            return None
+        self._injected.add(key)
+        self.events.add("fault_injection_requested", device, type=kind, delay=delay, duration=duration)
+        self.schedule(fault, delay, None)
+        # the real hub terminates the connection before acknowledging the request
+        return D2CAction(consume=True)
+
+
+class FaultHandle:
+    """A scheduled or running fault. Thread-safe; also a context manager for its duration."""
+
+    def __init__(self, hub, fault: Fault):
+        self._hub = hub
+        self._fault = fault
+
+    kind = property(lambda self: self._fault.kind)
+    device_id = property(lambda self: self._fault.device_id)
+    params = property(lambda self: dict(self._fault.params))
+    started_at = property(lambda self: self._fault.started_at)
+    ended_at = property(lambda self: self._fault.ended_at)
+    state = property(lambda self: self._fault.state)
+    active = property(lambda self: self._fault.state == "active")
+
+    def wait_started(self, timeout: Optional[float] = 30.0) -> "FaultHandle":
+        if not self._fault.started.wait(timeout) and self._fault.state == "pending":
+            raise TimeoutError(f"fault {self.kind} did not start within {timeout:g} s")
+        return self
+
+    def wait(self, timeout: Optional[float] = 60.0) -> "FaultHandle":
+        """Block until the fault is over (the hub is back); TimeoutError if it is not by then."""
+        if not self._fault.done.wait(timeout):
+            raise TimeoutError(f"fault {self.kind} still {self._fault.state} after {timeout:g} s")
+        return self
+
+    def cancel(self) -> "FaultHandle":
+        """Never start it, or end it now."""
+        if self._hub.running:
+            self._hub._call(self._hub._faults_engine.end, self._fault, True)
+        return self
+
+    def report(self) -> RecoveryReport:
+        return self._hub._call(build_report, self._hub, self._fault)
+
+    def __enter__(self) -> "FaultHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fault.state in ("pending", "active"):
+            self.cancel()
+
+    def __repr__(self):
+        return f"<FaultHandle {self.kind} {self.state}{' @' + self.device_id if self.device_id else ''}>"
+
+
+def build_report(hub, fault: Fault) -> RecoveryReport:
+    rep = RecoveryReport(fault.kind, fault.device_id, dict(fault.params), fault.started_at, fault.ended_at)
+    if fault.started_at is None:
+        return rep
+    start = fault.started_at
+    end = fault.ended_at
+    events = [e for e in hub.event_log.list() if e.at >= start and
+              (e.device_id in fault.affected or (e.device_id is None and e.kind == "connect_refused"))]
+    for device_id in fault.affected:
+        d = rep.devices[device_id] = DeviceRecovery(device_id)
+        for e in events:
+            # a TCP-level refusal names no device: it counts as any waiting device's first retry
+            if e.device_id != device_id and e.device_id is not None:
+                continue
+            if d.disconnected_at is None:
+                if e.kind == "disconnect":
+                    d.disconnected_at = e.at
+                    if e.reason in _CLIENT_SIDE_REASONS:
+                        d.detected_at = e.at
+                continue
+            if d.detected_at is None and e.kind in _ATTEMPT_KINDS:
+                d.detected_at = e.at
+            if e.kind == "connect" and e.device_id == device_id:
+                d.reconnected_at = e.at
+                break
+    for t in hub.ledger.items():
+        if not fault.targets(t.device_id):
+            continue
+        if t.enqueued_at < start:
+            bucket = "messages_before"
+        elif end is None or t.enqueued_at < end:
+            bucket = "messages_during"
+        else:
+            bucket = "messages_after"
+        setattr(rep, bucket, getattr(rep, bucket) + 1)
+        if t.duplicate and t.enqueued_at >= start:
+            rep.duplicates += 1
+        d = rep.devices.get(t.device_id)
+        if d is not None:
+            setattr(d, bucket, getattr(d, bucket) + 1)
+    detected = [d.detected_at for d in rep.devices.values()]
+    if detected and all(x is not None for x in detected):
+        rep.time_to_detect = max(detected) - start
+    back = [d.reconnected_at for d in rep.devices.values()]
+    if back and all(x is not None for x in back) and end is not None:
+        rep.time_to_recover = max(max(back) - end, 0.0)
+    return rep
+
+
+def _check_target(device_id, at, after_messages):
+    if device_id is not None and not isinstance(device_id, str):
+        raise TypeError(f"device_id must be a string, not {type(device_id).__name__}")
+    if at is not None and (not isinstance(at, (int, float)) or at < 0):
+        raise ValueError(f"at= must be a non-negative number of seconds, got {at!r}")
+    if after_messages is not None and (not isinstance(after_messages, int) or after_messages < 1):
+        raise ValueError(f"after_messages= must be a positive integer, got {after_messages!r}")
+    if at and after_messages:
+        raise ValueError("give at= or after_messages=, not both")
+
+
+def _seconds(name, value, allow_none=True):
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+class Faults:
+    """`hub.faults`: start faults now (default), `at=` seconds from now, or `after_messages=` N more
+    accepted messages; on the whole hub or one `device_id=`."""
+
+    def __init__(self, hub):
+        self._hub = hub
+
+    def _schedule(self, kind, device_id, at, after_messages, duration, **params) -> FaultHandle:
+        _check_target(device_id, at, after_messages)
+        fault = Fault(kind, device_id, duration, **params)
+        engine = self._hub._faults_engine
+        self._hub._call(engine.schedule, fault, at, after_messages)
+        return FaultHandle(self._hub, fault)
+
+    def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str = "tcp",
+                        device_id=None, at=None, after_messages=None) -> FaultHandle:
+        """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
+        MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept."""
+        if refuse not in ("tcp", "connack"):
+            raise ValueError(f"refuse must be 'tcp' or 'connack', got {refuse!r}")
+        if device_id is not None:
+            refuse = "connack"  # a TCP refusal cannot know which device is knocking
+        return self._schedule("region_failover", device_id, at, after_messages,
+                              _seconds("outage", outage, False), outage=float(outage),
+                              keep_sessions=bool(keep_sessions), refuse=refuse)
+
+    def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
+        """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""
+        return self._schedule("drop", device_id, at, after_messages, None,
+                              graceful=bool(graceful), reason="drop")
+
+    def blackhole(self, seconds: Optional[float] = None, *, device_id=None, at=None,
+                  after_messages=None) -> FaultHandle:
+        """Connections stay open but the hub reads and sends nothing; new ones get no CONNACK.
+        `seconds=None`: until cancelled or the `with` block ends."""
+        return self._schedule("blackhole", device_id, at, after_messages, _seconds("seconds", seconds),
+                              seconds=seconds)
+
+    def refuse(self, code: int = 3, seconds: Optional[float] = None, *, device_id=None, at=None,
+               after_messages=None) -> FaultHandle:
+        """New CONNECTs answered with this CONNACK code (3 server unavailable; 4 and 5 make the
+        Python SDK stop retrying for good)."""
+        if code not in (1, 2, 3, 4, 5):
+            raise ValueError(f"CONNACK refusal code must be 1-5, got {code!r}")
+        return self._schedule("refuse", device_id, at, after_messages, _seconds("seconds", seconds),
+                              code=code, seconds=seconds)
+
+    def drop_before_ack(self, count: int = 1, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
+        """The next `count` publishes are accepted (recorded) but the connection is reset before
+        the PUBACK, so the client re-sends them: the ledger shows the duplicates."""
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer, got {count!r}")
+        return self._schedule("drop_before_ack", device_id, at, after_messages, None,
+                              count=count, remaining=count)
+
+    def delay_acks(self, seconds: float, duration: Optional[float] = None, *, device_id=None, at=None,
+                   after_messages=None) -> FaultHandle:
+        """Every PUBACK goes out `seconds` late, for `duration` s (None: until cancelled)."""
+        return self._schedule("delay_acks", device_id, at, after_messages, _seconds("duration", duration),
+                              seconds=_seconds("seconds", seconds, False))
+
+    def throttle(self, rate: float, seconds: Optional[float] = None, *, burst: int = 1,
+                 max_delay: float = 10.0, device_id=None, at=None, after_messages=None) -> FaultHandle:
+        """Above `rate` messages/s PUBACKs are delayed (IoT Hub's traffic shaping); a message that
+        would wait more than `max_delay` s closes its connection unacknowledged, as a throttled
+        IoT Hub does over MQTT."""
+        if not isinstance(rate, (int, float)) or rate <= 0:
+            raise ValueError(f"rate must be a positive number of messages per second, got {rate!r}")
+        if not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be a positive integer, got {burst!r}")
+        return self._schedule("throttle", device_id, at, after_messages, _seconds("seconds", seconds),
+                              rate=float(rate), burst=burst, max_delay=_seconds("max_delay", max_delay, False))
+
+    def expire_tokens(self, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
+        """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again."""
+        return self._schedule("expire_tokens", device_id, at, after_messages, None)
+
+    def active(self) -> List[FaultHandle]:
+        return [FaultHandle(self._hub, f) for f in self._hub._call(lambda: list(self._hub._faults_engine.active))]
+
+    def history(self) -> List[FaultHandle]:
+        return [FaultHandle(self._hub, f) for f in self._hub._call(lambda: list(self._hub._faults_engine.history))]
