@@ -1,0 +1,511 @@
+"""Loopback HTTP control API over a running FakeHub, for the standalone hub process.
+
+Tests written in other languages (the Node SDK, shell scripts) drive a standalone hub through this
+API: read the telemetry ledger and event log, add devices, send C2D messages, call direct methods
+and patch desired properties.
+
+It is built on the standard library's `http.server.ThreadingHTTPServer` rather than a web
+framework: it serves a handful of JSON routes to one local client, so a framework would add a
+dependency to every install of a pytest plugin and buy nothing. The trade-offs of `http.server`
+(no TLS, modest throughput) are acceptable because the API only ever binds a loopback address and
+every request must carry the bearer token the hub prints into its 0600 info file.
+
+Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
+
+    GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
+    GET   /devices                               registered devices
+    POST  /devices                {"device_id"}  -> 201 {"device_id", "connection_string"}
+    POST  /devices/{id}/c2d       {"body", "properties"}      -> {"message_id"}
+    POST  /devices/{id}/methods/{name}  {"payload", "timeout"} -> {"status", "payload"}
+    GET   /devices/{id}/twin
+    PATCH /devices/{id}/twin/desired    {patch}  -> {"version"}
+    GET   /events[?kind=K&device_id=ID]          the hub's event log
+"""
+import base64
+import binascii
+import concurrent.futures
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .auth import redact
+from .iothub import HubOperationError
+from .registry import check_device_id
+
+__all__ = ["ControlServer", "MAX_BODY_SIZE"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_SIZE = 1024 * 1024
+# Bounded so a forgotten call cannot pin a handler thread; IoT Hub itself allows at most 300 s.
+MAX_METHOD_TIMEOUT = 300.0
+# Idle keep-alive connections are dropped after this, so stray clients cannot hold threads forever.
+IDLE_TIMEOUT = 60.0
+# Limits of the lingering close after a refused request body (see _Handler._drain).
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 16 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _hub_error_status(exc: HubOperationError) -> int:
+    code = getattr(exc, "error_code", None)
+    if code == 404001:
+        return 404
+    if code == 403004:
+        return 409
+    return 400
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loopback_address(host: str) -> str:
+    """The literal address to bind, or ValueError when `host` is not a loopback address."""
+    if host == "localhost":
+        return "127.0.0.1"  # "localhost" may resolve elsewhere; the literal is unambiguous
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"control API host {host!r} is not an IP address or 'localhost'") from None
+    if not addr.is_loopback:
+        raise ValueError(f"control API host {host!r} is not a loopback address; "
+                         "the control API only listens on loopback")
+    return str(addr)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: Tuple[str, int], control: "ControlServer"):
+        self.control = control
+        self.open_sockets = set()
+        self.sockets_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        with self.sockets_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def close_open_connections(self) -> None:
+        with self.sockets_lock:
+            sockets = list(self.open_sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address):
+        # the default prints a traceback to stderr; a broken client is not worth that
+        log.debug("control API: error serving %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "iotfailover-hub"
+    timeout = IDLE_TIMEOUT
+    server: _Server
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("control API %s: " + format, self.address_string(), *args)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        # http.server calls this for malformed requests and unknown methods; keep answers JSON
+        self.close_connection = True
+        try:
+            text = message or HTTPStatus(code).phrase
+        except ValueError:
+            text = f"HTTP error {code}"
+        self._send_json(code, {"error": text})
+
+    def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        body = (json.dumps(obj, default=str) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _dispatch(self) -> None:
+        # a request that declares no body counts as read: nothing can follow it unparsed
+        self._body_read = not (self.headers.get("Transfer-Encoding")
+                               or self.headers.get("Content-Length", "").strip() not in ("", "0"))
+        try:
+            self._authorize()
+            body = self._read_body()
+            status, result, headers = self._route(body)
+        except ApiError as exc:
+            status, result, headers = exc.status, {"error": exc.message}, exc.headers
+        except HubOperationError as exc:
+            status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
+        except Exception as exc:  # one bad request must not take the server thread down
+            if not self.server.control.hub.running:
+                status, result = 503, {"error": "the hub is not running"}
+            else:
+                log.warning("control API: %s %s failed", self.command, redact(self.path), exc_info=True)
+                status, result = 500, {"error": redact(f"internal error: {type(exc).__name__}: {exc}")}
+            headers = {}
+        if not self._body_read:
+            self.close_connection = True  # the unread body would be parsed as the next request
+        try:
+            self._send_json(status, result, headers)
+            if not self._body_read:
+                self._drain()
+        except OSError:
+            self.close_connection = True  # the client went away; nothing left to tell it
+
+    def _drain(self) -> None:
+        """Close gently after answering without reading the body (401, 413, ...).
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        response before a client that is still sending its body reads it. So stop writing, then
+        read and discard for a bounded time and amount, as web servers' lingering close does.
+        """
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        left = DRAIN_BYTES
+        while left > 0:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.connection.settimeout(remaining)
+            chunk = self.rfile.read1(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    def _authorize(self) -> None:
+        header = self.headers.get("Authorization", "")
+        scheme, _, presented = header.strip().partition(" ")
+        expected = self.server.control.token.encode("utf-8")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode("utf-8", "surrogateescape"), expected)
+        if not ok:
+            why = "missing Authorization header" if not header else "wrong bearer token"
+            raise ApiError(401, f"{why}: send 'Authorization: Bearer <control_token>' from the hub's info file",
+                           {"WWW-Authenticate": 'Bearer realm="iotfailover-hub"'})
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self._body_read = True
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            raise ApiError(400, f"invalid Content-Length {raw[:40]!r}") from None
+        if length > MAX_BODY_SIZE:
+            raise ApiError(413, f"request body of {length} bytes exceeds the {MAX_BODY_SIZE}-byte limit")
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # includes the idle timeout
+            raise ApiError(408, "timed out or failed reading the request body") from None
+        if len(body) != length:
+            raise ApiError(400, f"request body ended after {len(body)} of {length} bytes")
+        self._body_read = True
+        return body
+
+    # --- routing -------------------------------------------------------------------------------
+
+    def _route(self, body: bytes):
+        url = urlsplit(self.path)
+        try:
+            segments = [unquote(s, errors="strict") for s in url.path.split("/")[1:]]
+        except UnicodeDecodeError:
+            raise ApiError(400, "request path is not valid percent-encoded UTF-8") from None
+        if segments and segments[-1] == "" and len(segments) > 1:
+            segments.pop()  # tolerate a trailing slash
+        query = url.query
+        api = self.server.control
+        # HEAD is GET without the body, which _send_json leaves out
+        m = "GET" if self.command == "HEAD" else self.command
+
+        if segments == ["telemetry"]:
+            self._allow(m, "GET")
+            params = self._params(query, "device_id")
+            return 200, api.telemetry(params.get("device_id")), None
+        if segments == ["events"]:
+            self._allow(m, "GET")
+            params = self._params(query, "kind", "device_id")
+            return 200, api.events(params.get("kind"), params.get("device_id")), None
+        if segments == ["devices"]:
+            self._allow(m, "GET", "POST")
+            self._params(query)
+            if m == "GET":
+                return 200, api.list_devices(), None
+            return 201, api.add_device(self._json_object(body)), None
+        if len(segments) >= 3 and segments[0] == "devices":
+            device_id, rest = segments[1], segments[2:]
+            if rest == ["c2d"]:
+                self._allow(m, "POST")
+                self._params(query)
+                return 200, api.send_c2d(device_id, self._json_object(body)), None
+            if len(rest) == 2 and rest[0] == "methods":
+                self._allow(m, "POST")
+                self._params(query)
+                return 200, api.invoke_method(device_id, rest[1], self._json_object(body)), None
+            if rest == ["twin"]:
+                self._allow(m, "GET")
+                self._params(query)
+                return 200, api.get_twin(device_id), None
+            if rest == ["twin", "desired"]:
+                self._allow(m, "PATCH")
+                self._params(query)
+                return 200, api.update_desired(device_id, self._json_object(body)), None
+        raise ApiError(404, f"no route {url.path!r}; see the module documentation of "
+                            "pytest_iotfailover.hub.control for the routes")
+
+    @staticmethod
+    def _allow(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise ApiError(405, f"method {method} not allowed here; use {' or '.join(allowed)}",
+                           {"Allow": ", ".join(allowed)})
+
+    @staticmethod
+    def _params(query: str, *known: str) -> Dict[str, str]:
+        try:
+            parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+        except UnicodeDecodeError:
+            raise ApiError(400, "query string is not valid percent-encoded UTF-8") from None
+        out = {}
+        for name, values in parsed.items():
+            if name not in known:
+                allowed = ", ".join(known) if known else "none"
+                raise ApiError(400, f"unknown query parameter {name!r} (allowed: {allowed})")
+            if len(values) > 1:
+                raise ApiError(400, f"query parameter {name!r} given {len(values)} times")
+            out[name] = values[0]
+        return out
+
+    @staticmethod
+    def _json_object(body: bytes) -> Dict[str, Any]:
+        if not body.strip():
+            raise ApiError(400, "request body is empty; expected a JSON object")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "request body is not UTF-8") from None
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, f"request body must be a JSON object, not {type(obj).__name__}")
+        return obj
+
+
+def _field(obj: Dict[str, Any], name: str, types, type_name: str, required: bool = True,
+           default: Any = None) -> Any:
+    if name not in obj:
+        if required:
+            raise ApiError(400, f"missing field {name!r} ({type_name})")
+        return default
+    value = obj[name]
+    types = types if isinstance(types, tuple) else (types,)
+    # bool is an int subclass, but true/false is never a valid number here
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ApiError(400, f"field {name!r} must be {type_name}, not {type(value).__name__}")
+    return value
+
+
+def _no_extra_fields(obj: Dict[str, Any], *known: str) -> None:
+    extra = sorted(set(obj) - set(known))
+    if extra:
+        raise ApiError(400, f"unknown field{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
+                            f"(allowed: {', '.join(known)})")
+
+
+class ControlServer:
+    """The HTTP control API for `hub`, served from its own daemon thread on a loopback address."""
+
+    def __init__(self, hub, host: Optional[str] = "127.0.0.1", port: int = 0, token: Optional[str] = None):
+        self.hub = hub
+        self.host = _loopback_address(host or "127.0.0.1")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"invalid control API port {port!r}: expected 0-65535")
+        if token is None:
+            token = secrets.token_urlsafe(32)
+        if not isinstance(token, str) or not token or not token.isascii() or not token.isprintable() \
+                or " " in token:
+            raise ValueError("control token must be a non-empty printable ASCII string without spaces")
+        self.token = token
+        self._port = port
+        self._httpd: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> "ControlServer":
+        if self._httpd is not None:
+            raise RuntimeError("this ControlServer was already started")
+        try:
+            self._httpd = _Server((self.host, self._port), self)
+        except OSError as exc:
+            raise OSError(exc.errno, f"control API cannot listen on {self.host}:{self._port}: "
+                                     f"{exc.strerror or exc}") from None
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name=f"iotfailover-control[{self.host}:{self.port}]", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.close_open_connections()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> "ControlServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._httpd is None:
+            return self._port
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def __repr__(self):
+        return f"<ControlServer {self.url} for {self.hub!r}>"
+
+    # --- operations (called from handler threads) ------------------------------------------------
+
+    def _known_device(self, device_id: str) -> None:
+        if self.hub.registry.get(device_id) is None:
+            raise ApiError(404, f"no device {device_id!r} on hub {self.hub.hub_name!r}")
+
+    def telemetry(self, device_id: Optional[str]) -> List[Dict[str, Any]]:
+        if device_id is not None:
+            self._known_device(device_id)
+        return [{
+            "device_id": t.device_id,
+            "message_id": t.message_id,
+            "body_base64": base64.b64encode(t.body).decode("ascii"),
+            "properties": t.properties,
+            "system_properties": t.system_properties,
+            "dup": t.dup,
+            "duplicate": t.duplicate,
+            "qos": t.qos,
+            "enqueued_at": t.enqueued_at,
+        } for t in self.hub.telemetry(device_id)]
+
+    def events(self, kind: Optional[str], device_id: Optional[str]) -> List[Dict[str, Any]]:
+        return [{"kind": e.kind, "device_id": e.device_id, "at": e.at, "detail": e.detail}
+                for e in self.hub.event_log.list(kind, device_id)]
+
+    def list_devices(self) -> List[Dict[str, Any]]:
+        return [{"device_id": d.device_id, "enabled": d.enabled, "connection_string": d.connection_string}
+                for d in self.hub.devices]
+
+    def add_device(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        _no_extra_fields(obj, "device_id", "primary_key")
+        device_id = _field(obj, "device_id", str, "a string")
+        primary_key = _field(obj, "primary_key", str, "a base64 string", required=False)
+        try:
+            check_device_id(device_id)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if self.hub.registry.get(device_id) is not None:
+            raise ApiError(409, f"device {device_id!r} already exists")
+        try:
+            dev = self.hub.add_device(device_id, primary_key)
+        except ValueError as exc:
+            status = 409 if self.hub.registry.get(device_id) is not None else 400
+            raise ApiError(status, str(exc)) from None
+        return {"device_id": dev.device_id, "connection_string": dev.connection_string}
+
+    def send_c2d(self, device_id: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id")
+        if ("body" in obj) == ("body_base64" in obj):
+            raise ApiError(400, "give exactly one of 'body' (a string) and 'body_base64'")
+        if "body" in obj:
+            body = _field(obj, "body", str, "a string").encode("utf-8")
+        else:
+            try:
+                body = base64.b64decode(_field(obj, "body_base64", str, "a base64 string"), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "field 'body_base64' is not valid base64") from None
+        properties = _field(obj, "properties", dict, "an object of strings", required=False, default={})
+        for key, value in properties.items():
+            if not isinstance(value, str):
+                raise ApiError(400, f"property {key!r} must be a string, not {type(value).__name__}")
+        message_id = _field(obj, "message_id", str, "a string", required=False)
+        self._known_device(device_id)
+        return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id)}
+
+    def invoke_method(self, device_id: str, method_name: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        _no_extra_fields(obj, "payload", "timeout")
+        timeout = _field(obj, "timeout", (int, float), "a number of seconds", required=False, default=30.0)
+        if not 0 < timeout <= MAX_METHOD_TIMEOUT:
+            raise ApiError(400, f"field 'timeout' must be more than 0 and at most {MAX_METHOD_TIMEOUT:g} s, "
+                                f"got {timeout!r}")
+        self._known_device(device_id)
+        response = self.hub.invoke_method(device_id, method_name, obj.get("payload"), float(timeout))
+        return {"status": response.status, "payload": response.payload}
+
+    def get_twin(self, device_id: str) -> Dict[str, Any]:
+        self._known_device(device_id)
+        return self.hub.get_twin(device_id)
+
+    def update_desired(self, device_id: str, patch: Dict[str, Any]) -> Dict[str, Any]:
+        self._known_device(device_id)
+        return {"version": self.hub.update_desired(device_id, patch)}

@@ -1,0 +1,480 @@
+"""End to end: the standalone hub process, its info file and control API, and the real device SDK."""
+import base64
+import http.client
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
+
+from pytest_iotfailover.hub.control import ControlServer
+
+pytestmark = pytest.mark.timeout(60)
+
+START_TIMEOUT = 15.0
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+class HubProcess:
+    def __init__(self, tmp_path, *args):
+        self.dir = tmp_path
+        self.info_path = tmp_path / "info.json"
+        self.stdout_path = tmp_path / "hub.out"
+        self.stderr_path = tmp_path / "hub.err"
+        self.args = ["--info-file", str(self.info_path), *args]
+        self.proc = None
+        self.info = None
+
+    def start(self):
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", *self.args],
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        self.info = self._wait_for_info()
+        return self
+
+    def _wait_for_info(self):
+        # the info file appearing is the only readiness signal, so poll it against a deadline
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.info_path.exists():
+                return json.loads(self.info_path.read_text())
+            if self.proc.poll() is not None:
+                pytest.fail(f"hub exited with {self.proc.returncode} before writing its info file: {self.stderr()}")
+            time.sleep(0.02)
+        pytest.fail(f"no info file within {START_TIMEOUT:g} s; stderr: {self.stderr()}")
+
+    def stderr(self):
+        return self.stderr_path.read_text() if self.stderr_path.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout=5.0):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        """Finalizer: never leave a hub behind, but give it the chance to clean up its files first."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def hub_factory(tmp_path):
+    started = []
+
+    def start(*args, name="hub"):
+        d = tmp_path / name
+        d.mkdir()
+        hub = HubProcess(d, *args)
+        started.append(hub)
+        return hub.start()
+    yield start
+    for hub in started:
+        hub.kill()
+
+
+def api(info, method, path, body=None, token=..., raw=None, headers=None):
+    """One control API call: (status, decoded JSON, response headers)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(info["control_url"] + path, data=data, method=method)
+    token = info["control_token"] if token is ... else token
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, json.loads(err.read()), err.headers
+
+
+def ok(info, method, path, body=None, expect=200):
+    status, result, _ = api(info, method, path, body)
+    assert status == expect, result
+    return result
+
+
+def bounded(fn, *args, timeout=10.0):
+    """Run a blocking SDK call with a deadline: send_message and get_twin have none of their own."""
+    result, error = [], []
+
+    def run():
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:
+            error.append(exc)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout:g} s")
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+class Inbox:
+    def __init__(self):
+        self.items = []
+        self._cond = threading.Condition()
+
+    def put(self, item):
+        with self._cond:
+            self.items.append(item)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout=10.0):
+        with self._cond:
+            if not self._cond.wait_for(lambda: any(predicate(i) for i in self.items), timeout):
+                raise TimeoutError(f"nothing matching arrived within {timeout:g} s; got {self.items!r}")
+            return next(i for i in self.items if predicate(i))
+
+
+def make_client(info, cs):
+    with open(info["ca_pem_path"]) as f:
+        ca_pem = f.read()
+    return IoTHubDeviceClient.create_from_connection_string(
+        cs, server_verification_cert=ca_pem, keep_alive=5, connection_retry_interval=1)
+
+
+def shutdown(client):
+    try:
+        bounded(client.shutdown, timeout=10)
+    except TimeoutError:
+        pass  # a stuck SDK thread is daemonic; the hub process is killed by its fixture anyway
+
+
+def address_free(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+# --- the shared hub and device -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    proc = HubProcess(tmp_path_factory.mktemp("standalone"), "--device", "d1")
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def info(hub):
+    return hub.info
+
+
+@pytest.fixture(scope="module")
+def device(info):
+    """d1 connected through the real SDK, with every service-side handler recording what it gets."""
+    client = make_client(info, info["devices"]["d1"])
+    inbox = {"c2d": Inbox(), "methods": Inbox(), "desired": Inbox()}
+
+    def on_method(request):
+        inbox["methods"].put(request)
+        client.send_method_response(MethodResponse.create_from_method_request(
+            request, 200, {"echo": request.payload, "method": request.name}))
+    try:
+        bounded(client.connect, timeout=15)
+        client.on_message_received = inbox["c2d"].put
+        client.on_method_request_received = on_method
+        client.on_twin_desired_properties_patch_received = inbox["desired"].put
+        yield client, inbox
+    finally:
+        shutdown(client)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_info_file_describes_the_hub(hub, info):
+    assert stat.S_IMODE(os.stat(hub.info_path).st_mode) == 0o600
+    assert info["hostname"] == "testhub.azure-devices.net"
+    assert info["port"] == 8883
+    assert info["gateway_host"].startswith("127.")
+    assert set(info["devices"]) == {"d1"}
+    assert f"GatewayHostName={info['gateway_host']}" in info["devices"]["d1"]
+    assert info["control_url"].startswith(f"http://{info['gateway_host']}:")
+    with open(info["ca_pem_path"]) as f:
+        assert f.read().startswith("-----BEGIN CERTIFICATE-----")
+    line = hub.stderr().strip()
+    assert line.startswith(f"iotfailover-hub: testhub.azure-devices.net listening on {info['gateway_host']}:8883")
+    assert info["control_url"] in line and str(hub.info_path) in line
+    assert "SharedAccessKey" not in line and info["control_token"] not in line
+
+
+def test_telemetry_sent_by_the_sdk_is_listed(info, device):
+    client, _ = device
+    msg = Message('{"temp": 21.5}', message_id="m-1", content_encoding="utf-8", content_type="application/json")
+    msg.custom_properties["unit"] = "C"
+    bounded(client.send_message, msg)
+
+    items = ok(info, "GET", "/telemetry?device_id=d1")
+    sent = [t for t in items if t["message_id"] == "m-1"]
+    assert len(sent) == 1
+    t = sent[0]
+    assert t["device_id"] == "d1"
+    assert base64.b64decode(t["body_base64"]) == b'{"temp": 21.5}'
+    assert t["properties"] == {"unit": "C"}
+    assert t["system_properties"]["content_type"] == "application/json"
+    assert t["dup"] is False and t["duplicate"] is False
+    assert abs(t["enqueued_at"] - time.time()) < 60
+    assert sent[0] in ok(info, "GET", "/telemetry")
+
+
+def test_added_device_connects_and_sends(info):
+    created = ok(info, "POST", "/devices", {"device_id": "d2"}, expect=201)
+    assert created["device_id"] == "d2"
+    assert "DeviceId=d2;" in created["connection_string"]
+    status, err, _ = api(info, "POST", "/devices", {"device_id": "d2"})
+    assert status == 409 and "already exists" in err["error"]
+
+    client = make_client(info, created["connection_string"])
+    try:
+        bounded(client.connect, timeout=15)
+        bounded(client.send_message, Message("hello", message_id="d2-1"))
+    finally:
+        shutdown(client)
+    items = ok(info, "GET", "/telemetry?device_id=d2")
+    assert [(t["message_id"], base64.b64decode(t["body_base64"])) for t in items] == [("d2-1", b"hello")]
+
+
+def test_c2d_reaches_the_device(info, device):
+    _, inbox = device
+    result = ok(info, "POST", "/devices/d1/c2d", {"body": "reboot please", "properties": {"prio": "high"}})
+    msg = inbox["c2d"].wait_for(lambda m: m.message_id == result["message_id"])
+    assert msg.data == b"reboot please"
+    assert msg.custom_properties["prio"] == "high"
+
+
+def test_direct_method_is_answered_by_the_device(info, device):
+    result = ok(info, "POST", "/devices/d1/methods/reboot", {"payload": {"delay": 1}, "timeout": 10})
+    assert result == {"status": 200, "payload": {"echo": {"delay": 1}, "method": "reboot"}}
+
+
+def test_direct_method_to_an_offline_device_reports_404_status(info):
+    ok(info, "POST", "/devices", {"device_id": "offline-1"}, expect=201)
+    result = ok(info, "POST", "/devices/offline-1/methods/ping", {"timeout": 5})
+    assert result["status"] == 404
+
+
+def test_twin_get_and_desired_patch_reach_the_device(info, device):
+    client, inbox = device
+    twin = ok(info, "GET", "/devices/d1/twin")
+    before = twin["desired"]["$version"]
+
+    result = ok(info, "PATCH", "/devices/d1/twin/desired", {"led": "on", "rate": 5})
+    assert result == {"version": before + 1}
+    patch = inbox["desired"].wait_for(lambda p: p.get("led") == "on")
+    assert patch["rate"] == 5 and patch["$version"] == before + 1
+
+    bounded(client.patch_twin_reported_properties, {"led": "on"})
+    twin = ok(info, "GET", "/devices/d1/twin")
+    assert twin["desired"]["led"] == "on" and twin["desired"]["$version"] == before + 1
+    assert twin["reported"]["led"] == "on"
+    assert bounded(client.get_twin)["desired"]["led"] == "on"
+
+
+def test_events_list_the_device_connection(info, device):
+    events = ok(info, "GET", "/events")
+    assert events[0]["kind"] == "hub_started"
+    assert all(set(e) == {"kind", "device_id", "at", "detail"} for e in events)
+    connects = ok(info, "GET", "/events?kind=connect&device_id=d1")
+    assert connects and all(e["kind"] == "connect" and e["device_id"] == "d1" for e in connects)
+
+
+@pytest.mark.parametrize("token", [None, "wrong", ""], ids=["missing", "wrong", "empty"])
+def test_requests_without_the_token_are_refused(info, token):
+    status, err, headers = api(info, "GET", "/telemetry", token=token)
+    assert status == 401
+    assert "Bearer" in err["error"] and headers["WWW-Authenticate"].startswith("Bearer")
+    status, _, _ = api(info, "POST", "/devices", {"device_id": "sneaky"}, token=token)
+    assert status == 401
+    assert "sneaky" not in [d["device_id"] for d in ok(info, "GET", "/devices")]
+
+
+def test_basic_auth_with_the_token_is_refused(info):
+    status, _, _ = api(info, "GET", "/events", token=None,
+                       headers={"Authorization": f"Basic {info['control_token']}"})
+    assert status == 401
+
+
+@pytest.mark.parametrize("method,path,body,status,words", [
+    ("POST", "/devices", b"{not json", 400, "not valid JSON"),
+    ("POST", "/devices", b"", 400, "empty"),
+    ("POST", "/devices", b"[1, 2]", 400, "JSON object"),
+    ("POST", "/devices", b"{}", 400, "missing field 'device_id'"),
+    ("POST", "/devices", b'{"device_id": 7}', 400, "'device_id' must be a string"),
+    ("POST", "/devices", b'{"device_id": "x", "colour": 1}', 400, "unknown field 'colour'"),
+    ("POST", "/devices", b'{"device_id": "a/b"}', 400, "invalid device id"),
+    ("POST", "/devices/d1/c2d", b'{"body": 5}', 400, "'body' must be a string"),
+    ("POST", "/devices/d1/c2d", b'{"body": "x", "properties": {"a": 1}}', 400, "property 'a'"),
+    ("POST", "/devices/nope/c2d", b'{"body": "x"}', 404, "no device 'nope'"),
+    ("POST", "/devices/d1/methods/m", b'{"timeout": "soon"}', 400, "'timeout' must be a number"),
+    ("POST", "/devices/d1/methods/m", b'{"timeout": true}', 400, "'timeout' must be a number"),
+    ("POST", "/devices/d1/methods/m", b'{"timeout": 0}', 400, "'timeout'"),
+    ("POST", "/devices/nope/methods/m", b"{}", 404, "no device 'nope'"),
+    ("GET", "/devices/nope/twin", None, 404, "no device 'nope'"),
+    ("PATCH", "/devices/nope/twin/desired", b'{"a": 1}', 404, "no device 'nope'"),
+    ("PATCH", "/devices/d1/twin/desired", b'"a"', 400, "JSON object"),
+    ("GET", "/telemetry?device_id=nope", None, 404, "no device 'nope'"),
+    ("GET", "/telemetry?colour=red", None, 400, "unknown query parameter 'colour'"),
+    ("GET", "/nowhere", None, 404, "no route '/nowhere'"),
+    ("GET", "/devices/d1/shadow", None, 404, "no route"),
+    ("DELETE", "/devices", None, 405, "use GET or POST"),
+    ("POST", "/telemetry", b"{}", 405, "use GET"),
+    ("GET", "/devices/d1/twin/desired", None, 405, "use PATCH"),
+], ids=lambda v: v if isinstance(v, str) and v.isupper() else None)
+def test_bad_requests_get_json_errors(info, method, path, body, status, words):
+    got, err, _ = api(info, method, path, raw=body)
+    assert got == status, err
+    assert words in err["error"]
+
+
+def test_405_names_the_allowed_methods(info):
+    status, _, headers = api(info, "PUT", "/devices/d1/twin")
+    assert status == 405 and headers["Allow"] == "GET"
+
+
+def test_hub_refusals_map_to_http_status(info):
+    status, err, _ = api(info, "POST", "/devices/d1/methods/bad%23name", {"timeout": 1})
+    assert status == 400 and "invalid method name" in err["error"]
+    status, err, _ = api(info, "POST", "/devices/d1/c2d", {"body": "x" * (64 * 1024 + 1)})
+    assert status == 400 and "64 KB" in err["error"]
+
+
+def test_oversized_body_is_refused(info):
+    status, err, _ = api(info, "POST", "/devices", raw=b" " * (1024 * 1024 + 1))
+    assert status == 413 and "exceeds" in err["error"]
+
+
+def test_device_ids_in_paths_are_url_decoded(info):
+    odd = "x:y?z=1"
+    ok(info, "POST", "/devices", {"device_id": odd}, expect=201)
+    twin = ok(info, "GET", "/devices/" + urllib.request.quote(odd, safe="") + "/twin")
+    assert twin["desired"]["$version"] == 1
+    result = ok(info, "POST", "/devices/x%3Ay%3Fz%3D1/c2d", {"body": "queued"})
+    assert result["message_id"]
+
+
+def test_server_survives_garbage(info):
+    host, port = info["control_url"][len("http://"):].rsplit(":", 1)
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET /events HTTP/1.1\r\nContent-Length: nope\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(junk)
+            s.recv(4096)
+    assert ok(info, "GET", "/events")
+
+
+def test_keep_alive_connection_serves_several_requests(info):
+    host, port = info["control_url"][len("http://"):].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    auth = {"Authorization": f"Bearer {info['control_token']}"}
+    try:
+        conn.request("HEAD", "/events", headers=auth)
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b""
+        conn.request("GET", "/devices", headers=auth)
+        resp = conn.getresponse()
+        assert resp.status == 200 and "d1" in [d["device_id"] for d in json.loads(resp.read())]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.com"])
+def test_control_api_refuses_non_loopback_addresses(host):
+    with pytest.raises(ValueError, match="loopback|not an IP address"):
+        ControlServer(None, host)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_hub_cleanly(hub_factory, sig):
+    hub = hub_factory("--port", "0", "--device", "s1")
+    info = hub.info
+    host = info["gateway_host"]
+    control_port = int(info["control_url"].rsplit(":", 1)[1])
+    ca_path = info["ca_pem_path"]
+    # open connections must not hold the shutdown up
+    mqtt = socket.create_connection((host, info["port"]), timeout=5)
+    http = socket.create_connection((host, control_port), timeout=5)
+    try:
+        http.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {info['control_token']}\r\n\r\n"
+                     .encode())
+        assert http.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert hub.stop(sig, timeout=5) == 0, hub.stderr()
+        assert time.monotonic() - started < 5
+    finally:
+        mqtt.close()
+        http.close()
+    assert "Traceback" not in hub.stderr()
+    assert not hub.info_path.exists() and not os.path.exists(ca_path)
+    assert address_free(host, info["port"]) and address_free(host, control_port)
+
+
+def test_without_info_file_the_info_goes_to_stdout(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        info = json.loads(proc.stdout.readline())
+        ca_path = info["ca_pem_path"]
+        assert os.path.exists(ca_path)
+        assert ok(info, "GET", "/devices") == []
+        proc.terminate()
+        _, err = proc.communicate(timeout=5)
+        assert proc.returncode == 0, err
+        assert not os.path.exists(ca_path) and not os.path.exists(os.path.dirname(ca_path))
+        assert b"info on stdout" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--hub-name", "Not_A_Hub"], "invalid hub_name"),
+    (["--device", "ok", "--device", "bad#id"], "bad#id"),
+    (["--device", "twice", "--device", "twice"], "given twice"),
+    (["--port", "65536"], "out of range"),
+    (["--control-port", "-1"], "out of range"),
+    (["--host", "192.0.2.1"], "not a loopback address"),
+    (["--bogus"], "unrecognized arguments"),
+    ("in-use", "cannot listen on"),
+], ids=["hub-name", "device-id", "duplicate-device", "port", "control-port", "remote-host", "unknown-option",
+        "address-in-use"])
+def test_invalid_arguments_exit_2(info, tmp_path, args, words):
+    if args == "in-use":
+        args = ["--host", info["gateway_host"], "--port", str(info["port"])]
+    proc = subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", *args,
+                           "--info-file", str(tmp_path / "info.json")],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("iotfailover-hub: error:")
+    assert words in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "info.json").exists()
