@@ -1,0 +1,237 @@
+"""A small blocking MQTT 3.1.1 client for poking the fake hub at the packet level.
+
+Device SDKs hide exactly what these tests need to see (CONNACK codes, DUP flags, the socket
+being closed), so this client speaks raw packets over TLS with the project's own codec and
+leaves every protocol decision to the test.
+"""
+import socket
+import ssl
+import struct
+import time
+from collections import deque
+from typing import Deque, List, Optional, Union
+
+from pytest_iotfailover.hub import Device, FakeHub
+from pytest_iotfailover.hub.auth import make_sas_token
+from pytest_iotfailover.mqtt import Decoder, encode, packets as p
+
+__all__ = ["MqttClient", "ConnectionClosed", "connect", "close_all", "sas_token", "username_for",
+           "API_VERSION"]
+
+API_VERSION = "2021-04-12"
+DEFAULT_TIMEOUT = 5.0
+
+
+class ConnectionClosed(ConnectionError):
+    """The server closed the connection while a packet was expected."""
+
+
+# Tests often leave a client open on purpose (to be displaced, timed out, ...). Holding them
+# here until a fixture calls close_all() keeps garbage collection from closing them mid-test
+# (which the hub would see as a network loss) and keeps sockets from leaking between tests.
+_open_clients: "set[MqttClient]" = set()
+
+
+def close_all() -> None:
+    for client in list(_open_clients):
+        client.close()
+
+
+def username_for(hub: FakeHub, device_id: str) -> str:
+    return f"{hub.hostname}/{device_id}/?api-version={API_VERSION}"
+
+
+def sas_token(hub: FakeHub, device_id: str, key: Optional[str] = None, *,
+              expiry: Optional[float] = None, ttl: float = 3600) -> str:
+    """A device SAS token; `key` defaults to the registered device's primary key."""
+    if key is None:
+        key = hub.device(device_id).primary_key
+    return make_sas_token(f"{hub.hostname}/devices/{device_id}", key, expiry=expiry, ttl=ttl)
+
+
+class MqttClient:
+    """One TLS connection to a FakeHub. Not thread-safe; every call blocks with a timeout."""
+
+    def __init__(self, sock: ssl.SSLSocket):
+        self.sock = sock
+        self.connack: Optional[p.Connack] = None
+        self._decoder = Decoder()
+        self._pending: Deque[object] = deque()
+        self._next_id = 0
+        self._eof = False
+        _open_clients.add(self)
+
+    @classmethod
+    def open(cls, hub: FakeHub, timeout: float = DEFAULT_TIMEOUT) -> "MqttClient":
+        """TLS handshake done, nothing sent: for tests that misbehave before CONNECT."""
+        ctx = hub.certificates.client_context()
+        raw = socket.create_connection((hub.gateway_host, hub.port), timeout=timeout)
+        try:
+            sock = ctx.wrap_socket(raw, server_hostname=hub.hostname)
+        except BaseException:
+            raw.close()
+            raise
+        return cls(sock)
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, packet) -> None:
+        self.send_raw(encode(packet))
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def packet_id(self) -> int:
+        self._next_id = self._next_id % 65535 + 1
+        return self._next_id
+
+    def publish(self, topic: str, payload: Union[bytes, str] = b"", qos: int = 1, *,
+                packet_id: Optional[int] = None, dup: bool = False, retain: bool = False) -> Optional[int]:
+        """Send a PUBLISH; returns its packet id (None for QoS 0). Does not wait for PUBACK."""
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        if qos and packet_id is None:
+            packet_id = self.packet_id()
+        self.send(p.Publish(topic, payload, qos, packet_id if qos else None, dup, retain))
+        return packet_id if qos else None
+
+    def subscribe(self, *filters, qos: int = 1, timeout: float = DEFAULT_TIMEOUT) -> p.Suback:
+        """SUBSCRIBE and wait for the matching SUBACK (which must be the next packet)."""
+        pid = self.packet_id()
+        self.send(p.Subscribe(pid, [(f, qos) for f in filters]))
+        suback = self.expect(p.SUBACK, timeout)
+        assert suback.packet_id == pid, f"SUBACK for packet id {suback.packet_id}, sent {pid}"
+        return suback
+
+    def ping(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """PINGREQ, then insist the very next packet is PINGRESP.
+
+        The hub handles a connection's packets in order, so this doubles as a barrier: anything
+        the hub sent in answer to earlier packets has arrived before the PINGRESP.
+        """
+        self.send(p.Pingreq())
+        self.expect(p.PINGRESP, timeout)
+
+    def disconnect(self) -> None:
+        self.send(p.Disconnect())
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def recv(self, timeout: float = DEFAULT_TIMEOUT):
+        """The next packet; TimeoutError if none arrives in time, ConnectionClosed on close."""
+        deadline = time.monotonic() + timeout
+        while not self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no packet from the hub within {timeout:g} s")
+            data = self._read(remaining)
+            if data is None:
+                raise TimeoutError(f"no packet from the hub within {timeout:g} s")
+            if not data:
+                raise ConnectionClosed("the hub closed the connection")
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()
+
+    def expect(self, packet_type: int, timeout: float = DEFAULT_TIMEOUT):
+        packet = self.recv(timeout)
+        assert packet.type == packet_type, \
+            f"expected {p.PACKET_NAMES[packet_type]}, got {packet!r}"
+        return packet
+
+    def expect_closed(self, timeout: float = DEFAULT_TIMEOUT) -> float:
+        """Assert the hub closes the socket within `timeout`, sending no packet first.
+
+        Returns the seconds waited. A clean TLS close, a bare TCP FIN and a reset all count.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        got: List[object] = list(self._pending)
+        self._pending.clear()
+        while not got:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the hub did not close the connection within {timeout:g} s")
+            data = self._read(remaining)
+            if data is None:
+                raise AssertionError(f"the hub did not close the connection within {timeout:g} s")
+            if not data:
+                return time.monotonic() - start
+            try:
+                got.extend(self._decoder.feed(data))
+            except Exception as exc:
+                raise AssertionError(f"the hub sent undecodable bytes instead of closing: {exc}") from None
+        raise AssertionError(f"expected the hub to close the connection, got {got!r}")
+
+    def _read(self, timeout: float) -> Optional[bytes]:
+        """Bytes, b'' when the peer closed, None on timeout."""
+        if self._eof:
+            return b""
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return None
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            data = b""
+        except ssl.SSLError as exc:
+            # an abortive close can surface as a TLS record error rather than an EOF
+            if "EOF" in str(exc) or "eof" in str(exc):
+                data = b""
+            else:
+                raise
+        if not data:
+            self._eof = True
+        return data
+
+    # --- closing ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop the socket without DISCONNECT or TLS close_notify: what a network loss looks like."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        _open_clients.discard(self)
+
+    def reset(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        self.close()
+
+    def __enter__(self) -> "MqttClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(hub: FakeHub, device: Union[Device, str], *, clean_session: bool = False,
+            keep_alive: int = 60, username: Optional[str] = None,
+            password: Optional[Union[str, bytes]] = None, client_id: Optional[str] = None,
+            will: Optional[p.Will] = None, protocol_level: int = 4,
+            timeout: float = DEFAULT_TIMEOUT) -> MqttClient:
+    """Open a connection, send CONNECT and wait for CONNACK (kept in `client.connack`).
+
+    Returns the client whatever the return code, so refusals can be asserted. `username` and
+    `password` default to what a device SDK sends; override them to send wrong credentials.
+    """
+    device_id = device.device_id if isinstance(device, Device) else device
+    if username is None:
+        username = username_for(hub, device_id)
+    if password is None:
+        password = sas_token(hub, device_id)
+    if isinstance(password, str):
+        password = password.encode("utf-8")
+    client = MqttClient.open(hub, timeout)
+    try:
+        client.send(p.Connect(client_id if client_id is not None else device_id, keep_alive,
+                              clean_session, username, password, will, "MQTT", protocol_level))
+        client.connack = client.expect(p.CONNACK, timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
