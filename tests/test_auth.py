@@ -67,3 +67,10 @@ def test_connection_string_parsing_and_redaction():
         parse_connection_string(cs + ";DeviceId=e")
     assert KEY not in redact(cs) and "SharedAccessKey=<redacted>" in redact(cs)
     assert "sig=<redacted>" in redact(make_sas_token("x", KEY))
+
+
+def test_username_with_question_mark_in_device_id_and_module_form():
+    u = parse_username(f"{HOST}/?odd/?api-version=2019-10-01")
+    assert (u.device_id, u.module_id) == ("?odd", None)
+    m = parse_username(f"{HOST}/dev1/mod1/?api-version=2019-10-01")
+    assert (m.device_id, m.module_id, m.api_version) == ("dev1", "mod1", "2019-10-01")

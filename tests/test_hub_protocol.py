@@ -327,8 +327,6 @@ def test_unsubscribe_acks_known_and_unknown_filters(hub, dev):
     client.ping()
 
 
-@pytest.mark.xfail(strict=True, reason="hub bug: C2D is always published at QoS 1 with a packet id, ignoring "
-                                       "the granted QoS 0 (hub/iothub.py IoTHubCore._c2d_publish); §4.2")
 def test_c2d_delivered_at_granted_qos0(hub, dev):
     client = connected(hub, dev)
     assert client.subscribe(devicebound(dev.device_id), qos=0).return_codes == [0]

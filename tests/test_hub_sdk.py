@@ -247,3 +247,12 @@ def test_stop_disconnects_clients_with_a_reason():
             pass  # the SDK complains that the hub is gone, which is the point
     with pytest.raises(RuntimeError, match="not running"):
         h.send_c2d("d", "x")
+
+
+def test_service_calls_on_unknown_devices_name_the_device(hub):
+    from pytest_iotfailover import HubOperationError
+    for call in (lambda: hub.invoke_method("ghost", "m", timeout=1), lambda: hub.send_c2d("ghost", "x"),
+                 lambda: hub.get_twin("ghost"), lambda: hub.update_desired("ghost", {"a": 1})):
+        with pytest.raises(HubOperationError, match="'ghost' is not registered") as info:
+            call()
+        assert info.value.error_code == 404001

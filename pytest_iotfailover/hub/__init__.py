@@ -119,8 +119,8 @@ class FakeHub:
 
     def _on_loop_error(self, loop, context) -> None:
         exc = context.get("exception")
-        if exc is not None:
-            self._core.internal_error(None, exc) if self._core else None
+        if exc is not None and self._core is not None:
+            self._core.internal_error(None, exc)
         else:
             self.event_log.add("error", None, message=str(context.get("message")))
 

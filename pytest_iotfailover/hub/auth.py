@@ -149,21 +149,28 @@ class Username:
 
 
 def parse_username(username: str) -> Username:
-    """`<hostname>/<device>[/<module>]/?api-version=...` (and the older form without `?`)."""
+    """`<hostname>/<device>[/<module>]/?api-version=...` (and the older form without `?`).
+
+    Split on '/' from the left: ids cannot contain '/', but they may contain '?'.
+    """
     if not username:
         raise AuthError("CONNECT has no user name")
-    head, sep, query = username.partition("/?")
-    if not sep:
-        idx = username.find("/api-version=")
-        if idx < 0:
-            raise AuthError("user name has no '/?api-version=' part")
-        head, query = username[:idx], username[idx + 1:]
-    parts = head.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
+    parts = username.split("/", 2)
+    if len(parts) < 3 or not parts[0] or not parts[1]:
         raise AuthError("user name is not '<hostname>/<device_id>/?api-version=...'")
+    hostname, device_id, rest = parts
+    module_id = None
+    if not rest.startswith("?") and not rest.startswith("api-version="):
+        module_id, sep, rest = rest.partition("/")
+        if not sep or not module_id:
+            raise AuthError("user name has no '/?api-version=' part")
+    if rest.startswith("?"):
+        rest = rest[1:]
+    elif not rest.startswith("api-version="):
+        raise AuthError("user name has no '/?api-version=' part")
     params: Dict[str, str] = {}
-    for item in query.split("&"):
+    for item in rest.split("&"):
         if item:
             k, _, v = item.partition("=")
             params[unquote(k)] = unquote(v)
-    return Username(parts[0], parts[1], parts[2] if len(parts) == 3 else None, params)
+    return Username(hostname, device_id, module_id, params)

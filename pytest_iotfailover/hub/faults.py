@@ -20,6 +20,7 @@ _DURATION_PROPERTY = "AzIoTHub_FaultOperationDurationInSecs"
 # what a device-side disconnect or attempt looks like in the event log: the client noticed
 _CLIENT_SIDE_REASONS = {"connection_lost", "client"}
 _ATTEMPT_KINDS = {"connect", "connect_refused", "auth_failure"}
+_CLOSE_DELAY = 0.05
 
 
 class D2CAction:
@@ -247,7 +248,17 @@ class FaultEngine:
                 return fault, "silence"
         return None
 
+    def _close_soon(self, conn, reason: str, fault: Fault) -> None:
+        # Not at once: paho 1.6 writes its re-sent publishes straight after CONNACK and its network
+        # thread dies if the socket fails during that burst, leaving the SDK hung for good. The
+        # real hub's reaction is not that quick either. Until the close, nothing more is accepted.
+        if not conn.doomed:
+            conn.doomed = True
+            self.scheduler.call_later(_CLOSE_DELAY, conn.close, reason, False)
+
     def on_d2c(self, conn, pkt, props: Dict[str, str]) -> Optional[D2CAction]:
+        if conn.doomed:
+            return D2CAction(consume=True)
         if FAULT_PROPERTY in props:
             action = self._service_fault_injection(conn, pkt, props)
             if action is not None:
@@ -263,12 +274,12 @@ class FaultEngine:
                     self.scheduler.call_later(0, self.end, fault)
                 return D2CAction(close_after_accept=True, reason="drop_before_ack")
             if kind == "reject_publishes":
-                conn.close(fault.params["reason"], fault_id=fault.id)
+                self._close_soon(conn, fault.params["reason"], fault)
                 return D2CAction(consume=True)
             if kind == "throttle":
                 delay = self._throttle_delay(fault)
                 if delay is None:
-                    conn.close("throttled", fault_id=fault.id)
+                    self._close_soon(conn, "throttled", fault)
                     return D2CAction(consume=True)
                 if delay > 0:
                     action = action or D2CAction()

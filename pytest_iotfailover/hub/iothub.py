@@ -149,6 +149,7 @@ class Connection:
         self.closed = False
         self.close_reason: Optional[str] = None
         self.graceful = False
+        self.doomed = False  # a fault has decided to close it shortly
         self.will: Optional[p.Will] = None
         self.session: Optional[Session] = None
         self.model_id: Optional[str] = None
@@ -508,6 +509,7 @@ class IoTHubCore:
         twin.desired_version += 1
         conn = self.connections.get(device_id)
         if conn is not None and TWIN_DESIRED_FILTER in conn.session.subscriptions:
+            body_obj = {k: v for k, v in body_obj.items() if not k.startswith("$")}
             body_obj["$version"] = twin.desired_version
             conn.send(p.Publish(f"$iothub/twin/PATCH/properties/desired/?$version={twin.desired_version}",
                                 json.dumps(body_obj, separators=(",", ":")).encode(), 0))
@@ -524,6 +526,8 @@ class IoTHubCore:
             raise HubOperationError(f"method payload is not JSON-serialisable: {exc}", 400000) from None
         if timeout <= 0:
             raise HubOperationError(f"method timeout must be positive, got {timeout!r}", 400000)
+        if self.registry.get(device_id) is None:
+            raise HubOperationError(f"device {device_id!r} is not registered", 404001)
         conn = self.connections.get(device_id)
         if conn is None or METHODS_FILTER not in conn.session.subscriptions:
             why = "not connected" if conn is None else "not subscribed to methods"
@@ -575,32 +579,40 @@ class IoTHubCore:
         self._pump_c2d(device_id)
         return msg.message_id
 
-    def _c2d_publish(self, conn: Connection, msg: C2DMessage, packet_id: int, dup: bool) -> p.Publish:
+    def _c2d_publish(self, conn: Connection, msg: C2DMessage, qos: int, packet_id: Optional[int],
+                     dup: bool) -> p.Publish:
         d = conn.device_id
         system = {"$.mid": msg.message_id, "$.to": f"/devices/{d}/messages/devicebound"}
         custom = dict(msg.properties)
         custom.setdefault("iothub-ack", "none")
         topic = f"devices/{d}/messages/devicebound/{encode_property_bag(system, custom)}"
-        return p.Publish(topic, msg.body, 1, packet_id, dup)
+        return p.Publish(topic, msg.body, qos, packet_id, dup)
 
     def _pump_c2d(self, device_id: str, redeliver: bool = False) -> None:
         conn = self.connections.get(device_id)
         if conn is None or conn.closed:
             return
         session = conn.session
-        if f"devices/{device_id}/messages/devicebound/#" not in session.subscriptions:
+        qos = session.subscriptions.get(f"devices/{device_id}/messages/devicebound/#")
+        if qos is None:
             return
         if redeliver:
             for pid, msg in sorted(session.inflight.items()):
                 msg.delivery_count += 1
-                conn.send(self._c2d_publish(conn, msg, pid, True))
+                conn.send(self._c2d_publish(conn, msg, 1, pid, True))
         queue = self.c2d_queues.get(device_id)
         while queue:
             msg = queue.popleft()
+            msg.delivery_count += 1
+            if qos == 0:
+                # §4.2: delivery QoS is the granted QoS; at QoS 0 a message is complete once sent
+                conn.send(self._c2d_publish(conn, msg, 0, None, False))
+                self.events.add("c2d_completed", device_id, message_id=msg.message_id,
+                                delivery_count=msg.delivery_count)
+                continue
             pid = conn.next_packet_id()
             session.inflight[pid] = msg
-            msg.delivery_count += 1
-            conn.send(self._c2d_publish(conn, msg, pid, False))
+            conn.send(self._c2d_publish(conn, msg, 1, pid, False))
 
     def on_puback(self, conn: Connection, packet_id: int) -> None:
         msg = conn.session.inflight.pop(packet_id, None)

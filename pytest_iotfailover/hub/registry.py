@@ -32,8 +32,8 @@ def check_device_id(device_id: str) -> None:
     if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
         raise ValueError(
             f"invalid device id {device_id!r}: IoT Hub allows 1-128 ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '")
-    if "/" in device_id or "#" in device_id or "+" in device_id:
-        # legal in IoT Hub, but they cannot appear raw in MQTT topics, which the SDKs do not encode
+    if "#" in device_id or "+" in device_id:
+        # legal in IoT Hub, but MQTT forbids them in topic names and the SDKs do not encode ids
         raise ValueError(f"device id {device_id!r} contains '#' or '+', which MQTT devices cannot use in topics")
 
 

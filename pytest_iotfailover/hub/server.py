@@ -17,6 +17,7 @@ from ..mqtt import Decoder, PacketTooLarge, ProtocolError
 from .iothub import MAX_D2C_SIZE, IoTHubCore
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
+_MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over
 # Over IoT Hub's 256 KB message limit plus a full topic, so an oversized message is still parsed
 # and refused by the hub's own size rule; anything larger is refused unread.
 MAX_PACKET_SIZE = MAX_D2C_SIZE + 70_000
@@ -38,6 +39,9 @@ class MqttTlsProtocol(asyncio.Protocol):
         self._timer = None
         self._keep_alive = None
         self._last_rx = 0.0
+        self._held = []
+        self._held_size = 0
+        self._reading_paused = False
 
     # --- asyncio side ----------------------------------------------------------------------
 
@@ -57,7 +61,15 @@ class MqttTlsProtocol(asyncio.Protocol):
             faults.on_socket(self)
 
     def data_received(self, data):
-        if self.closing or self.blackholed:
+        if self.closing:
+            return
+        if self.blackholed:
+            # held, not read: the hub "hears nothing", yet still notices the client hanging up
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size > _MAX_HELD and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
             return
         self._last_rx = self.loop.time()
         self._in.write(data)
@@ -159,14 +171,21 @@ class MqttTlsProtocol(asyncio.Protocol):
         self._timer = self.loop.call_later(seconds, self._check_keep_alive)
 
     def set_blackhole(self, on: bool) -> None:
-        """Silence: read nothing, write nothing; the socket stays open."""
+        """Silence: nothing read, nothing sent, the socket stays open. Off again: what the device
+        sent meanwhile arrives late, as after a healed network partition."""
+        if on == self.blackholed:
+            return
         self.blackholed = on
         if on:
             self._pending.clear()
-            self.transport.pause_reading()
-        elif not self.closing:
-            self._last_rx = self.loop.time()
+            return
+        if self._reading_paused and not self.closing:
+            self._reading_paused = False
             self.transport.resume_reading()
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        self._last_rx = self.loop.time()
+        if held and not self.closing:
+            self.data_received(held)
 
     # --- internals ---------------------------------------------------------------------------
 

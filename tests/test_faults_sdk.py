@@ -1,0 +1,277 @@
+"""What the unmodified azure-iot-device client does under each fault of the fake hub.
+
+Clients use keep_alive 1-5 s and connection_retry_interval=1 (the SDK's floors are 1 s) so
+every scenario fits in a few seconds; each test says when it needs more than two.
+"""
+import threading
+import time
+
+import pytest
+from azure.iot.device import Message, MethodResponse, exceptions
+
+from pytest_iotfailover import FakeHub
+
+from sdk_support import Inbox, bounded, make_client
+
+pytestmark = pytest.mark.timeout(20)
+
+
+@pytest.fixture
+def hub():
+    with FakeHub("faulthub") as h:
+        yield h
+
+
+@pytest.fixture
+def device(hub):
+    return hub.add_device("dev1")
+
+
+@pytest.fixture
+def client(hub, device):
+    c = make_client(hub, device)
+    bounded(c.connect)
+    yield c
+    try:
+        bounded(c.shutdown)
+    except exceptions.ClientError:
+        pass  # a client the hub refused for good may complain on shutdown
+
+
+def send_with_retry(client, message, deadline):
+    """The buffer-and-retry loop the SDK leaves to the application: send_message raises at once
+    while the hub is unreachable and never times out, so bound each try and try again."""
+    while True:
+        try:
+            bounded(client.send_message, message, timeout=5)
+            return
+        except (exceptions.ConnectionFailedError, exceptions.ConnectionDroppedError,
+                exceptions.OperationCancelled, exceptions.NoConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)  # back-off between attempts, not synchronisation
+
+
+def reconnect_after(hub, device_id, handle, timeout=10):
+    return hub.wait_for_event("connect", device_id, timeout=timeout, after=handle.started_at)
+
+
+def test_region_failover_one_liner_after_50_messages(hub, device, client):
+    # Takes ~3 s: a 2 s outage, then the SDK's 1 s retry interval.
+    failover = hub.faults.region_failover(outage=2, after_messages=50)
+    deadline = time.monotonic() + 15
+    for i in range(80):
+        send_with_retry(client, Message(f"m{i}", message_id=f"m{i}"), deadline)
+    failover.wait(10)
+    got = hub.wait_for_telemetry(80, device_id=device.device_id, timeout=10)
+    ids = {t.message_id for t in got}
+    assert ids == {f"m{i}" for i in range(80)}, "buffer-and-retry must lose nothing"
+    assert hub.region == "secondary"
+    rep = failover.report()
+    assert rep.messages_before == 50
+    assert rep.devices[device.device_id].reconnected_at >= failover.ended_at
+    assert rep.time_to_recover is not None and rep.time_to_recover < 1.5
+    assert rep.outage == pytest.approx(2, abs=0.2)
+    assert hub.wait_for_event("connect", device.device_id, after=failover.started_at).detail["session_present"] is False
+
+
+def test_region_failover_loses_subscriptions_the_sdk_never_renews(hub, device, client):
+    c2d = Inbox()
+    patches = Inbox()
+    client.on_message_received = c2d
+    client.on_twin_desired_properties_patch_received = patches
+    client.on_method_request_received = lambda r: client.send_method_response(
+        MethodResponse.create_from_method_request(r, 200, None))
+    hub.send_c2d(device.device_id, "before")
+    c2d.wait(1)
+    f = hub.faults.region_failover(outage=1)
+    f.wait(5)
+    reconnect_after(hub, device.device_id, f)
+    # the client is back and telemetry flows ...
+    bounded(client.send_message, Message("after", message_id="after"))
+    hub.wait_for_telemetry(1, device_id=device.device_id)
+    # ... but the secondary has no session and the SDK does not subscribe again
+    assert hub.invoke_method(device.device_id, "ping", timeout=5).status == 404
+    hub.send_c2d(device.device_id, "after failover")
+    hub.update_desired(device.device_id, {"x": 1})
+    with pytest.raises(TimeoutError):
+        c2d.wait(2, timeout=1.5)  # waiting for what must not come: bounded, 1.5 s
+    assert patches.items == []
+
+
+def test_region_failover_with_kept_sessions_keeps_everything(hub, device, client):
+    c2d = Inbox()
+    client.on_message_received = c2d
+    client.on_method_request_received = lambda r: client.send_method_response(
+        MethodResponse.create_from_method_request(r, 200, "pong"))
+    f = hub.faults.region_failover(outage=1, keep_sessions=True, refuse="connack")
+    f.wait(5)
+    ev = reconnect_after(hub, device.device_id, f)
+    assert ev.detail["session_present"] is True
+    refused = [e for e in hub.events if e.kind == "connect_refused" and e.device_id == device.device_id]
+    assert refused and all(e.detail["return_code"] == 3 for e in refused)
+    hub.send_c2d(device.device_id, "after failover")
+    assert c2d.wait(1)[0].data == b"after failover"
+    assert hub.invoke_method(device.device_id, "ping", timeout=5).payload == "pong"
+
+
+def test_drop_reconnects_within_a_retry_interval_and_in_flight_send_completes(hub, device, client):
+    hub.faults.delay_acks(0.5, duration=5)  # keep the next send in flight while we drop
+    sent = []
+    t = threading.Thread(target=lambda: sent.append(client.send_message(Message("x", message_id="x"))),
+                         daemon=True)
+    t.start()
+    hub.wait_for_telemetry(1, device_id=device.device_id)
+    for f in hub.faults.active():
+        f.cancel()
+    drop = hub.faults.drop()
+    ev = reconnect_after(hub, device.device_id, drop, timeout=5)
+    assert ev.at - drop.started_at < 1.5
+    t.join(10)
+    assert sent == [None], "send_message must return once the re-sent publish is acknowledged"
+    got = hub.telemetry(device.device_id)
+    assert [g.message_id for g in got] == ["x", "x"] and got[1].dup and got[1].duplicate
+    assert hub.wait_for_event("disconnect", device.device_id).reason == "drop"
+
+
+def test_blackhole_is_noticed_only_by_keep_alive_and_send_blocks(hub, device):
+    # keep_alive=1: the SDK (paho) notices a silent hub after ~2 keep-alive periods.
+    c = make_client(hub, device, keep_alive=1)
+    bounded(c.connect)
+    try:
+        bh = hub.faults.blackhole(3)
+        done = threading.Event()
+        threading.Thread(target=lambda: (c.send_message(Message("in the dark", message_id="d")),
+                                         done.set()), daemon=True).start()
+        assert not done.wait(1.5), "send_message must block while the hub is silent"
+        gone = hub.wait_for_event("disconnect", device.device_id, after=bh.started_at, timeout=5)
+        assert gone.reason == "connection_lost"  # the client hung up: it noticed
+        assert 1.0 <= gone.at - bh.started_at <= 3.5
+        assert done.wait(10), "the send completes after the hub is back"
+        assert [t.message_id for t in hub.telemetry(device.device_id)][-1] == "d"
+        rep = bh.wait(5).report()
+        assert rep.time_to_detect == pytest.approx(gone.at - bh.started_at)
+    finally:
+        bounded(c.shutdown)
+
+
+def test_refuse_3_is_retried_until_it_ends(hub, device, client):
+    r = hub.faults.refuse(3, seconds=2)
+    hub.faults.drop()
+    r.wait(5)
+    ev = reconnect_after(hub, device.device_id, r, timeout=5)
+    assert ev.at >= r.ended_at
+    refusals = [e for e in hub.events if e.kind == "connect_refused" and e.device_id == device.device_id]
+    assert len(refusals) >= 2 and {e.detail["return_code"] for e in refusals} == {3}
+
+
+def test_refuse_5_stops_the_sdk_for_good(hub, device, client):
+    # After the refusal window closes we watch three retry intervals (3 s) for an attempt that
+    # must never come: the Python SDK treats CONNACK 5 as final.
+    r = hub.faults.refuse(5, seconds=1)
+    hub.faults.drop()
+    hub.wait_for_event("auth_failure", device.device_id, after=r.started_at, timeout=5)
+    r.wait(5)
+    with pytest.raises(TimeoutError):
+        hub.wait_for_event("connect", device.device_id, after=r.started_at, timeout=3)
+    assert not client.connected
+    assert len([e for e in hub.events if e.kind == "auth_failure"]) == 1
+
+
+def test_drop_before_ack_shows_one_flagged_duplicate(hub, device, client):
+    f = hub.faults.drop_before_ack()
+    bounded(client.send_message, Message("once", message_id="once"))
+    f.wait(5)
+    got = hub.wait_for_telemetry(2, device_id=device.device_id)
+    assert [(t.message_id, t.dup, t.duplicate) for t in got] == [("once", False, False), ("once", True, True)]
+    assert f.report().duplicates == 1
+
+
+def test_expire_tokens_makes_the_client_authenticate_again(hub, device, client):
+    f = hub.faults.expire_tokens()
+    assert hub.wait_for_event("disconnect", device.device_id, after=f.started_at).reason == "token_expired"
+    ev = reconnect_after(hub, device.device_id, f, timeout=5)
+    assert ev.detail["session_present"] is True
+    bounded(client.send_message, "still here")
+
+
+def test_delay_acks_slows_send_message(hub, device, client):
+    with hub.faults.delay_acks(0.5) as f:
+        t0 = time.monotonic()
+        bounded(client.send_message, "slow")
+        assert time.monotonic() - t0 >= 0.5
+    assert f.state == "ended"
+    t0 = time.monotonic()
+    bounded(client.send_message, "fast")
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_throttle_shapes_then_disconnects(hub, device, client):
+    # 2 msg/s with at most 1 s of queueing: of 8 concurrent sends the 4th would wait 1.5 s, so
+    # the hub closes the connection unacknowledged, as a throttled IoT Hub does over MQTT. The
+    # SDK re-sends after reconnecting; everything arrives once the 3 s throttle is over.
+    hub.faults.throttle(2, seconds=3, max_delay=1.0)
+    threads = [threading.Thread(target=bounded, args=(client.send_message, Message(str(i), message_id=str(i))),
+                                kwargs={"timeout": 15}, daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    assert hub.wait_for_event("disconnect", device.device_id).reason == "throttled"
+    for t in threads:
+        t.join(15)
+    assert {t.message_id for t in hub.telemetry(device.device_id)} == {str(i) for i in range(8)}
+
+
+def test_service_fault_injection_properties_kill_tcp(hub, device, client):
+    msg = Message("fault", message_id="fi-1")
+    msg.custom_properties["AzIoTHub_FaultOperationType"] = "KillTcp"
+    msg.custom_properties["AzIoTHub_FaultOperationCloseReason"] = "boom"
+    msg.custom_properties["AzIoTHub_FaultOperationDelayInSecs"] = "1"
+    t0 = time.time()
+    bounded(client.send_message, msg)  # the hub never acks the request; the SDK re-sends it
+    drop = hub.wait_for_event("disconnect", device.device_id)
+    assert drop.reason == "drop" and drop.at - t0 >= 1.0
+    [t] = hub.telemetry(device.device_id)
+    assert t.message_id == "fi-1" and t.dup, "the re-sent request is a normal message, not a new fault"
+    assert len([e for e in hub.events if e.kind == "fault_injection_requested"]) == 1
+
+
+def test_injected_throttling_closes_publishers_for_its_duration(hub, device, client):
+    msg = Message("fault", message_id="fi-2")
+    msg.custom_properties["AzIoTHub_FaultOperationType"] = "InvokeThrottling"
+    msg.custom_properties["AzIoTHub_FaultOperationDurationInSecs"] = "1"
+    bounded(client.send_message, msg, timeout=10)
+    assert hub.wait_for_event("disconnect", device.device_id).reason == "throttled"
+    assert hub.telemetry(device.device_id)[-1].message_id == "fi-2"
+
+
+def test_fault_at_offset_cancel_and_targeting(hub):
+    a, b = hub.add_device("a"), hub.add_device("b")
+    ca, cb = make_client(hub, a), make_client(hub, b)
+    try:
+        bounded(ca.connect)
+        bounded(cb.connect)
+        later = hub.faults.drop(at=30)
+        later.cancel()
+        assert later.state == "cancelled"
+        f = hub.faults.drop(device_id="a", at=0.2)
+        f.wait(5)
+        assert f.started_at - time.time() < 0 and f.report().devices.keys() == {"a"}
+        hub.wait_for_event("connect", "a", after=f.started_at, timeout=5)
+        assert not [e for e in hub.events if e.kind == "disconnect" and e.device_id == "b"]
+    finally:
+        bounded(ca.shutdown)
+        bounded(cb.shutdown)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: f.region_failover(outage=-1), "outage must be a non-negative"),
+    (lambda f: f.region_failover(refuse="udp"), "refuse must be 'tcp' or 'connack'"),
+    (lambda f: f.refuse(7), "CONNACK refusal code must be 1-5"),
+    (lambda f: f.drop(after_messages=0), "after_messages= must be a positive integer"),
+    (lambda f: f.drop(at=1, after_messages=2), "not both"),
+    (lambda f: f.throttle(0), "rate must be a positive"),
+    (lambda f: f.drop_before_ack(count=0), "count must be a positive integer"),
+])
+def test_bad_fault_arguments_are_named(hub, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(hub.faults)
