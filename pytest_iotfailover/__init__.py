@@ -2,6 +2,9 @@
 from .hub import (Device, FakeHub, FaultHandle, HubEvent, HubOperationError, MethodResponse,
                   RecoveryReport, Telemetry)
 
+from .assertions import assert_all_delivered, assert_in_order, assert_no_duplicates
+
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "FaultHandle", "RecoveryReport"]
+           "FaultHandle", "RecoveryReport",
+           "assert_all_delivered", "assert_no_duplicates", "assert_in_order"]
 __version__ = "0.1.0"

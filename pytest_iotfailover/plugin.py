@@ -1,1 +1,185 @@
-"""pytest wiring for pytest-iotfailover: options, markers and fixtures live here, logic elsewhere."""
+"""pytest wiring for pytest-iotfailover: options, markers, fixtures and the summary. Logic lives in
+config, backends, factory, failover, assertions and reporting."""
+import json
+
+import pytest
+
+from . import reporting
+from .backends import HubView, open_backend
+from .config import OPTIONS, SettingsError, resolve
+from .factory import CONNECT_TIMEOUT, DeviceClientFactory, make_client, run_bounded, shutdown_quietly
+from .failover import Failover
+
+_SETTINGS = pytest.StashKey()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("iothub failover", "iothub failover (pytest-iotfailover)")
+    for opt in OPTIONS:
+        group.addoption(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
+                        help=f"{opt.help} [env {opt.env}; ini {opt.name}]")
+        parser.addini(opt.name, help=f"{opt.help} (also {opt.flag}, env {opt.env})", default=None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "failover(outage=None, timeout=None): a test that fails the hub over; outage is the "
+        "default outage of failover() in seconds, timeout its pytest-timeout (default --iothub-timeout)")
+    config.addinivalue_line(
+        "markers", "real_hub: needs a real IoT Hub (--iothub-connection); skipped on the embedded hub")
+    try:
+        settings = resolve(config.getoption, config.getini)
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if settings.backend == "real":
+        raise pytest.UsageError(
+            "--iothub-connection: this version of pytest-iotfailover cannot run against a real IoT Hub "
+            "yet; unset the option (and IOTHUB_CONNECTION_STRING) to use the embedded hub")
+    config.stash[_SETTINGS] = settings
+    config.pluginmanager.register(_Summary(), f"iotfailover-summary-{id(config)}")
+
+
+def _settings(config):
+    return config.stash[_SETTINGS]
+
+
+def pytest_collection_modifyitems(config, items):
+    settings = _settings(config)
+    for item in items:
+        marker = item.get_closest_marker("failover")
+        if marker is None and "failover" not in getattr(item, "fixturenames", ()):
+            continue
+        if item.get_closest_marker("timeout") is not None:
+            continue  # the test chose its own
+        timeout = marker.kwargs.get("timeout") if marker else None
+        if timeout is None:
+            timeout = settings.failover_timeout(marker.kwargs.get("outage") if marker else None)
+        item.add_marker(pytest.mark.timeout(timeout))
+    if settings.backend == "fake":
+        skip = pytest.mark.skip(reason="needs a real IoT Hub: pass --iothub-connection")
+        for item in items:
+            if item.get_closest_marker("real_hub"):
+                item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    reporting.begin(item.nodeid)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    record = reporting.end()
+    if record is not None:
+        item.user_properties.extend(record.user_properties())
+
+
+class _Summary:
+    """One per pytest run (pytester runs nest): collects the figures tests left in user_properties,
+    which also carries them over from pytest-xdist workers."""
+
+    def __init__(self):
+        self.rows = []
+        self.outcomes = {}
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            self.outcomes[report.nodeid] = report.outcome
+        if report.when == "teardown":
+            for name, value in report.user_properties:
+                if name == reporting.PROPERTY and json.loads(value).get("faults"):
+                    self.rows.append((report.nodeid, self.outcomes.get(report.nodeid, "?"), json.loads(value)))
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.rows:
+            terminalreporter.write_sep("=", "iothub failover")
+            for line in reporting.summary_lines(self.rows):
+                terminalreporter.write_line(line)
+
+
+# --- fixtures ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def iothub_settings(pytestconfig):
+    """The resolved pytest-iotfailover Settings (command line > environment > ini > default)."""
+    return _settings(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def _iothub_backend(pytestconfig):
+    backend = open_backend(_settings(pytestconfig))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def iothub(request, _iothub_backend):
+    """The session's hub, narrowed to this test's devices (removed afterwards)."""
+    s = _settings(request.config)
+    view = HubView(_iothub_backend, request.node.name,
+                   {"keep_alive": s.keep_alive, "connection_retry_interval": s.retry_interval})
+    yield view
+    view.close()
+
+
+@pytest.fixture
+def iothub_device(iothub):
+    """A fresh device identity: `.device_id`, `.connection_string`."""
+    return iothub.add_device()
+
+
+@pytest.fixture
+def device_client(iothub, iothub_device):
+    """A connected azure.iot.device.IoTHubDeviceClient for `iothub_device`."""
+    client = make_client(iothub, iothub_device)
+    try:
+        run_bounded(client.connect, CONNECT_TIMEOUT, "device_client connect")
+        yield client
+    finally:
+        shutdown_quietly(client, "device_client")
+
+
+@pytest.fixture
+def device_client_factory(iothub):
+    """`device_client_factory(count=1, pooled=False, **sdk_kwargs)`."""
+    factory = DeviceClientFactory(iothub)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def failover(request, iothub):
+    """Fault trigger: `failover()`, `.outage(s)`, `.drop()`, `.blackhole(s)`, `.refuse(code, s)`, ..."""
+    marker = request.node.get_closest_marker("failover")
+    outage = marker.kwargs.get("outage") if marker else None
+    record = reporting.current()
+    trigger = Failover(iothub, outage if outage is not None else _settings(request.config).outage, record)
+    yield trigger
+    trigger.end_all()
+    if record is not None:
+        record.faults = trigger.reports()
+
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - depends on the environment
+    @pytest.fixture
+    def async_device_client():
+        """Needs pytest-asyncio: pip install pytest-asyncio."""
+        pytest.fail("async_device_client needs pytest-asyncio (pip install pytest-asyncio)", pytrace=False)
+else:
+    @pytest_asyncio.fixture
+    async def async_device_client(iothub, iothub_device):
+        """A connected azure.iot.device.aio.IoTHubDeviceClient for `iothub_device`."""
+        import asyncio
+        client = make_client(iothub, iothub_device, aio=True)
+        try:
+            await asyncio.wait_for(client.connect(), CONNECT_TIMEOUT)
+            yield client
+        finally:
+            try:
+                await asyncio.wait_for(client.shutdown(), 10)
+            except Exception:
+                pass  # already dropped by the hub; closed either way

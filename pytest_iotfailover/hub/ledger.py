@@ -68,3 +68,14 @@ class Ledger:
                     raise TimeoutError(
                         f"waited {timeout:g} s for {count} telemetry messages{who}; {len(items)} arrived")
                 self._cond.wait(remaining)
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Re-check `predicate()` each time a message is recorded; False if still unmet at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True

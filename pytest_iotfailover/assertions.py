@@ -1,0 +1,154 @@
+"""Delivery assertions: wait for the hub to have accepted what was sent, then say exactly what is
+missing, doubled or out of order, with latencies and the fault window."""
+import time
+from collections import Counter
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from . import reporting
+from .reporting import DeliveryFigures
+
+_SHOW = 10  # ids listed in a failure before "... and N more"
+
+
+def _sent_ids(sent) -> List[str]:
+    ids = getattr(sent, "message_ids", None)
+    if ids is not None:
+        return list(ids)
+    if isinstance(sent, (str, bytes)):
+        raise TypeError("pass an Outbox or a list of message ids, not a single string")
+    out = []
+    for item in sent:
+        mid = item if isinstance(item, str) else getattr(item, "message_id", None)
+        if mid is None:
+            raise TypeError(f"cannot tell the message id of {item!r}")
+        out.append(mid)
+    return out
+
+
+def _submitted_at(sent):
+    return getattr(sent, "submitted_at", None) or {}
+
+
+def _telemetry(iothub, device_id):
+    return iothub.telemetry(device_id) if device_id is not None else iothub.telemetry()
+
+
+def _listing(ids: Sequence[str]) -> str:
+    shown = ", ".join(map(str, ids[:_SHOW]))
+    return shown + (f" ... and {len(ids) - _SHOW} more" if len(ids) > _SHOW else "")
+
+
+def _percentile(sorted_values, q):
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[k]
+
+
+def _fault_text() -> List[str]:
+    rec = reporting.current()
+    if rec is None:
+        return []
+    lines = []
+    for fault, start, end in rec.fault_windows():
+        span = f"{time.strftime('%H:%M:%S', time.localtime(start))}.{int(start * 1000) % 1000:03d}"
+        lines.append(f"  fault: {fault} from {span} for "
+                     + (f"{end - start:.2f} s" if end else "(still active)"))
+    return lines
+
+
+class DeliveryReport:
+    def __init__(self, sent_ids, telemetry, submitted_at):
+        self.sent_ids = sent_ids
+        wanted = set(sent_ids)
+        self.copies = Counter(t.message_id for t in telemetry if t.message_id in wanted)
+        self.missing = [m for m in dict.fromkeys(sent_ids) if m not in self.copies]
+        self.duplicated = {m: n for m, n in self.copies.items() if n > 1}
+        first = {}
+        for t in telemetry:
+            if t.message_id in wanted and t.message_id not in first:
+                first[t.message_id] = t.enqueued_at
+        lat = sorted(first[m] - submitted_at[m] for m in first if m in submitted_at)
+        self.figures = DeliveryFigures(
+            sent=len(wanted), delivered=len(self.copies),
+            duplicates=sum(n - 1 for n in self.copies.values()), lost=len(self.missing),
+            latency_p50=_percentile(lat, 0.5), latency_p99=_percentile(lat, 0.99),
+            latency_max=lat[-1] if lat else None)
+
+    def describe(self) -> List[str]:
+        f = self.figures
+        lines = [f"  sent: {f.sent}, delivered: {f.delivered}, lost: {f.lost}, duplicate copies: {f.duplicates}"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): {_listing(self.missing)}")
+        if self.duplicated:
+            items = [f"{m} x{n}" for m, n in sorted(self.duplicated.items(), key=lambda kv: -kv[1])]
+            lines.append(f"  duplicated ({len(items)}): {_listing(items)}")
+        if f.latency_p50 is not None:
+            lines.append(f"  latency: p50 {f.latency_p50 * 1000:.0f} ms, p99 {f.latency_p99 * 1000:.0f} ms, "
+                         f"max {f.latency_max * 1000:.0f} ms")
+        return lines + _fault_text()
+
+
+def _record(report: DeliveryReport) -> None:
+    rec = reporting.current()
+    if rec is not None:
+        rec.deliveries.append(report.figures)
+
+
+def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: Optional[str] = None) -> DeliveryReport:
+    """Wait up to `timeout` s until the hub accepted every message id in `sent` (an Outbox or a list
+    of ids); fail with what is missing otherwise. Returns the DeliveryReport."""
+    ids = _sent_ids(sent)
+    wanted = set(ids)
+
+    def all_there():
+        return wanted <= {t.message_id for t in _telemetry(iothub, device_id)}
+    iothub.wait_until(all_there, timeout)
+    report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent))
+    _record(report)
+    if report.missing:
+        raise AssertionError("\n".join(
+            [f"{len(report.missing)} of {len(wanted)} sent messages were not delivered within {timeout:g} s"]
+            + report.describe()))
+    return report
+
+
+def assert_no_duplicates(iothub, sent=None, device_id: Optional[str] = None) -> DeliveryReport:
+    """No message id (of `sent`, or of everything this test's devices sent) was accepted twice."""
+    telemetry = _telemetry(iothub, device_id)
+    ids = _sent_ids(sent) if sent is not None else [t.message_id for t in telemetry if t.message_id]
+    report = DeliveryReport(ids, telemetry, _submitted_at(sent) if sent is not None else {})
+    if report.duplicated:
+        raise AssertionError("\n".join(
+            [f"{len(report.duplicated)} messages were delivered more than once "
+             "(at-least-once delivery: a lost PUBACK makes the client send again)"] + report.describe()))
+    return report
+
+
+def _first_out_of_order(order: Sequence[str], delivered: Iterable[Tuple[str, str]]):
+    rank = {m: i for i, m in enumerate(order)}
+    last_by_device = {}
+    for device, mid in delivered:
+        prev = last_by_device.get(device)
+        if prev is not None and rank[mid] < rank[prev]:
+            return device, prev, mid
+        last_by_device[device] = mid
+    return None
+
+
+def assert_in_order(iothub, sent, device_id: Optional[str] = None) -> None:
+    """Per device, first deliveries came in the order the ids were sent (re-sent copies ignored)."""
+    ids = _sent_ids(sent)
+    wanted = set(ids)
+    seen = set()
+    delivered = []
+    for t in _telemetry(iothub, device_id):
+        if t.message_id in wanted and t.message_id not in seen:
+            seen.add(t.message_id)
+            delivered.append((t.device_id, t.message_id))
+    bad = _first_out_of_order(ids, delivered)
+    if bad is not None:
+        device, earlier, later = bad
+        raise AssertionError(
+            f"device {device!r} delivered {later!r} after {earlier!r}, but {later!r} was sent first"
+            + ("\n" + "\n".join(_fault_text()) if _fault_text() else ""))

@@ -1,0 +1,61 @@
+"""The embedded FakeHub behind the `Hub` interface."""
+from typing import Collection, List, Optional
+
+from ..hub import FakeHub, HubEvent, Telemetry
+from . import FaultNotSupported, Hub
+
+FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
+               "throttle", "expire_tokens")
+
+
+class FakeBackend(Hub):
+    kind = "fake"
+
+    def __init__(self, hub_name: str = "testhub", **fakehub_kwargs):
+        self.fakehub = FakeHub(hub_name, **fakehub_kwargs).start()
+        self.hostname = self.fakehub.hostname
+        self.ca_pem = self.fakehub.ca_pem
+
+    def create_device(self, device_id):
+        return self.fakehub.add_device(device_id)
+
+    def delete_device(self, device_id):
+        if self.fakehub.registry.get(device_id) is not None:
+            self.fakehub.remove_device(device_id)
+
+    def telemetry(self, device_ids: Optional[Collection[str]] = None) -> List[Telemetry]:
+        items = self.fakehub.telemetry()
+        if device_ids is None:
+            return items
+        wanted = set(device_ids)
+        return [t for t in items if t.device_id in wanted]
+
+    def wait_until(self, predicate, timeout):
+        return self.fakehub.ledger.wait_until(predicate, timeout)
+
+    def events(self, device_ids: Optional[Collection[str]] = None) -> List[HubEvent]:
+        evs = self.fakehub.events
+        if device_ids is None:
+            return evs
+        wanted = set(device_ids)
+        return [e for e in evs if e.device_id in wanted]
+
+    def send_c2d(self, device_id, body, properties=None):
+        return self.fakehub.send_c2d(device_id, body, properties)
+
+    def invoke_method(self, device_id, method_name, payload=None, timeout=30.0):
+        return self.fakehub.invoke_method(device_id, method_name, payload, timeout)
+
+    def get_twin(self, device_id):
+        return self.fakehub.get_twin(device_id)
+
+    def update_desired(self, device_id, patch):
+        return self.fakehub.update_desired(device_id, patch)
+
+    def start_fault(self, kind, **kwargs):
+        if kind not in FAULT_KINDS:
+            raise FaultNotSupported(f"unknown fault {kind!r}; the fake hub knows {', '.join(FAULT_KINDS)}")
+        return getattr(self.fakehub.faults, kind)(**kwargs)
+
+    def close(self):
+        self.fakehub.stop()
