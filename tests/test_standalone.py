@@ -1,6 +1,7 @@
 """End to end: the standalone hub process, its info file and control API, and the real device SDK."""
 import base64
 import http.client
+import inspect
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ import urllib.request
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
 
+from pytest_iotfailover.hub import control
 from pytest_iotfailover.hub.control import ControlServer
+from pytest_iotfailover.hub.faults import Faults
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,6 +113,18 @@ def ok(info, method, path, body=None, expect=200):
     status, result, _ = api(info, method, path, body)
     assert status == expect, result
     return result
+
+
+def poll(info, path, predicate, timeout=10.0):
+    """GET `path` until `predicate(result)`: the control API has nothing to block on for these."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = ok(info, "GET", path)
+        if predicate(result):
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"GET {path} did not satisfy the condition within {timeout:g} s: {result!r}")
+        time.sleep(0.05)  # polling interval
 
 
 def bounded(fn, *args, timeout=10.0):
@@ -404,6 +419,126 @@ def test_keep_alive_connection_serves_several_requests(info):
         assert resp.status == 200 and "d1" in [d["device_id"] for d in json.loads(resp.read())]
     finally:
         conn.close()
+
+
+def back_after(device_id):
+    return lambda fault: (fault["report"]["devices"].get(device_id) or {}).get("reconnected_at") is not None
+
+
+def test_drop_started_through_the_api_and_the_device_reconnects(info, device):
+    client, _ = device
+    fault = ok(info, "POST", "/faults/drop", {"device_id": "d1"}, expect=201)
+    assert set(fault) == {"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}
+    assert fault["kind"] == "drop" and fault["device_id"] == "d1"
+    assert fault["params"] == {"graceful": False, "reason": "drop"}
+    assert fault["state"] == "ended"  # a drop is over once the connection is reset
+    assert fault["started_at"] <= fault["ended_at"]
+
+    got = poll(info, f"/faults/{fault['id']}", back_after("d1"))
+    report = got.pop("report")
+    assert got == fault
+    assert report["fault"] == "drop" and report["target"] == "d1"
+    d1 = report["devices"]["d1"]
+    assert fault["started_at"] <= d1["disconnected_at"] <= d1["reconnected_at"]
+    assert d1["reconnected_at"] - fault["started_at"] < 3
+    bounded(client.send_message, Message("after the drop", message_id="after-drop"))
+
+    listed = ok(info, "GET", "/faults")
+    assert [f["id"] for f in listed] == list(range(len(listed)))
+    assert listed[fault["id"]] == fault
+
+
+def test_region_failover_through_the_api_and_wait_for_its_end(info):
+    # Takes 1-2 s: a 1 s outage, then up to the SDK's 1 s retry interval. Its own device, as the
+    # failover takes the device's MQTT session (subscriptions) with it.
+    created = ok(info, "POST", "/devices", {"device_id": "fo1"}, expect=201)
+    client = make_client(info, created["connection_string"])
+    try:
+        bounded(client.connect, timeout=15)
+        fault = ok(info, "POST", "/faults/region_failover", {"outage": 1, "device_id": "fo1"}, expect=201)
+        assert fault["state"] == "active" and fault["ended_at"] is None
+        # a failover of one device can only refuse at CONNACK: TCP cannot tell who is knocking
+        assert fault["params"] == {"outage": 1.0, "keep_sessions": False, "refuse": "connack"}
+
+        done = ok(info, "POST", f"/faults/{fault['id']}/wait", {"timeout": 10})
+        assert done["state"] == "ended"
+        assert done["ended_at"] - done["started_at"] == pytest.approx(1, abs=0.3)
+        assert done["report"]["ended_at"] == done["ended_at"]
+
+        back = poll(info, f"/faults/{fault['id']}", back_after("fo1"))
+        assert back["report"]["devices"]["fo1"]["reconnected_at"] >= done["ended_at"]
+        assert back["report"]["time_to_recover"] is not None
+        bounded(client.send_message, Message("after the failover", message_id="fo-1"))
+    finally:
+        shutdown(client)
+
+
+def test_delete_cancels_a_pending_fault(info):
+    fault = ok(info, "POST", "/faults/drop", {"device_id": "d1", "at": 30}, expect=201)
+    path = f"/faults/{fault['id']}"
+    try:
+        assert fault["state"] == "pending" and fault["started_at"] is None
+        status, err, _ = api(info, "POST", path + "/wait", {"timeout": 0.2})
+        assert status == 504 and "still pending after 0.2 s" in err["error"]
+        for body, words in [({"timeout": 301}, "at most 300 s"), ({"timeout": "soon"}, "'timeout' must be a number"),
+                            ({"until": 3}, "unknown field 'until'")]:
+            status, err, _ = api(info, "POST", path + "/wait", body)
+            assert status == 400 and words in err["error"], err
+    finally:
+        cancelled = ok(info, "DELETE", path)
+    assert cancelled == dict(fault, state="cancelled")
+    got = ok(info, "GET", path)
+    assert got["state"] == "cancelled" and got["report"]["started_at"] is None and got["report"]["devices"] == {}
+    assert ok(info, "POST", path + "/wait")["state"] == "cancelled"  # an empty body waits the default time
+    assert ok(info, "DELETE", path) == cancelled  # cancelling again changes nothing
+    assert ok(info, "GET", "/events?kind=fault_cancelled&device_id=d1")
+
+
+@pytest.mark.parametrize("method,path,body,status,words", [
+    ("POST", "/faults/meltdown", b"{}", 404, "unknown fault kind 'meltdown'; the kinds are region_failover, drop,"),
+    ("POST", "/faults/meltdown", b"{not json", 404, "unknown fault kind"),
+    ("POST", "/faults/0", b"{}", 404, "unknown fault kind '0'"),
+    ("POST", "/faults/drop", b'{"colour": 1}', 400, "unknown argument 'colour' for drop (allowed: device_id,"),
+    ("POST", "/faults/expire_tokens", b'{"seconds": 1}', 400, "unknown argument 'seconds' for expire_tokens"),
+    ("POST", "/faults/drop", b'{"graceful": "yes"}', 400, "'graceful' of drop must be a boolean, not string"),
+    ("POST", "/faults/drop", b'{"device_id": 5}', 400, "'device_id' of drop must be a string or null, not number"),
+    ("POST", "/faults/drop", b'{"after_messages": 1.5}', 400, "'after_messages' of drop must be an integer or null, not 1.5"),
+    ("POST", "/faults/drop", b'{"at": "soon"}', 400, "'at' of drop must be a number or null, not string"),
+    ("POST", "/faults/drop", b'{"at": 1e400}', 400, "'at' of drop must be a number or null, not a number out of range"),
+    ("POST", "/faults/drop_before_ack", b'{"count": 1e20}', 400, "'count' of drop_before_ack must be an integer, not 1e+20"),
+    ("POST", "/faults/drop_before_ack", b'{"count": 100000000000000000000}', 400, "not a number out of range"),
+    ("POST", "/faults/refuse", b'{"code": true}', 400, "'code' of refuse must be an integer, not boolean"),
+    ("POST", "/faults/region_failover", b'{"outage": null}', 400, "'outage' of region_failover must be a number, not null"),
+    ("POST", "/faults/throttle", b'{"rate": [2]}', 400, "'rate' of throttle must be a number, not array"),
+    ("POST", "/faults/delay_acks", b"{}", 400, "missing argument 'seconds' for delay_acks (a number)"),
+    ("POST", "/faults/throttle", b'{"burst": 2}', 400, "missing argument 'rate' for throttle"),
+    ("POST", "/faults/drop", b"[]", 400, "JSON object"),
+    # range and combination checks are the fault engine's own
+    ("POST", "/faults/refuse", b'{"code": 7}', 400, "CONNACK refusal code must be 1-5, got 7"),
+    ("POST", "/faults/region_failover", b'{"refuse": "udp"}', 400, "refuse must be 'tcp' or 'connack'"),
+    ("POST", "/faults/drop", b'{"at": 1, "after_messages": 2}', 400, "give at= or after_messages=, not both"),
+    ("POST", "/faults/blackhole", b'{"seconds": -1}', 400, "seconds must be a non-negative number"),
+    ("GET", "/faults/99999", None, 404, "no fault '99999'"),
+    ("GET", "/faults/drop", None, 404, "no fault 'drop'"),
+    ("DELETE", "/faults/-1", None, 404, "no fault '-1'"),
+    ("POST", "/faults/99999/wait", b"{}", 404, "no fault '99999'"),
+    ("GET", "/faults?kind=drop", None, 400, "unknown query parameter 'kind'"),
+    ("POST", "/faults", b"{}", 405, "use GET"),
+    ("PUT", "/faults/0", b"{}", 405, "use GET or POST or DELETE"),
+    ("GET", "/faults/0/wait", None, 405, "use POST"),
+], ids=lambda v: v if isinstance(v, str) and v.isupper() else None)
+def test_bad_fault_requests_are_refused_and_start_nothing(info, method, path, body, status, words):
+    before = ok(info, "GET", "/faults")
+    got, err, _ = api(info, method, path, raw=body)
+    assert got == status, err
+    assert words in err["error"]
+    assert ok(info, "GET", "/faults") == before
+
+
+def test_every_fault_argument_has_a_json_type():
+    for kind in control.FAULT_KINDS:
+        names = set(inspect.signature(getattr(Faults, kind)).parameters) - {"self"}
+        assert names <= set(control._FAULT_ARG_TYPES), kind
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::", "example.com"])

@@ -2,7 +2,7 @@
 
 Tests written in other languages (the Node SDK, shell scripts) drive a standalone hub through this
 API: read the telemetry ledger and event log, add devices, send C2D messages, call direct methods
-and patch desired properties.
+and patch desired properties, and start, watch and cancel faults.
 
 It is built on the standard library's `http.server.ThreadingHTTPServer` rather than a web
 framework: it serves a handful of JSON routes to one local client, so a framework would add a
@@ -20,14 +20,28 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
     GET   /devices/{id}/twin
     PATCH /devices/{id}/twin/desired    {patch}  -> {"version"}
     GET   /events[?kind=K&device_id=ID]          the hub's event log
+    POST  /faults/{kind}          {kwargs}       -> 201 {fault}: start hub.faults.<kind>(**kwargs)
+    GET   /faults                                every fault started so far, in order
+    GET   /faults/{id}                           {fault, "report"}
+    DELETE /faults/{id}                          -> {fault}: cancel it (a no-op once it is over)
+    POST  /faults/{id}/wait       {"timeout"}    -> {fault, "report"} once it is over; 504 if not in time
+
+A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
+position in the hub's fault history, which only grows, so an id never changes meaning. The body of
+`POST /faults/{kind}` holds the keyword arguments of that `Faults` method (an empty body takes the
+defaults); `report` is the fault's `RecoveryReport` as nested objects.
 """
 import base64
 import binascii
 import concurrent.futures
+import dataclasses
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
+import math
+import re
 import secrets
 import socket
 import threading
@@ -38,10 +52,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .auth import redact
+from .faults import FaultHandle, Faults
 from .iothub import HubOperationError
 from .registry import check_device_id
 
-__all__ = ["ControlServer", "MAX_BODY_SIZE"]
+__all__ = ["ControlServer", "MAX_BODY_SIZE", "FAULT_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +68,32 @@ IDLE_TIMEOUT = 60.0
 # Limits of the lingering close after a refused request body (see _Handler._drain).
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 16 * 1024 * 1024
+
+# The `Faults` methods the API exposes; each is also the {kind} of POST /faults/{kind}.
+FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
+               "throttle", "expire_tokens")
+MAX_FAULT_WAIT = 300.0
+DEFAULT_FAULT_WAIT = 60.0
+# A waiting handler wakes this often to notice that the server or the hub is going away.
+_WAIT_SLICE = 0.25
+# Beyond this, JSON integers stop being portable and some fault arithmetic would overflow a float.
+_MAX_JSON_INT = 2 ** 53
+_FAULT_ID = re.compile(r"0|[1-9][0-9]{0,15}")
+
+# JSON types of the fault arguments, by name: a name means the same thing in every kind. The
+# names themselves come from the method signatures, so the API follows the Python one.
+_FAULT_ARG_TYPES = {
+    "device_id": "string", "refuse": "string",
+    "keep_sessions": "boolean", "graceful": "boolean",
+    "after_messages": "integer", "code": "integer", "count": "integer", "burst": "integer",
+    "at": "number", "outage": "number", "seconds": "number", "duration": "number", "rate": "number",
+    "max_delay": "number",
+}
+_FAULT_PARAMS = {
+    kind: {name: param for name, param in inspect.signature(getattr(Faults, kind)).parameters.items()
+           if name != "self"}
+    for kind in FAULT_KINDS
+}
 
 
 class ApiError(Exception):
@@ -301,6 +342,26 @@ class _Handler(BaseHTTPRequestHandler):
                 self._allow(m, "PATCH")
                 self._params(query)
                 return 200, api.update_desired(device_id, self._json_object(body)), None
+        if segments and segments[0] == "faults":
+            rest = segments[1:]
+            if not rest:
+                self._allow(m, "GET")
+                self._params(query)
+                return 200, api.list_faults(), None
+            if len(rest) == 1:
+                # POST names a kind to start; the other methods name a fault already started
+                self._allow(m, "GET", "POST", "DELETE")
+                self._params(query)
+                if m == "POST":
+                    api.check_fault_kind(rest[0])
+                    return 201, api.start_fault(rest[0], self._json_object(body, allow_empty=True)), None
+                if m == "DELETE":
+                    return 200, api.cancel_fault(rest[0]), None
+                return 200, api.get_fault(rest[0]), None
+            if len(rest) == 2 and rest[1] == "wait":
+                self._allow(m, "POST")
+                self._params(query)
+                return 200, api.wait_fault(rest[0], self._json_object(body, allow_empty=True)), None
         raise ApiError(404, f"no route {url.path!r}; see the module documentation of "
                             "pytest_iotfailover.hub.control for the routes")
 
@@ -327,8 +388,10 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     @staticmethod
-    def _json_object(body: bytes) -> Dict[str, Any]:
+    def _json_object(body: bytes, allow_empty: bool = False) -> Dict[str, Any]:
         if not body.strip():
+            if allow_empty:
+                return {}
             raise ApiError(400, "request body is empty; expected a JSON object")
         try:
             text = body.decode("utf-8")
@@ -357,6 +420,73 @@ def _field(obj: Dict[str, Any], name: str, types, type_name: str, required: bool
     return value
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _fault_arg_ok(kind: str, value: Any) -> bool:
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False  # bool is an int subclass, but true/false is never a valid number here
+    if isinstance(value, int):
+        return abs(value) <= _MAX_JSON_INT
+    # json reads 1e400 as infinity, which no fault argument can mean
+    return kind == "number" and isinstance(value, float) and math.isfinite(value)
+
+
+def _fault_kwargs(kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+    """`obj` checked against the signature of `Faults.<kind>`, with JSON types held to strictly.
+
+    Values are only type-checked here: their ranges and combinations are the `Faults` method's
+    business, and its ValueError/TypeError messages reach the client unchanged.
+    """
+    params = _FAULT_PARAMS[kind]
+    extra = sorted(set(obj) - set(params))
+    if extra:
+        raise ApiError(400, f"unknown argument{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
+                            f"for {kind} (allowed: {', '.join(params) or 'none'})")
+    for name, param in params.items():
+        want = _FAULT_ARG_TYPES.get(name)
+        nullable = param.default is None
+        what = f"{'an' if want == 'integer' else 'a'} {want or 'value'}{' or null' if nullable else ''}"
+        if name not in obj:
+            if param.default is inspect.Parameter.empty:
+                raise ApiError(400, f"missing argument {name!r} for {kind} ({what})")
+            continue
+        value = obj[name]
+        if want is None or (value is None and nullable):
+            continue
+        if not _fault_arg_ok(want, value):
+            got = _json_type(value)
+            if got == "number" and want in ("integer", "number"):
+                out_of_range = isinstance(value, int) or not math.isfinite(value)
+                got = "a number out of range" if out_of_range else repr(value)
+            raise ApiError(400, f"argument {name!r} of {kind} must be {what}, not {got}")
+    return dict(obj)
+
+
+def _fault_json(index: int, handle: FaultHandle) -> Dict[str, Any]:
+    return {"id": index, "kind": handle.kind, "device_id": handle.device_id, "params": handle.params,
+            "state": handle.state, "started_at": handle.started_at, "ended_at": handle.ended_at}
+
+
+def _fault_with_report(index: int, handle: FaultHandle) -> Dict[str, Any]:
+    out = _fault_json(index, handle)
+    out["report"] = dataclasses.asdict(handle.report())
+    return out
+
+
 def _no_extra_fields(obj: Dict[str, Any], *known: str) -> None:
     extra = sorted(set(obj) - set(known))
     if extra:
@@ -381,6 +511,7 @@ class ControlServer:
         self._port = port
         self._httpd: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
+        self._closing = threading.Event()
 
     # --- life cycle ----------------------------------------------------------------------------
 
@@ -401,6 +532,7 @@ class ControlServer:
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
+        self._closing.set()
         httpd.shutdown()
         httpd.server_close()
         httpd.close_open_connections()
@@ -509,3 +641,71 @@ class ControlServer:
     def update_desired(self, device_id: str, patch: Dict[str, Any]) -> Dict[str, Any]:
         self._known_device(device_id)
         return {"version": self.hub.update_desired(device_id, patch)}
+
+    # Each fault operation reads or changes fault state in one call on the hub thread, which owns
+    # it: read from here, a fault could show state "active" before its start time is set.
+
+    def check_fault_kind(self, kind: str) -> None:
+        if kind not in FAULT_KINDS:
+            raise ApiError(404, f"unknown fault kind {kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
+
+    def start_fault(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        self.check_fault_kind(kind)
+        kwargs = _fault_kwargs(kind, obj)
+        start = getattr(self.hub.faults, kind)
+
+        def run():
+            # history only grows, and only on this thread: the new fault lands at its current length
+            index = len(self.hub.faults.history())
+            return _fault_json(index, start(**kwargs))
+        try:
+            return self.hub._call(run)
+        except (ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def list_faults(self) -> List[Dict[str, Any]]:
+        return self.hub._call(lambda: [_fault_json(i, h) for i, h in enumerate(self.hub.faults.history())])
+
+    def _fault(self, fault_id: str) -> Tuple[int, FaultHandle]:
+        history = self.hub.faults.history()
+        if _FAULT_ID.fullmatch(fault_id) and int(fault_id) < len(history):
+            return int(fault_id), history[int(fault_id)]
+        known = f"ids are 0 to {len(history) - 1}" if history else "no fault has been started"
+        raise ApiError(404, f"no fault {fault_id!r} on hub {self.hub.hub_name!r}; {known} (GET /faults)")
+
+    def get_fault(self, fault_id: str) -> Dict[str, Any]:
+        index, handle = self._fault(fault_id)
+        return self.hub._call(_fault_with_report, index, handle)
+
+    def cancel_fault(self, fault_id: str) -> Dict[str, Any]:
+        index, handle = self._fault(fault_id)
+
+        def run():
+            handle.cancel()
+            return _fault_json(index, handle)
+        return self.hub._call(run)
+
+    def wait_fault(self, fault_id: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+        index, handle = self._fault(fault_id)
+        _no_extra_fields(obj, "timeout")
+        timeout = _field(obj, "timeout", (int, float), "a number of seconds", required=False,
+                         default=DEFAULT_FAULT_WAIT)
+        if not 0 < timeout <= MAX_FAULT_WAIT:
+            raise ApiError(400, f"field 'timeout' must be more than 0 and at most {MAX_FAULT_WAIT:g} s, "
+                                f"got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                handle.wait(max(min(remaining, _WAIT_SLICE), 0.0))
+                break
+            except TimeoutError:
+                pass
+            if self._closing.is_set():
+                raise ApiError(503, "the control API is shutting down")
+            if not self.hub.running:
+                raise ApiError(503, "the hub is not running")
+            if remaining <= _WAIT_SLICE:
+                raise ApiError(504, f"fault {index} ({handle.kind}) is still {handle.state} "
+                                    f"after {timeout:g} s")
+        return self.hub._call(_fault_with_report, index, handle)
