@@ -275,3 +275,25 @@ def test_fault_at_offset_cancel_and_targeting(hub):
 def test_bad_fault_arguments_are_named(hub, call, message):
     with pytest.raises(ValueError, match=message):
         call(hub.faults)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda f: f.refuse(True), "CONNACK refusal code must be 1-5"),
+    (lambda f: f.blackhole(float("nan")), "seconds must be a non-negative"),
+    (lambda f: f.throttle(float("inf")), "rate must be a positive"),
+    (lambda f: f.drop(at=True), "at= must be a non-negative"),
+    (lambda f: f.region_failover(device_id="dev1", refuse="tcp"), "refuse='tcp' needs the whole hub"),
+])
+def test_bools_and_non_finite_numbers_are_refused(hub, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(hub.faults)
+
+
+def test_fault_ids_count_per_hub_and_cancelled_faults_never_start(hub):
+    with FakeHub("otherhub") as other:
+        other.faults.drop()
+    h = hub.faults.drop(at=30)
+    assert [f._fault.id for f in hub.faults.history()] == [1]
+    h.cancel()
+    with pytest.raises(RuntimeError, match="cancelled before it started"):
+        h.wait_started(1)

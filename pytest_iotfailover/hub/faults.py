@@ -6,6 +6,7 @@ thread, so a fault applies to existing and new connections in a single loop step
 the thread-safe face users call (`hub.faults`), and every call returns a `FaultHandle`.
 """
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -90,13 +91,12 @@ class RecoveryReport:
 
 class Fault:
     """Engine-side state of one fault. Users hold a FaultHandle, not this."""
-    _ids = itertools.count(1)
 
-    def __init__(self, kind: str, device_id: Optional[str], duration: Optional[float], **params):
-        self.id = next(self._ids)
+    def __init__(self, kind: str, device_id: Optional[str], lasts: Optional[float], **params):
+        self.id = 0  # the engine numbers faults per hub
         self.kind = kind
         self.device_id = device_id
-        self.duration = duration
+        self.duration = lasts
         self.params = params
         self.state = "pending"
         self.started_at: Optional[float] = None
@@ -106,6 +106,7 @@ class Fault:
         self.started = threading.Event()
         self.silenced: set = set()
         self.countdown: Optional[int] = None
+        self.remaining = params.pop("remaining", 0)
         self._timer = None
 
     def targets(self, device_id: Optional[str]) -> bool:
@@ -123,10 +124,12 @@ class FaultEngine:
         self.history: List[Fault] = []
         self._injected: set = set()
         self._gcra: Dict[int, float] = {}
+        self._ids = itertools.count(1)
 
     # --- scheduling ----------------------------------------------------------------------------
 
     def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+        fault.id = next(self._ids)
         self.history.append(fault)
         if after_messages:
             fault.countdown = after_messages
@@ -140,8 +143,8 @@ class FaultEngine:
     def start(self, fault: Fault) -> None:
         if fault.state != "pending":
             return
-        fault.state = "active"
         fault.started_at = time.time()
+        fault.state = "active"
         core = self.core
         fault.affected = sorted(d for d in core.connections if fault.targets(d))
         self.events.add("fault_start", fault.device_id, fault=fault.kind, fault_id=fault.id,
@@ -166,8 +169,8 @@ class FaultEngine:
             return
         if fault._timer is not None:
             fault._timer.cancel()
-        fault.state = "ended"
         fault.ended_at = time.time()
+        fault.state = "ended"
         self.active.remove(fault)
         for proto in fault.silenced:
             if not any(proto in f.silenced for f in self.active):
@@ -269,8 +272,8 @@ class FaultEngine:
                 continue
             kind = fault.kind
             if kind == "drop_before_ack":
-                fault.params["remaining"] -= 1
-                if fault.params["remaining"] <= 0:
+                fault.remaining -= 1
+                if fault.remaining <= 0:
                     self.scheduler.call_later(0, self.end, fault)
                 return D2CAction(close_after_accept=True, reason="drop_before_ack")
             if kind == "reject_publishes":
@@ -364,6 +367,8 @@ class FaultHandle:
     def wait_started(self, timeout: Optional[float] = 30.0) -> "FaultHandle":
         if not self._fault.started.wait(timeout) and self._fault.state == "pending":
             raise TimeoutError(f"fault {self.kind} did not start within {timeout:g} s")
+        if self._fault.state == "cancelled":
+            raise RuntimeError(f"fault {self.kind} was cancelled before it started")
         return self
 
     def wait(self, timeout: Optional[float] = 60.0) -> "FaultHandle":
@@ -441,13 +446,23 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
     return rep
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(name, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
 def _check_target(device_id, at, after_messages):
     if device_id is not None and not isinstance(device_id, str):
         raise TypeError(f"device_id must be a string, not {type(device_id).__name__}")
-    if at is not None and (not isinstance(at, (int, float)) or at < 0):
+    if at is not None and (not _is_number(at) or at < 0):
         raise ValueError(f"at= must be a non-negative number of seconds, got {at!r}")
-    if after_messages is not None and (not isinstance(after_messages, int) or after_messages < 1):
-        raise ValueError(f"after_messages= must be a positive integer, got {after_messages!r}")
+    if after_messages is not None:
+        _positive_int("after_messages=", after_messages)
     if at and after_messages:
         raise ValueError("give at= or after_messages=, not both")
 
@@ -455,7 +470,7 @@ def _check_target(device_id, at, after_messages):
 def _seconds(name, value, allow_none=True):
     if value is None and allow_none:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+    if not _is_number(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
     return float(value)
 
@@ -467,71 +482,78 @@ class Faults:
     def __init__(self, hub):
         self._hub = hub
 
-    def _schedule(self, kind, device_id, at, after_messages, duration, **params) -> FaultHandle:
+    def _schedule(self, kind, device_id, at, after_messages, lasts, **params) -> FaultHandle:
         _check_target(device_id, at, after_messages)
-        fault = Fault(kind, device_id, duration, **params)
+        fault = Fault(kind, device_id, lasts, **params)
         engine = self._hub._faults_engine
         self._hub._call(engine.schedule, fault, at, after_messages)
         return FaultHandle(self._hub, fault)
 
-    def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str = "tcp",
+    def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: Optional[str] = None,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
-        MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept."""
+        MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
+        `refuse`: "tcp" (default for the whole hub) or "connack" (CONNACK 3; the only choice for one
+        device, since a TCP refusal cannot know which device is knocking)."""
+        if refuse is None:
+            refuse = "tcp" if device_id is None else "connack"
         if refuse not in ("tcp", "connack"):
             raise ValueError(f"refuse must be 'tcp' or 'connack', got {refuse!r}")
-        if device_id is not None:
-            refuse = "connack"  # a TCP refusal cannot know which device is knocking
+        if refuse == "tcp" and device_id is not None:
+            raise ValueError("refuse='tcp' needs the whole hub: a refused TCP connection names no device")
+        if not isinstance(keep_sessions, bool):
+            raise TypeError(f"keep_sessions must be True or False, got {keep_sessions!r}")
         return self._schedule("region_failover", device_id, at, after_messages,
                               _seconds("outage", outage, False), outage=float(outage),
                               keep_sessions=bool(keep_sessions), refuse=refuse)
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""
-        return self._schedule("drop", device_id, at, after_messages, None,
-                              graceful=bool(graceful), reason="drop")
+        if not isinstance(graceful, bool):
+            raise TypeError(f"graceful must be True or False, got {graceful!r}")
+        return self._schedule("drop", device_id, at, after_messages, None, graceful=graceful, reason="drop")
 
     def blackhole(self, seconds: Optional[float] = None, *, device_id=None, at=None,
                   after_messages=None) -> FaultHandle:
         """Connections stay open but the hub reads and sends nothing; new ones get no CONNACK.
         `seconds=None`: until cancelled or the `with` block ends."""
-        return self._schedule("blackhole", device_id, at, after_messages, _seconds("seconds", seconds),
-                              seconds=seconds)
+        seconds = _seconds("seconds", seconds)
+        return self._schedule("blackhole", device_id, at, after_messages, seconds, seconds=seconds)
 
     def refuse(self, code: int = 3, seconds: Optional[float] = None, *, device_id=None, at=None,
                after_messages=None) -> FaultHandle:
         """New CONNECTs answered with this CONNACK code (3 server unavailable; 4 and 5 make the
         Python SDK stop retrying for good)."""
-        if code not in (1, 2, 3, 4, 5):
+        if isinstance(code, bool) or code not in (1, 2, 3, 4, 5):
             raise ValueError(f"CONNACK refusal code must be 1-5, got {code!r}")
-        return self._schedule("refuse", device_id, at, after_messages, _seconds("seconds", seconds),
-                              code=code, seconds=seconds)
+        seconds = _seconds("seconds", seconds)
+        return self._schedule("refuse", device_id, at, after_messages, seconds, code=code, seconds=seconds)
 
     def drop_before_ack(self, count: int = 1, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """The next `count` publishes are accepted (recorded) but the connection is reset before
         the PUBACK, so the client re-sends them: the ledger shows the duplicates."""
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be a positive integer, got {count!r}")
+        _positive_int("count", count)
         return self._schedule("drop_before_ack", device_id, at, after_messages, None,
                               count=count, remaining=count)
 
     def delay_acks(self, seconds: float, duration: Optional[float] = None, *, device_id=None, at=None,
                    after_messages=None) -> FaultHandle:
         """Every PUBACK goes out `seconds` late, for `duration` s (None: until cancelled)."""
-        return self._schedule("delay_acks", device_id, at, after_messages, _seconds("duration", duration),
-                              seconds=_seconds("seconds", seconds, False))
+        duration = _seconds("duration", duration)
+        return self._schedule("delay_acks", device_id, at, after_messages, duration,
+                              seconds=_seconds("seconds", seconds, False), duration=duration)
 
     def throttle(self, rate: float, seconds: Optional[float] = None, *, burst: int = 1,
                  max_delay: float = 10.0, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Above `rate` messages/s PUBACKs are delayed (IoT Hub's traffic shaping); a message that
         would wait more than `max_delay` s closes its connection unacknowledged, as a throttled
         IoT Hub does over MQTT."""
-        if not isinstance(rate, (int, float)) or rate <= 0:
+        if not _is_number(rate) or rate <= 0:
             raise ValueError(f"rate must be a positive number of messages per second, got {rate!r}")
-        if not isinstance(burst, int) or burst < 1:
-            raise ValueError(f"burst must be a positive integer, got {burst!r}")
-        return self._schedule("throttle", device_id, at, after_messages, _seconds("seconds", seconds),
-                              rate=float(rate), burst=burst, max_delay=_seconds("max_delay", max_delay, False))
+        _positive_int("burst", burst)
+        seconds = _seconds("seconds", seconds)
+        return self._schedule("throttle", device_id, at, after_messages, seconds, rate=float(rate), burst=burst,
+                              max_delay=_seconds("max_delay", max_delay, False), seconds=seconds)
 
     def expire_tokens(self, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again."""
