@@ -1,0 +1,363 @@
+"""DevicePool and create_client against a real FakeHub with the real azure-iot-device SDK.
+
+The contrast with tests/test_faults_sdk.py is the point: after a region failover the bare SDK
+reconnects without subscribing again, and after CONNACK 5 it stops for good; the pool recreates
+its clients, registers their handlers again and keeps trying until its operation timeout.
+Clients use keep_alive 5 and a 5 s connect timeout; every wait below has a deadline.
+"""
+import asyncio
+import collections
+import threading
+import time
+
+import pytest
+from azure.iot.device import Message, MethodResponse
+
+from pytest_iotfailover import FakeHub
+from pytest_iotfailover.clients import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
+                                        create_client)
+from pytest_iotfailover.hub.auth import device_connection_string
+
+from sdk_support import Inbox, bounded
+
+pytestmark = pytest.mark.timeout(20)
+
+POOL_KWARGS = {"keep_alive": 5, "connect_timeout": 5.0, "operation_timeout": 10.0}
+# Executors the SDK starts once per process and keeps: not a pool's to stop.
+SDK_PROCESS_THREADS = {"pipeline", "callback", "azure_iot_http"}
+
+
+@pytest.fixture
+def hub():
+    with FakeHub("poolhub") as h:
+        yield h
+
+
+@pytest.fixture
+def make_pool(hub):
+    pools = []
+
+    def make(devices, **kwargs):
+        options = dict(POOL_KWARGS, server_verification_cert=hub.ca_pem)
+        options.update(kwargs)
+        pool = DevicePool(devices, **options)
+        pools.append(pool)
+        return pool
+    yield make
+    for pool in pools:
+        pool.close(timeout=10)
+
+
+def add_devices(hub, count, prefix="dev"):
+    return [hub.add_device(f"{prefix}{i}") for i in range(count)]
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout:g} s")
+        time.sleep(0.02)  # polling a condition nothing signals
+
+
+def reconnects_after(hub, device_ids, since, timeout):
+    """The hub's first `connect` event for each device at/after `since`, all within `timeout`."""
+    deadline = time.monotonic() + timeout
+    return {d: hub.wait_for_event("connect", d, after=since, timeout=max(deadline - time.monotonic(), 0.01))
+            for d in device_ids}
+
+
+def answer_methods(pool, payload=None):
+    pool.on_method_request_received = lambda device_id, request: pool.send_method_response(
+        device_id, MethodResponse.create_from_method_request(request, 200, payload or device_id), timeout=5)
+
+
+# --- the non-pooled factory -------------------------------------------------------------------
+
+def test_create_client_is_a_plain_sdk_client_with_the_sdks_own_retry(hub):
+    dev = hub.add_device("plain")
+    client = create_client(dev.connection_string, server_verification_cert=hub.ca_pem, keep_alive=5)
+    try:
+        assert type(client).__module__.startswith("azure.iot.device")
+        assert not client.connected, "create_client must not connect"
+        assert client._mqtt_pipeline.pipeline_configuration.connection_retry is True
+        bounded(client.connect)
+        bounded(client.send_message, Message("plain", message_id="p1"))
+        assert [t.message_id for t in hub.wait_for_telemetry(1, "plain")] == ["p1"]
+    finally:
+        bounded(client.shutdown)
+
+
+def test_create_client_aio(hub):
+    dev = hub.add_device("plain-aio")
+
+    async def scenario():
+        client = create_client(dev.connection_string, server_verification_cert=hub.ca_pem, aio=True,
+                               keep_alive=5, connection_retry=False)
+        assert client._mqtt_pipeline.pipeline_configuration.connection_retry is False
+        try:
+            await asyncio.wait_for(client.connect(), 10)
+            await asyncio.wait_for(client.send_message("aio"), 10)
+        finally:
+            await asyncio.wait_for(client.shutdown(), 10)
+    asyncio.run(scenario())
+    assert [t.body for t in hub.wait_for_telemetry(1, "plain-aio")] == [b"aio"]
+
+
+# --- the pool -----------------------------------------------------------------------------------
+
+def test_pool_of_five_connects_and_sends(hub, make_pool):
+    devs = add_devices(hub, 5)
+    pool = make_pool(devs)
+    assert pool.device_ids == [d.device_id for d in devs]
+    assert pool.clients == {}, "nothing is created before connect()"
+    pool.connect(timeout=10)
+    assert sorted(hub.connected_devices()) == sorted(pool.device_ids)
+    clients = pool.clients
+    assert len({id(c) for c in clients.values()}) == 5 and all(c.connected for c in clients.values())
+    cfg = clients["dev0"]._mqtt_pipeline.pipeline_configuration
+    assert (cfg.connection_retry, cfg.auto_connect, cfg.keep_alive) == (False, False, 5)
+    for d in pool.device_ids:
+        pool.send(d, Message(f"hello {d}", message_id=f"m-{d}"), timeout=5)
+    got = hub.wait_for_telemetry(5, timeout=5)
+    assert {(t.device_id, t.message_id) for t in got} == {(d, f"m-{d}") for d in pool.device_ids}
+    assert pool.recreations == [] and pool.failed == {}
+    assert repr(pool) == "<DevicePool of 5 devices: 5 connected, 0 recovering, 0 failed>"
+
+
+def test_region_failover_recreates_every_client_and_handlers_come_back(hub, make_pool):
+    # The bare SDK loses C2D, methods and desired patches here (test_faults_sdk); the pool must not.
+    devs = add_devices(hub, 5)
+    pool = make_pool(devs)
+    c2d, patches = Inbox(), Inbox()
+    pool.on_message_received = lambda d, m: c2d((d, m.data))
+    pool.on_twin_desired_properties_patch_received = lambda d, p: patches((d, p.get("colour")))
+    answer_methods(pool)
+    pool.connect(timeout=10)
+    before = pool.clients
+    assert hub.invoke_method("dev0", "ping", timeout=5).payload == "dev0"
+
+    f = hub.faults.region_failover(outage=1)
+    events = reconnects_after(hub, pool.device_ids, f.started_at, timeout=8)
+    pool.wait_connected(timeout=5)
+    assert all(ev.at >= f.ended_at for ev in events.values())
+    assert all(ev.detail["session_present"] is False for ev in events.values()), "the secondary has no sessions"
+    after = pool.clients
+    assert all(after[d] is not before[d] for d in pool.device_ids), "every client was replaced"
+    assert not any(c.connected for c in before.values())
+    recreated = pool.recreations
+    assert sorted(r.device_id for r in recreated) == sorted(pool.device_ids)
+    assert all(r.at >= f.started_at and "connection lost" in r.reason for r in recreated)
+
+    for d in pool.device_ids:
+        hub.send_c2d(d, f"after failover {d}")
+        hub.update_desired(d, {"colour": "green"})
+    assert sorted(c2d.wait(5, timeout=5)) == sorted((d, f"after failover {d}".encode()) for d in pool.device_ids)
+    assert sorted(patches.wait(5, timeout=5)) == sorted((d, "green") for d in pool.device_ids)
+    for d in pool.device_ids:
+        resp = hub.invoke_method(d, "ping", timeout=5)
+        assert (resp.status, resp.payload) == (200, d)
+        pool.send(d, f"still here {d}", timeout=5)
+    assert hub.region == "secondary"
+
+
+def test_drop_recreates_the_client_within_about_min_backoff(hub, make_pool):
+    [dev] = add_devices(hub, 1)
+    pool = make_pool([dev], min_backoff=0.1)
+    pool.connect(timeout=5)
+    old = pool.clients[dev.device_id]
+    drop = hub.faults.drop()
+    ev = reconnects_after(hub, [dev.device_id], drop.started_at, timeout=5)[dev.device_id]
+    # min_backoff, then one TLS connect and CONNECT on loopback
+    assert ev.at - drop.started_at < 0.1 + 0.6
+    pool.wait_connected(timeout=5)
+    [rec] = pool.recreations
+    assert rec.device_id == dev.device_id and "failed attempt" not in rec.reason
+    assert pool.clients[dev.device_id] is not old
+    assert hub.wait_for_event("disconnect", dev.device_id).reason == "drop"
+    pool.send(dev.device_id, "after drop", timeout=5)
+
+
+def test_send_in_flight_when_the_client_is_lost_goes_out_again_on_the_new_one(hub, make_pool):
+    [dev] = add_devices(hub, 1)
+    pool = make_pool([dev])
+    pool.connect(timeout=5)
+    lost = hub.faults.drop_before_ack()  # the hub records the message, then resets before the PUBACK
+    t0 = time.monotonic()
+    pool.send(dev.device_id, Message("x", message_id="x"), timeout=8)
+    assert time.monotonic() - t0 < 3
+    assert lost.wait(5).report().duplicates == 1
+    got = hub.telemetry(dev.device_id)
+    assert [t.message_id for t in got] == ["x", "x"] and got[1].duplicate, "at least once: the hub sees it twice"
+    [rec] = pool.recreations
+    assert rec.device_id == dev.device_id
+
+
+def test_refuse_5_the_pool_keeps_trying_and_recovers(hub, make_pool):
+    # The bare SDK stops for good after one CONNACK 5 (test_faults_sdk); the pool must not.
+    [dev] = add_devices(hub, 1)
+    pool = make_pool([dev])
+    pool.connect(timeout=5)
+    refuse = hub.faults.refuse(5, seconds=1)
+    hub.faults.drop()
+    refuse.wait(5)
+    ev = reconnects_after(hub, [dev.device_id], refuse.started_at, timeout=5)[dev.device_id]
+    assert ev.at >= refuse.ended_at
+    auth_failures = [e for e in hub.events if e.kind == "auth_failure" and e.device_id == dev.device_id]
+    assert len(auth_failures) >= 2, "CONNACK 5 did not stop the pool"
+    pool.wait_connected(timeout=5)
+    [rec] = pool.recreations
+    assert "CredentialError" in rec.reason
+    pool.send(dev.device_id, "back", timeout=5)
+
+
+def test_send_raises_naming_the_device_after_the_operation_timeout_then_it_comes_back(hub, make_pool):
+    [dev] = add_devices(hub, 1, prefix="slowpoke")
+    pool = make_pool([dev], operation_timeout=1.5, max_backoff=0.5)
+    pool.connect(timeout=5)
+    refuse = hub.faults.refuse(3, seconds=10)
+    hub.faults.drop()
+    t0 = time.monotonic()
+    with pytest.raises((DeviceTimeoutError, DeviceConnectionError), match="slowpoke0"):
+        pool.send(dev.device_id, "lost", timeout=None)
+    assert time.monotonic() - t0 < 3.0
+    wait_until(lambda: dev.device_id in pool.failed, 2, "the device marked failed")
+    assert "ConnectionFailedError" in pool.failed[dev.device_id]
+    t0 = time.monotonic()
+    with pytest.raises(DeviceConnectionError, match="'slowpoke0' is unavailable") as err:
+        pool.send(dev.device_id, "still lost", timeout=5)
+    assert time.monotonic() - t0 < 0.5, "a failed device fails fast"
+    assert err.value.device_ids == [dev.device_id] and isinstance(err.value, ConnectionError)
+    # failed is not final: once the hub lets it in again, the device rejoins
+    refuse.cancel()
+    pool.wait_connected(timeout=5)
+    assert pool.failed == {}
+    pool.send(dev.device_id, "back", timeout=5)
+
+
+def test_connect_names_the_devices_that_failed_without_their_keys(hub, make_pool):
+    good = hub.add_device("good")
+    hub.add_device("bad")
+    wrong_key = "QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5MTI="
+    bad_cs = device_connection_string(hub.hostname, "bad", wrong_key, hub.gateway_host)
+    pool = make_pool([good, ("bad", bad_cs)], max_backoff=0.5)
+    with pytest.raises(DeviceConnectionError) as err:
+        pool.connect(timeout=1.0)
+    assert err.value.device_ids == ["bad"]
+    assert "'bad'" in str(err.value) and "CredentialError" in str(err.value)
+    assert wrong_key not in str(err.value) and wrong_key not in repr(pool)
+    assert good.primary_key not in repr(pool)
+    pool.send("good", "fine", timeout=5)
+    wait_until(lambda: "bad" in pool.failed, 2, "'bad' marked failed")
+    assert "CredentialError" in pool.failed["bad"]
+
+
+def test_close_is_idempotent_and_leaves_no_threads_behind(hub, make_pool):
+    before = collections.Counter(t.name for t in threading.enumerate())
+    devs = add_devices(hub, 3)
+    pool = make_pool(devs)
+    pool.on_message_received = lambda d, m: None
+    answer_methods(pool)
+    pool.connect(timeout=5)
+    pool.send("dev0", "one", timeout=5)
+    hub.faults.drop(device_id="dev1")
+    wait_until(lambda: len(pool.recreations) == 1, 5, "dev1 recreated")
+    t0 = time.monotonic()
+    pool.close(timeout=5)
+    pool.close(timeout=5)
+    assert time.monotonic() - t0 < 5
+    wait_until(lambda: hub.connected_devices() == [], 2, "the hub to see every device go")
+
+    def leftovers():
+        now = collections.Counter(t.name for t in threading.enumerate())
+        return {name for name in now - before if name not in SDK_PROCESS_THREADS}
+    try:
+        wait_until(lambda: not leftovers(), 5, "SDK and pool threads to end")
+    except TimeoutError:
+        pytest.fail(f"threads left behind after close(): {sorted(leftovers())}")
+    with pytest.raises(ConnectionError, match="closed"):
+        pool.send("dev0", "after close", timeout=1)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.connect()
+    assert repr(pool) == "<DevicePool of 3 devices: closed>"
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_of_twenty_survives_a_region_failover(hub, make_pool):
+    devs = add_devices(hub, 20)
+    pool = make_pool(devs)
+    pool.on_message_received = lambda d, m: None
+    answer_methods(pool)
+    pool.connect(timeout=10)
+    f = hub.faults.region_failover(outage=1)
+    t0 = time.monotonic()
+    reconnects_after(hub, pool.device_ids, f.started_at, timeout=10)
+    pool.wait_connected(timeout=5)
+    # a 1 s outage and the 0.1 + 0.2 + 0.4 + 0.8 s backoff: everyone back within ~1.5-2 s
+    assert time.monotonic() - t0 < 5
+    assert sorted({r.device_id for r in pool.recreations}) == sorted(pool.device_ids)
+    assert hub.invoke_method("dev19", "ping", timeout=5).status == 200
+    for d in pool.device_ids:
+        pool.send(d, f"after {d}", timeout=5)
+    assert len(hub.wait_for_telemetry(20, timeout=5)) == 20
+    rep = f.report()
+    assert rep.recovered and len(rep.devices) == 20
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+CS = device_connection_string("h.azure-devices.net", "d1", "a2V5a2V5a2V5a2V5", "127.0.0.1")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"devices": []}, "devices is empty"),
+    ({"devices": "d1"}, "devices must be an iterable"),
+    ({"devices": [("d1",)]}, "devices: expected"),
+    ({"devices": [object()]}, "devices: object is neither"),
+    ({"devices": [("d1", CS), ("d1", CS)]}, "more than once"),
+    ({"devices": [("d2", CS)]}, "is for device 'd1'"),
+    ({"devices": [("", CS)]}, "device_id must be a non-empty string"),
+    ({"devices": [("d1", "")]}, "connection string"),
+    ({"min_backoff": -1}, "min_backoff"),
+    ({"min_backoff": 2, "max_backoff": 1}, "max_backoff"),
+    ({"delta_backoff": "0.1"}, "delta_backoff"),
+    ({"operation_timeout": 0}, "operation_timeout"),
+    ({"connect_timeout": True}, "connect_timeout"),
+    ({"connection_retry": True}, "connection_retry"),
+    ({"auto_connect": True}, "auto_connect"),
+    ({"server_verification_cert": b"pem"}, "server_verification_cert"),
+])
+def test_bad_pool_arguments_are_named(kwargs, message):
+    kwargs = dict(kwargs)
+    devices = kwargs.pop("devices", [("d1", CS)])
+    with pytest.raises(ValueError, match=message):
+        DevicePool(devices, **kwargs)
+
+
+def test_bad_call_arguments_are_named():
+    pool = DevicePool([("d1", CS)])
+    with pytest.raises(ValueError, match="device_id 'nope'"):
+        pool.send("nope", "x")
+    with pytest.raises(ValueError, match="timeout"):
+        pool.send("d1", "x", timeout=-1)
+    with pytest.raises(ValueError, match="on_message_received"):
+        pool.on_message_received = "not callable"
+    with pytest.raises(ConnectionError, match="call connect"):
+        pool.send("d1", "x", timeout=1)
+    with pytest.raises(ValueError, match="timeout"):
+        pool.close(timeout=-1)
+    pool.close()
+    with pytest.raises(TypeError, match="Unsupported keyword"):
+        DevicePool([("d1", CS)], not_an_sdk_option=1).connect(timeout=1)  # from the SDK, before any I/O
+    with pytest.raises(ValueError, match="connection_string"):
+        create_client("")
+
+
+def test_no_secret_in_validation_errors():
+    key = "U2VjcmV0U2VjcmV0U2VjcmV0"
+    for cs in (f"HostName=h;DeviceId=d1;SharedAccessKey:{key}",
+               f"HostName=h;DeviceId=d1;SharedAccessKey={key};Bogus=1",
+               f"HostName=h;DeviceId=other;SharedAccessKey={key}"):
+        with pytest.raises(ValueError) as err:
+            DevicePool([("d1", cs)])
+        assert key[:8] not in str(err.value)
