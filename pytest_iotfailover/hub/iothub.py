@@ -8,6 +8,7 @@ packets it decodes. A `link` is anything with `send(bytes)`, `close(abort=False)
 Behaviour follows the project's notes on the real hub (iothub-mqtt.md); section numbers in
 comments refer to it.
 """
+import functools
 import itertools
 import json
 import time
@@ -112,6 +113,11 @@ def merge_patch(target: Dict[str, Any], patch: Dict[str, Any]) -> None:
             merge_patch(sub, value)
         else:
             target[key] = value
+
+
+@functools.lru_cache(maxsize=1024)
+def _unquote_key(k: str) -> str:
+    return unquote(k)
 
 
 def parse_query(query: str) -> Dict[str, Optional[str]]:
@@ -387,7 +393,7 @@ class IoTHubCore:
                     continue
                 k, _, v = item.partition("=")
                 if "%" in k:
-                    k = unquote(k)
+                    k = _unquote_key(k)
                 if "%" in v:
                     v = unquote(v)
                 if k.startswith("$."):
@@ -402,8 +408,10 @@ class IoTHubCore:
         topic = pkt.topic
         if topic.startswith(conn._events_prefix):
             props, sysprops = self._parse_d2c_topic(conn, topic)
-            size = len(pkt.payload) + sum(len(k) + len(v) for k, v in props.items()) + \
-                sum(len(v) for v in sysprops.values())
+            size = len(pkt.payload) + len(topic)
+            if size > MAX_D2C_SIZE:
+                size = len(pkt.payload) + sum(len(k) + len(v) for k, v in props.items()) + \
+                    sum(len(v) for v in sysprops.values())
             if size > MAX_D2C_SIZE:
                 raise ProtocolViolation(f"message of {size} bytes exceeds IoT Hub's 256 KB limit")
             if pkt.retain:

@@ -24,10 +24,12 @@ class Ledger:
     def __init__(self):
         self._items: List[Telemetry] = []
         self._seen: Dict[str, Set[str]] = {}
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0
 
     def record(self, t: Telemetry) -> Telemetry:
-        with self._cond:
+        with self._lock:
             if t.message_id is not None:
                 seen = self._seen.setdefault(t.device_id, set())
                 if t.message_id in seen:
@@ -35,8 +37,17 @@ class Ledger:
                 else:
                     seen.add(t.message_id)
             self._items.append(t)
-            self._cond.notify_all()
+            if self._waiters:
+                self._cond.notify_all()
         return t
+
+    def _wait(self, timeout: float) -> None:
+        # record() skips notify_all while this is 0; the caller holds the lock
+        self._waiters += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def __len__(self):
         return len(self._items)
@@ -67,7 +78,7 @@ class Ledger:
                     who = f" from device {device_id!r}" if device_id else ""
                     raise TimeoutError(
                         f"waited {timeout:g} s for {count} telemetry messages{who}; {len(items)} arrived")
-                self._cond.wait(remaining)
+                self._wait(remaining)
 
     def wait_until(self, predicate, timeout: float) -> bool:
         """Re-check `predicate()` each time a message is recorded; False if still unmet at the deadline."""
@@ -77,5 +88,5 @@ class Ledger:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._wait(remaining)
             return True

@@ -388,6 +388,20 @@ class Decoder:
     @staticmethod
     def _decode_one(first, buf, start, end):
         ptype = first >> 4
+        if ptype == 3:  # PUBLISH: the hot path, inlined; anything unusual takes the general route
+            qos = (first >> 1) & 0x03
+            tend = start + 2 + ((buf[start] << 8) | buf[start + 1]) if end - start >= 2 else end + 1
+            body = tend + (2 if qos else 0)
+            if qos != 3 and (qos or not first & 0x08) and start < tend - 2 and body <= end:
+                try:
+                    topic = buf[start + 2:tend].decode("utf-8")
+                except UnicodeDecodeError:
+                    topic = None
+                if topic is not None and "+" not in topic and "#" not in topic and "\x00" not in topic:
+                    packet_id = ((buf[tend] << 8) | buf[tend + 1]) if qos else None
+                    if packet_id != 0:
+                        return p.Publish(topic, bytes(buf[body:end]), qos, packet_id,
+                                         bool(first & 0x08), bool(first & 0x01))
         decoder = _DECODERS.get(ptype)
         if decoder is None:
             raise ProtocolError(f"reserved packet type {ptype}")
