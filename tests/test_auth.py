@@ -74,3 +74,9 @@ def test_username_with_question_mark_in_device_id_and_module_form():
     assert (u.device_id, u.module_id) == ("?odd", None)
     m = parse_username(f"{HOST}/dev1/mod1/?api-version=2019-10-01")
     assert (m.device_id, m.module_id, m.api_version) == ("dev1", "mod1", "2019-10-01")
+
+
+def test_malformed_segment_error_does_not_quote_the_key():
+    with pytest.raises(ValueError, match="segment 3 is not Key=value") as info:
+        parse_connection_string(f"HostName={HOST};DeviceId=d;SharedAccessKey:{KEY}")
+    assert KEY[:8] not in str(info.value)

@@ -27,11 +27,12 @@ def parse_connection_string(cs: str) -> Dict[str, str]:
     if not isinstance(cs, str) or not cs.strip():
         raise ValueError("connection string is empty")
     out: Dict[str, str] = {}
-    for part in cs.strip().strip(";").split(";"):
+    for index, part in enumerate(cs.strip().strip(";").split(";"), 1):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"connection string segment without '=' (key {key[:20]!r})")
+            # the segment itself is not quoted: a mistyped separator would print a key
+            raise ValueError(f"connection string segment {index} is not Key=value")
         if key not in _CS_KEYS:
             raise ValueError(f"connection string has unknown key {key!r}")
         if key in out:
