@@ -5,6 +5,7 @@ Pure functions: nothing here touches the network or the hub's state.
 import base64
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -34,7 +35,9 @@ def parse_connection_string(cs: str) -> Dict[str, str]:
             # the segment itself is not quoted: a mistyped separator would print a key
             raise ValueError(f"connection string segment {index} is not Key=value")
         if key not in _CS_KEYS:
-            raise ValueError(f"connection string has unknown key {key!r}")
+            # quote only what looks like a key name, never what may be a mangled secret
+            shown = repr(key) if re.fullmatch(r"[A-Za-z]{1,40}", key) else f"in segment {index}"
+            raise ValueError(f"connection string has unknown key {shown}")
         if key in out:
             raise ValueError(f"connection string repeats key {key!r}")
         out[key] = value
@@ -45,7 +48,6 @@ def parse_connection_string(cs: str) -> Dict[str, str]:
 
 def redact(text: str) -> str:
     """Hide secret values in connection strings and SAS tokens, keeping the rest readable."""
-    import re
     text = re.sub(r"(SharedAccessKey=)[^;\s'\"]+", r"\1<redacted>", text)
     text = re.sub(r"(sig=)[^&;\s'\"]+", r"\1<redacted>", text)
     return text
