@@ -9,6 +9,7 @@ from .backends import HubView, open_backend
 from .config import OPTIONS, SettingsError, resolve
 from .factory import CONNECT_TIMEOUT, DeviceClientFactory, make_client, run_bounded, shutdown_quietly
 from .failover import Failover
+from .secrets import remember_connection_string_keys, scrub_report
 
 _SETTINGS = pytest.StashKey()
 
@@ -36,6 +37,7 @@ def pytest_configure(config):
             "--iothub-connection: this version of pytest-iotfailover cannot run against a real IoT Hub "
             "yet; unset the option (and IOTHUB_CONNECTION_STRING) to use the embedded hub")
     config.stash[_SETTINGS] = settings
+    remember_connection_string_keys(settings)
     # the SDK builds its TLS contexts the deprecated way on every connect; that is not the user's to fix
     config.addinivalue_line("filterwarnings", "ignore:ssl.PROTOCOL_TLSv1_2 is deprecated:DeprecationWarning")
     config.pluginmanager.register(_Summary(), f"iotfailover-summary-{id(config)}")
@@ -101,6 +103,18 @@ class _Summary:
             terminalreporter.write_sep("=", "iothub failover")
             for line in reporting.summary_lines(self.rows):
                 terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    scrub_report(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    scrub_report(outcome.get_result())
 
 
 # --- fixtures ----------------------------------------------------------------------------------

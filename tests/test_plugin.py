@@ -178,3 +178,26 @@ def test_failure_text_and_summary_and_junit(pytester, run):
     xml = (pytester.path / "out.xml").read_text()
     assert 'name="iothub_fault" value="drop_before_ack"' in xml
     assert 'name="iothub_lost" value="12"' in xml
+
+
+def test_secrets_never_reach_terminal_junit_or_logs(pytester, run):
+    # A careless test prints, logs and asserts on a connection string; pytest must show none of the key.
+    pytester.makepyfile("""
+        import logging
+        from pytest_iotfailover.hub.auth import make_sas_token
+
+        def test_careless(iothub, iothub_device):
+            cs = iothub_device.connection_string
+            key = cs.split("SharedAccessKey=")[1].split(";")[0]
+            open("key.txt", "w").write(key)
+            token = make_sas_token("h/devices/d", key)
+            print("connecting with", cs)
+            logging.getLogger("app").warning("token %s", token)
+            assert cs == "something else"
+    """)
+    result = run("--junitxml=out.xml", "--showlocals", "-rA")
+    result.assert_outcomes(failed=1)
+    key = (pytester.path / "key.txt").read_text()
+    everything = result.stdout.str() + result.stderr.str() + (pytester.path / "out.xml").read_text()
+    assert len(key) > 20 and key not in everything
+    assert "SharedAccessKey=<redacted>" in everything and "sig=<redacted>" in everything

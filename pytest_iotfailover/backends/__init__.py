@@ -9,6 +9,7 @@ import re
 from typing import Any, Callable, Collection, Dict, List, Optional
 
 from ..hub import Device, HubEvent, MethodResponse, Telemetry
+from ..secrets import remember
 
 
 class FaultNotSupported(Exception):
@@ -104,6 +105,7 @@ class HubView:
         if device_id is None:
             device_id = f"{self._slug}-{next(self._counter)}"
         dev = self.hub.create_device(device_id)
+        remember(dev.primary_key, getattr(dev, "secondary_key", None))
         self._devices[dev.device_id] = dev
         return dev
 
