@@ -4,6 +4,7 @@ Precedence: command line, then environment variable, then ini file, then the def
 job can override what a repository commits to its ini file without editing it.
 """
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -24,6 +25,7 @@ class Option:
     default: Any = None
     secret: bool = False
     metavar: str = "VALUE"
+    flag_only: bool = False   # a switch: --flag on the command line, true/false elsewhere
 
 
 def _int_between(lo: int, hi: int):
@@ -71,6 +73,29 @@ def _connection_string(flag: str, raw: str) -> Optional[str]:
     return value
 
 
+def _text(flag: str, raw: str) -> Optional[str]:
+    value = str(raw).strip()
+    return value or None
+
+
+def _azure_name(flag: str, raw: str) -> Optional[str]:
+    value = str(raw).strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9._()\-]{1,90}", value):
+        raise SettingsError(f"{flag} is not a valid Azure name: {value!r}")
+    return value or None
+
+
+def _boolean(flag: str, raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{flag} must be true or false, got {raw!r}")
+
+
 OPTIONS = (
     Option("iothub_connection", "--iothub-connection", "IOTHUB_CONNECTION_STRING",
            "run against a real IoT Hub with this service or device connection string "
@@ -91,6 +116,20 @@ OPTIONS = (
     Option("iothub_outage", "--iothub-outage", "IOTFAILOVER_OUTAGE",
            "outage of failover() on the embedded hub, in seconds; default: 2", _positive_seconds, 2.0,
            metavar="SECONDS"),
+    Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
+           "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
+           "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
+    Option("iothub_allow_failover", "--iothub-allow-failover", "IOTFAILOVER_ALLOW_FAILOVER",
+           "real hub: allow failover() to start a real regional manual failover of the hub with this name "
+           "(10 min to 2 h of disruption; at most 2 failovers and 2 failbacks a day, 1 h apart)",
+           _azure_name, None, metavar="HUB_NAME"),
+    Option("iothub_subscription", "--iothub-subscription", "AZURE_SUBSCRIPTION_ID",
+           "real hub: Azure subscription id of the hub, for failover", _azure_name, None, metavar="ID"),
+    Option("iothub_resource_group", "--iothub-resource-group", "IOTFAILOVER_RESOURCE_GROUP",
+           "real hub: resource group of the hub, for failover", _azure_name, None, metavar="NAME"),
+    Option("iothub_failback", "--iothub-failback", "IOTFAILOVER_FAILBACK",
+           "real hub: fail back to the original region at the end of the session if the run failed over",
+           _boolean, False, flag_only=True),
 )
 
 
@@ -102,6 +141,11 @@ class Settings:
     retry_interval: int = 1
     timeout: Optional[float] = None
     outage: float = 2.0
+    eventhub_connection_string: Optional[str] = field(default=None, repr=False)
+    allow_failover: Optional[str] = None
+    subscription: Optional[str] = None
+    resource_group: Optional[str] = None
+    failback: bool = False
 
     @property
     def backend(self) -> str:
@@ -118,7 +162,10 @@ class Settings:
 
 _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_name",
            "iothub_keep_alive": "keep_alive", "iothub_retry_interval": "retry_interval",
-           "iothub_timeout": "timeout", "iothub_outage": "outage"}
+           "iothub_timeout": "timeout", "iothub_outage": "outage",
+           "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
+           "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
+           "iothub_failback": "failback"}
 
 
 def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) -> Settings:
@@ -134,4 +181,11 @@ def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) 
             if ini_raw not in (None, ""):
                 raw, source = ini_raw, f"ini option {opt.name}"
         values[_FIELDS[opt.name]] = opt.default if raw is None else opt.parse(source, raw)
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.allow_failover and not (settings.subscription and settings.resource_group):
+        raise SettingsError("--iothub-allow-failover needs --iothub-subscription and --iothub-resource-group "
+                            "(the failover goes through Azure Resource Manager)")
+    if settings.backend == "fake" and (settings.allow_failover or settings.eventhub_connection_string):
+        raise SettingsError("--iothub-allow-failover and --iothub-eventhub-connection apply to a real hub: "
+                            "give --iothub-connection too")
+    return settings

@@ -17,8 +17,12 @@ _SETTINGS = pytest.StashKey()
 def pytest_addoption(parser):
     group = parser.getgroup("iothub failover", "iothub failover (pytest-iotfailover)")
     for opt in OPTIONS:
-        group.addoption(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
-                        help=f"{opt.help} [env {opt.env}; ini {opt.name}]")
+        if opt.flag_only:
+            group.addoption(opt.flag, dest=opt.name, default=None, action="store_true",
+                            help=f"{opt.help} [env {opt.env}; ini {opt.name}]")
+        else:
+            group.addoption(opt.flag, dest=opt.name, default=None, metavar=opt.metavar,
+                            help=f"{opt.help} [env {opt.env}; ini {opt.name}]")
         parser.addini(opt.name, help=f"{opt.help} (also {opt.flag}, env {opt.env})", default=None)
 
 
