@@ -5,6 +5,8 @@ import time
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
 
+from pytest_iotfailover.factory import run_bounded
+
 # Short enough that a lost connection is noticed within a test's budget; the SDK's floor is 1 s.
 CLIENT_KWARGS = {"keep_alive": 5, "connection_retry_interval": 1}
 
@@ -18,21 +20,7 @@ def make_client(hub, device, aio=False, **kwargs):
 
 def bounded(fn, *args, timeout=10.0):
     """Run a blocking SDK call with a deadline: the SDK's send_message and get_twin have none."""
-    result, error = [], []
-
-    def run():
-        try:
-            result.append(fn(*args))
-        except BaseException as exc:  # handed to the caller below
-            error.append(exc)
-    t = threading.Thread(target=run, daemon=True, name=f"bounded:{getattr(fn, '__name__', fn)}")
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout:g} s")
-    if error:
-        raise error[0]
-    return result[0] if result else None
+    return run_bounded(lambda: fn(*args), timeout, getattr(fn, "__name__", repr(fn)))
 
 
 class Inbox:

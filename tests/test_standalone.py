@@ -21,6 +21,8 @@ from pytest_iotfailover.hub import control
 from pytest_iotfailover.hub.control import ControlServer
 from pytest_iotfailover.hub.faults import Faults
 
+from sdk_support import bounded
+
 pytestmark = pytest.mark.timeout(60)
 
 START_TIMEOUT = 15.0
@@ -125,25 +127,6 @@ def poll(info, path, predicate, timeout=10.0):
         if time.monotonic() > deadline:
             raise TimeoutError(f"GET {path} did not satisfy the condition within {timeout:g} s: {result!r}")
         time.sleep(0.05)  # polling interval
-
-
-def bounded(fn, *args, timeout=10.0):
-    """Run a blocking SDK call with a deadline: send_message and get_twin have none of their own."""
-    result, error = [], []
-
-    def run():
-        try:
-            result.append(fn(*args))
-        except BaseException as exc:
-            error.append(exc)
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout:g} s")
-    if error:
-        raise error[0]
-    return result[0] if result else None
 
 
 class Inbox:
