@@ -68,12 +68,15 @@ class DeviceClientFactory:
             kwargs.pop("connection_retry_interval", None)  # the pool does its own retrying
             pool = DevicePool(devices, **kwargs)
             self._pools.append(pool)
+            for dev in devices:
+                self.iothub.register_client(dev.device_id, pool)
             if connect:
                 pool.connect()
             return pool
         clients = []
         for dev in devices:
             client = make_client(self.iothub, dev, **sdk_kwargs)
+            self.iothub.register_client(dev.device_id, client)
             self._clients.append(client)
             clients.append(client)
         if connect:

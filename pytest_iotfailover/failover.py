@@ -71,4 +71,7 @@ class Failover:
         """End faults the test left running, so the next test starts on a healthy hub."""
         for h in self.handles:
             if h.state in ("pending", "active"):
-                h.cancel()
+                try:
+                    h.cancel()
+                except RuntimeError:
+                    pass  # a real regional failover cannot be cancelled; it runs to its end

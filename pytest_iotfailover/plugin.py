@@ -1,15 +1,16 @@
 """pytest wiring for pytest-iotfailover: options, markers, fixtures and the summary. Logic lives in
 config, backends, factory, failover, assertions and reporting."""
 import json
+import sys
 
 import pytest
 
 from . import reporting
-from .backends import HubView, open_backend
+from .backends import HubView, RealHubUnavailable, open_backend
 from .config import OPTIONS, SettingsError, resolve
 from .factory import CONNECT_TIMEOUT, DeviceClientFactory, make_client, run_bounded, shutdown_quietly
 from .failover import Failover
-from .secrets import remember_connection_string_keys, scrub_report
+from .secrets import redact, remember_connection_string_keys, scrub_report
 
 _SETTINGS = pytest.StashKey()
 
@@ -36,10 +37,6 @@ def pytest_configure(config):
         settings = resolve(config.getoption, config.getini)
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
-    if settings.backend == "real":
-        raise pytest.UsageError(
-            "--iothub-connection: this version of pytest-iotfailover cannot run against a real IoT Hub "
-            "yet; unset the option (and IOTHUB_CONNECTION_STRING) to use the embedded hub")
     config.stash[_SETTINGS] = settings
     remember_connection_string_keys(settings)
     # the SDK builds its TLS contexts the deprecated way on every connect; that is not the user's to fix
@@ -129,11 +126,33 @@ def iothub_settings(pytestconfig):
     return _settings(pytestconfig)
 
 
+def _progress(config):
+    def say(line):
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[iothub] {line}")
+        else:  # a pytest-xdist worker has no terminal of its own
+            sys.__stderr__.write(f"[iothub] {line}\n")
+    return say
+
+
 @pytest.fixture(scope="session")
 def _iothub_backend(pytestconfig):
-    backend = open_backend(_settings(pytestconfig))
-    yield backend
-    backend.close()
+    settings = _settings(pytestconfig)
+    try:
+        backend = open_backend(settings, state_store=getattr(pytestconfig, "cache", None),
+                               progress=_progress(pytestconfig))
+    except RealHubUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    except Exception as exc:  # the real hub could not be reached or set up; say why, without secrets
+        pytest.fail(f"could not open the IoT hub: {redact(f'{type(exc).__name__}: {exc}')}", pytrace=False)
+    try:
+        yield backend
+    finally:
+        try:
+            backend.finish(failback=settings.failback)
+        finally:
+            backend.close()
 
 
 @pytest.fixture
@@ -156,6 +175,7 @@ def iothub_device(iothub):
 def device_client(iothub, iothub_device):
     """A connected azure.iot.device.IoTHubDeviceClient for `iothub_device`."""
     client = make_client(iothub, iothub_device)
+    iothub.register_client(iothub_device.device_id, client)
     try:
         run_bounded(client.connect, CONNECT_TIMEOUT, "device_client connect")
         yield client
@@ -197,6 +217,7 @@ else:
         """A connected azure.iot.device.aio.IoTHubDeviceClient for `iothub_device`."""
         import asyncio
         client = make_client(iothub, iothub_device, aio=True)
+        iothub.register_client(iothub_device.device_id, client)
         try:
             await asyncio.wait_for(client.connect(), CONNECT_TIMEOUT)
             yield client

@@ -57,6 +57,15 @@ class Hub(abc.ABC):
         """Keyword arguments every SDK client for this hub needs (e.g. the CA to trust)."""
         return {"server_verification_cert": self.ca_pem} if self.ca_pem else {}
 
+    def register_client(self, device_id: str, client) -> None:
+        """A fixture made `client` for `device_id` (a real hub injects faults through it)."""
+
+    def unregister_client(self, device_id: str, client=None) -> None:
+        """The client is gone."""
+
+    def finish(self, failback: bool = False) -> None:
+        """End of the session: undo what must not outlive it (a real hub fails back if asked)."""
+
     def close(self) -> None:
         pass
 
@@ -72,6 +81,7 @@ class HubView:
         self._slug = re.sub(r"[^A-Za-z0-9-]+", "-", test_name).strip("-")[:60] or "test"
         self.client_defaults = dict(client_defaults or {})
         self._devices: Dict[str, Device] = {}
+        self._clients: List = []
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -118,7 +128,14 @@ class HubView:
         kwargs.update(overrides)
         return kwargs
 
+    def register_client(self, device_id: str, client) -> None:
+        self.hub.register_client(device_id, client)
+        self._clients.append((device_id, client))
+
     def close(self) -> None:
+        for device_id, client in self._clients:
+            self.hub.unregister_client(device_id, client)
+        self._clients.clear()
         errors = []
         for device_id in list(self._devices):
             try:
@@ -169,8 +186,36 @@ class HubView:
         return f"<HubView {self.hub.kind} {self.hostname}: {len(self._devices)} test devices>"
 
 
-def open_backend(settings) -> Hub:
+def open_backend(settings, state_store=None, progress=None) -> Hub:
+    """The session's hub: the embedded one, or the real hub of `--iothub-connection`.
+
+    `state_store` (pytest's cache) keeps the failover quota across runs; `progress` gets a line
+    now and then while a real failover runs (it takes minutes)."""
     if settings.backend == "fake":
         from .fake import FakeBackend
         return FakeBackend(settings.hub_name)
-    raise NotImplementedError("real hub backend")  # replaced by the real backend
+    try:
+        from .arm import ArmFailover
+        from .real import RealBackend
+    except ImportError as exc:
+        raise RealHubUnavailable(
+            f"running against a real IoT Hub needs the 'real' extra: pip install 'pytest-iotfailover[real]' "
+            f"({exc})") from None
+    hostname = _hostname_of(settings.connection_string)
+    arm = ArmFailover(subscription_id=settings.subscription, resource_group=settings.resource_group,
+                      hub_name=hostname.split(".")[0], allowed_hub=settings.allow_failover,
+                      state_store=state_store, progress=progress)
+    return RealBackend(settings.connection_string, eventhub_connection_string=settings.eventhub_connection_string,
+                       arm=arm)
+
+
+class RealHubUnavailable(Exception):
+    """The real-hub backend cannot start (a missing package or setting); the text says which."""
+
+
+def _hostname_of(connection_string: str) -> str:
+    for part in connection_string.split(";"):
+        key, _, value = part.partition("=")
+        if key.strip() == "HostName":
+            return value.strip()
+    raise RealHubUnavailable("--iothub-connection has no HostName")
