@@ -814,15 +814,15 @@ def test_region_failover_goes_to_arm_and_moves_the_ledger(registry_stub, ca_file
         b.close()
 
 
-def test_region_failover_not_opted_in_is_not_supported():
-    from pytest_iotfailover.backends.arm import ArmFailover
+def test_region_failover_not_opted_in_is_an_error_naming_the_flag_and_the_cost():
+    from pytest_iotfailover.backends.arm import ArmFailover, FailoverNotAllowed
     arm = ArmFailover(subscription_id="00000000-0000-0000-0000-000000000000", resource_group="rg",
                       hub_name="testhub", allowed_hub=None)
     b = RealBackend(DEVICE_CS, eventhub_connection_string=EH_CS, eventhub_consumer_factory=Consumers(), arm=arm)
     try:
-        with pytest.raises(FaultNotSupported, match="--iothub-allow-failover=testhub") as err:
+        with pytest.raises(FailoverNotAllowed, match="--iothub-allow-failover=testhub") as err:
             b.start_fault("region_failover")
-        assert "--iothub-resource-group" in str(err.value)
+        assert "2 failovers" in str(err.value) and "10 min" in str(err.value)
     finally:
         b.close()
 
