@@ -56,6 +56,13 @@ def test_precedence_cli_over_env_over_ini(pytester, run, monkeypatch):
     ([], {"IOTFAILOVER_OUTAGE": "nan"}, "IOTFAILOVER_OUTAGE (environment) must be a positive number"),
     (["--iothub-hub-name", "Bad_Name"], {}, "--iothub-hub-name must be 3-50 lower-case"),
     (["--iothub-connection", "HostName=h.azure-devices.net;Bogus=1;" + SECRET], {}, "unknown key 'Bogus'"),
+    (["--iothub-allow-failover", "myhub"], {"IOTHUB_CONNECTION_STRING": "HostName=h.azure-devices.net;"
+                                                                        "SharedAccessKeyName=o;" + SECRET},
+     "--iothub-allow-failover needs --iothub-subscription and --iothub-resource-group"),
+    (["--iothub-allow-failover", "myhub", "--iothub-subscription", "s", "--iothub-resource-group", "g"], {},
+     "apply to a real hub: give --iothub-connection too"),
+    ([], {"IOTFAILOVER_FAILBACK": "perhaps"}, "IOTFAILOVER_FAILBACK (environment) must be true or false"),
+    (["--iothub-resource-group", "bad/name"], {}, "--iothub-resource-group is not a valid Azure name"),
 ])
 def test_bad_values_are_usage_errors_naming_the_option(pytester, run, monkeypatch, args, env, message):
     for k, v in env.items():
