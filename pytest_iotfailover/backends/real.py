@@ -29,7 +29,8 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from ..hub import Device, HubEvent, HubOperationError, MethodResponse, Telemetry
 from ..hub.auth import device_connection_string, make_sas_token, parse_connection_string
-from ..hub.faults import DeviceRecovery, RecoveryReport
+from ..hub.faults import DeviceRecovery, RecoveryReport, tally_messages
+from ..hub.iothub import c2d_body
 from ..hub.ledger import Ledger
 from ..hub.registry import check_device_id, new_key
 from ..secrets import redact, remember
@@ -505,29 +506,10 @@ class RealFaultHandle:
         rep = RecoveryReport(self.kind, self.device_id, self.params, self.started_at, self.ended_at)
         if self.started_at is None:
             return rep
-        start, end = self.started_at, self.ended_at
         for device_id, rec in self._recovery.items():
             rep.devices[device_id] = DeviceRecovery(device_id, rec.disconnected_at, rec.detected_at,
                                                     rec.reconnected_at)
-        for t in self._backend.telemetry(list(self._targets)):
-            if t.enqueued_at < start:
-                bucket = "messages_before"
-            elif end is None or t.enqueued_at < end:
-                bucket = "messages_during"
-            else:
-                bucket = "messages_after"
-            setattr(rep, bucket, getattr(rep, bucket) + 1)
-            d = rep.devices.get(t.device_id)
-            if d is not None:
-                setattr(d, bucket, getattr(d, bucket) + 1)
-            if t.duplicate and t.enqueued_at >= start:
-                rep.duplicates += 1
-        detected = [d.detected_at for d in rep.devices.values()]
-        if detected and all(x is not None for x in detected):
-            rep.time_to_detect = max(max(detected) - start, 0.0)
-        back = [d.reconnected_at for d in rep.devices.values()]
-        if back and all(x is not None for x in back) and end is not None:
-            rep.time_to_recover = max(max(back) - end, 0.0)
+        tally_messages(rep, self._backend.telemetry(list(self._targets)))
         return rep
 
     def __enter__(self) -> "RealFaultHandle":
@@ -1017,12 +999,7 @@ class RealBackend(Hub):
 
     def send_c2d(self, device_id: str, body, properties=None) -> str:
         registry = self._need_service("send_c2d")
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not isinstance(body, (bytes, bytearray)):
-            raise TypeError(f"C2D body must be str or bytes, not {type(body).__name__}")
-        if len(body) > 64 * 1024:
-            raise HubOperationError(f"C2D message of {len(body)} bytes exceeds IoT Hub's 64 KB limit", 400000)
+        body = c2d_body(body)
         props = {str(k): ("" if v is None else str(v)) for k, v in (properties or {}).items()}
         props.setdefault("messageId", f"c2d-{uuid.uuid4()}")
         full_id = self._resolve(device_id)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Union
 from .certs import HubCertificates
 from .events import EventLog, HubEvent
 from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
-from .iothub import HubOperationError, IoTHubCore, MethodResponse
+from .iothub import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from .ledger import Ledger, Telemetry
 from .registry import Device, Registry
 from .server import HubServer, is_loopback
@@ -228,13 +228,7 @@ class FakeHub:
     def send_c2d(self, device_id: str, body: Union[str, bytes], properties: Optional[Dict[str, Any]] = None,
                  *, message_id: Optional[str] = None) -> str:
         """Queue a cloud-to-device message; returns its message id."""
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        if not isinstance(body, (bytes, bytearray)):
-            raise TypeError(f"C2D body must be str or bytes, not {type(body).__name__}")
-        if len(body) > 64 * 1024:
-            raise HubOperationError(f"C2D message of {len(body)} bytes exceeds IoT Hub's 64 KB limit", 400000)
-        return self._call(self._core.send_c2d, device_id, bytes(body), properties, message_id)
+        return self._call(self._core.send_c2d, device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -402,7 +402,6 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
     if fault.started_at is None:
         return rep
     start = fault.started_at
-    end = fault.ended_at
     events = [e for e in hub.event_log.list() if e.at >= start and
               (e.device_id in fault.affected or (e.device_id is None and e.kind == "connect_refused"))]
     for device_id in fault.affected:
@@ -422,9 +421,15 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
             if e.kind == "connect" and e.device_id == device_id:
                 d.reconnected_at = e.at
                 break
-    for t in hub.ledger.items():
-        if not fault.targets(t.device_id):
-            continue
+    tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
+    return rep
+
+
+def tally_messages(rep: RecoveryReport, telemetry) -> RecoveryReport:
+    """Fill a report's message counts (before/during/after the fault window, hub-wide and per
+    device, and duplicates since the start) and its derived times from per-device recovery data."""
+    start, end = rep.started_at, rep.ended_at
+    for t in telemetry:
         if t.enqueued_at < start:
             bucket = "messages_before"
         elif end is None or t.enqueued_at < end:
@@ -439,7 +444,7 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
             setattr(d, bucket, getattr(d, bucket) + 1)
     detected = [d.detected_at for d in rep.devices.values()]
     if detected and all(x is not None for x in detected):
-        rep.time_to_detect = max(detected) - start
+        rep.time_to_detect = max(max(detected) - start, 0.0)
     back = [d.reconnected_at for d in rep.devices.values()]
     if back and all(x is not None for x in back) and end is not None:
         rep.time_to_recover = max(max(back) - end, 0.0)

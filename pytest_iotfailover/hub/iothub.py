@@ -99,6 +99,17 @@ class Session:
     clean: bool = False
 
 
+def c2d_body(body) -> bytes:
+    """A C2D body as IoT Hub takes it: str (UTF-8) or bytes, at most 64 KB."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if not isinstance(body, (bytes, bytearray)):
+        raise TypeError(f"C2D body must be str or bytes, not {type(body).__name__}")
+    if len(body) > 64 * 1024:
+        raise HubOperationError(f"C2D message of {len(body)} bytes exceeds IoT Hub's 64 KB limit", 400000)
+    return bytes(body)
+
+
 def merge_patch(target: Dict[str, Any], patch: Dict[str, Any]) -> None:
     """Twin patch semantics: members replace, null deletes, objects merge recursively (§5.3)."""
     for key, value in patch.items():
