@@ -8,6 +8,7 @@ The hub runs in a child process of this script (`--hub-child`, below) so that th
 never competes with it for the interpreter, and so that its CPU time and peak RSS can be read from
 /proc exactly as they are for mosquitto.
 """
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -161,7 +162,7 @@ def hub_child_main(devices: int, profile_path: Optional[str]) -> int:
     return 0
 
 
-class ServerProcess:
+class ServerProcess(abc.ABC):
     """A server under test in its own process: the fake hub or mosquitto."""
     name = "?"
     proc: subprocess.Popen
@@ -186,8 +187,9 @@ class ServerProcess:
         if self.proc.poll() is not None:
             raise BenchError(f"{self.name} (pid {self.pid}) exited with status {self.proc.returncode}")
 
+    @abc.abstractmethod
     def credentials(self, index: int) -> Tuple[str, str, Optional[bytes]]:
-        raise NotImplementedError
+        """(client id, user name, password) of load connection `index`."""
 
     def accepted(self) -> Optional[int]:
         """How many messages the server says it accepted, when it can tell."""
