@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without ins
 
 from pytest_iotfailover.hub.auth import make_sas_token  # noqa: E402
 from pytest_iotfailover.mqtt import Decoder, codec, packets as p  # noqa: E402
+from pytest_iotfailover.mqtt.codec import encode_remaining_length  # noqa: E402
 
 API_VERSION = "2019-10-01"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -344,15 +345,6 @@ class MosquittoProcess(ServerProcess):
 
 # =============================================================================== load generator
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 class PublishEncoder:
     """QoS 1 PUBLISH bytes for one device, without a packet object per message.
 
@@ -367,7 +359,7 @@ class PublishEncoder:
     def encode(self, n: int, packet_id: int) -> bytes:
         topic = self.prefix + str(n).encode() + b"&a=1"
         tl = len(topic)
-        return (b"\x32" + _remaining_length(tl + 4 + len(self.payload)) + struct.pack("!H", tl) + topic
+        return (b"\x32" + encode_remaining_length(tl + 4 + len(self.payload)) + struct.pack("!H", tl) + topic
                 + struct.pack("!H", packet_id) + self.payload)
 
 
@@ -716,7 +708,7 @@ async def bench(args, workdir: str) -> int:
 
     runs: List[dict] = []
     kinds = ["hub"] + (["mosquitto"] if binary else [])
-    print(f"\nthroughput: each run has its own freshly started server process")
+    print("\nthroughput: each run has its own freshly started server process")
     print(f"{'server':<10} {'conns':>5} {'msgs/s':>9} {'µs CPU/msg':>10} {'server CPU':>10} "
           f"{'client CPU':>10} {'peak RSS MB':>11}  TLS")
     for n in args.connection_counts:

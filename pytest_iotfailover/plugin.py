@@ -67,10 +67,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     reporting.begin(item.nodeid)
-    yield
 
 
 @pytest.hookimpl(hookwrapper=True)

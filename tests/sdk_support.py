@@ -1,6 +1,5 @@
 """Helpers for tests that drive the real azure-iot-device client against a FakeHub."""
 import threading
-import time
 
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
@@ -36,11 +35,14 @@ class Inbox:
             self._cond.notify_all()
 
     def wait(self, count=1, timeout=10.0):
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while len(self.items) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"expected {count} items within {timeout:g} s, got {len(self.items)}")
-                self._cond.wait(left)
+            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
+                raise TimeoutError(f"expected {count} items within {timeout:g} s, got {len(self.items)}")
             return list(self.items)
+
+    def wait_for(self, predicate, timeout=10.0):
+        """The first item matching `predicate`, waiting up to `timeout` s for it."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: any(predicate(i) for i in self.items), timeout):
+                raise TimeoutError(f"nothing matching arrived within {timeout:g} s; got {self.items!r}")
+            return next(i for i in self.items if predicate(i))

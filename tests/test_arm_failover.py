@@ -159,18 +159,6 @@ class ArmStub:
                     and (suffix is None or r["path"].endswith(suffix))]
 
 
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_path(ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("arm-ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
 @pytest.fixture
 def stub(ca, monkeypatch):
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
@@ -181,7 +169,7 @@ def stub(ca, monkeypatch):
 
 
 @pytest.fixture
-def make(stub, ca_path):
+def make(stub, ca_file):
     made = []
 
     def make(**kw):
@@ -189,7 +177,7 @@ def make(stub, ca_path):
         kw.setdefault("credential", FakeCredential())
         kw.setdefault("poll_interval", 0.02)
         af = ArmFailover(subscription_id=SUB, resource_group=RG, hub_name=HUB, base_url=stub.url,
-                         client_options={"connection_verify": ca_path, "retry_total": 0}, **kw)
+                         client_options={"connection_verify": ca_file, "retry_total": 0}, **kw)
         made.append(af)
         return af
 
@@ -251,9 +239,9 @@ def test_failover_posts_the_secondary_and_polls_until_succeeded(stub, make):
     assert af.history[0]["ended_at"] == handle.ended_at
 
 
-def test_an_unknown_hub_is_a_readable_error(stub, ca_path):
+def test_an_unknown_hub_is_a_readable_error(stub, ca_file):
     af = ArmFailover(subscription_id=SUB, resource_group=RG, hub_name="nohub", allowed_hub="nohub",
-                     credential=FakeCredential(), base_url=stub.url, client_options={"connection_verify": ca_path})
+                     credential=FakeCredential(), base_url=stub.url, client_options={"connection_verify": ca_file})
     try:
         with pytest.raises(ArmFailoverError) as exc:
             af.failover()

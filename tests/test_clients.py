@@ -13,7 +13,6 @@ import time
 import pytest
 from azure.iot.device import Message, MethodResponse
 
-from pytest_iotfailover import FakeHub
 from pytest_iotfailover.clients import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
                                         create_client)
 from pytest_iotfailover.hub.auth import device_connection_string
@@ -25,12 +24,6 @@ pytestmark = pytest.mark.timeout(20)
 POOL_KWARGS = {"keep_alive": 5, "connect_timeout": 5.0, "operation_timeout": 10.0}
 # Executors the SDK starts once per process and keeps: not a pool's to stop.
 SDK_PROCESS_THREADS = {"pipeline", "callback", "azure_iot_http"}
-
-
-@pytest.fixture
-def hub():
-    with FakeHub("poolhub") as h:
-        yield h
 
 
 @pytest.fixture

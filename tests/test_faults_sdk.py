@@ -17,17 +17,6 @@ pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture
-def hub():
-    with FakeHub("faulthub") as h:
-        yield h
-
-
-@pytest.fixture
-def device(hub):
-    return hub.add_device("dev1")
-
-
-@pytest.fixture
 def client(hub, device):
     c = make_client(hub, device)
     bounded(c.connect)

@@ -1,6 +1,5 @@
 """Every device operation through the unmodified azure-iot-device client, over TLS, to FakeHub."""
 import asyncio
-import json
 import time
 
 import pytest

@@ -13,23 +13,11 @@ import time
 import pytest
 from azure.iot.device import Message, exceptions
 
-from pytest_iotfailover import FakeHub
 from pytest_iotfailover.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
 
 from sdk_support import bounded, make_client
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-def hub():
-    with FakeHub("outboxhub") as h:
-        yield h
-
-
-@pytest.fixture
-def device(hub):
-    return hub.add_device("dev1")
 
 
 def _shutdown(client):

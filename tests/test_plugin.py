@@ -1,7 +1,4 @@
 """The pytest plugin, driven through pytester: options, fixtures, timeouts, failure text, summary."""
-import os
-import sys
-import textwrap
 
 import pytest
 

@@ -32,7 +32,6 @@ import pytest
 pytest.importorskip("azure.iot.hub", reason="the real-hub backend needs azure-iot-hub (and six)")
 pytest.importorskip("azure.eventhub", reason="the real-hub backend needs azure-eventhub")
 
-import trustme  # noqa: E402
 from azure.eventhub import EventData, PartitionContext  # noqa: E402
 from azure.eventhub._pyamqp import _decode, _encode  # noqa: E402
 from azure.eventhub._pyamqp import performatives as amqp  # noqa: E402
@@ -72,18 +71,6 @@ def check_service_sas(header: str, audience: str, key: str = SERVICE_KEY, policy
     expected = base64.b64encode(hmac.new(base64.b64decode(key), f"{token.sr_raw}\n{token.expiry}".encode(),
                                          hashlib.sha256).digest()).decode()
     assert hmac.compare_digest(expected, token.signature)
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def ca_file(ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ca") / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
 
 
 def server_context(ca) -> ssl.SSLContext:

@@ -9,7 +9,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ from pytest_iotfailover.hub import control
 from pytest_iotfailover.hub.control import ControlServer
 from pytest_iotfailover.hub.faults import Faults
 
-from sdk_support import bounded
+from sdk_support import Inbox, bounded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,23 +128,6 @@ def poll(info, path, predicate, timeout=10.0):
         time.sleep(0.05)  # polling interval
 
 
-class Inbox:
-    def __init__(self):
-        self.items = []
-        self._cond = threading.Condition()
-
-    def put(self, item):
-        with self._cond:
-            self.items.append(item)
-            self._cond.notify_all()
-
-    def wait_for(self, predicate, timeout=10.0):
-        with self._cond:
-            if not self._cond.wait_for(lambda: any(predicate(i) for i in self.items), timeout):
-                raise TimeoutError(f"nothing matching arrived within {timeout:g} s; got {self.items!r}")
-            return next(i for i in self.items if predicate(i))
-
-
 def make_client(info, cs):
     with open(info["ca_pem_path"]) as f:
         ca_pem = f.read()
@@ -195,14 +177,14 @@ def device(info):
     inbox = {"c2d": Inbox(), "methods": Inbox(), "desired": Inbox()}
 
     def on_method(request):
-        inbox["methods"].put(request)
+        inbox["methods"](request)
         client.send_method_response(MethodResponse.create_from_method_request(
             request, 200, {"echo": request.payload, "method": request.name}))
     try:
         bounded(client.connect, timeout=15)
-        client.on_message_received = inbox["c2d"].put
+        client.on_message_received = inbox["c2d"]
         client.on_method_request_received = on_method
-        client.on_twin_desired_properties_patch_received = inbox["desired"].put
+        client.on_twin_desired_properties_patch_received = inbox["desired"]
         yield client, inbox
     finally:
         shutdown(client)

@@ -15,7 +15,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 from urllib.parse import quote, unquote
 
 from ..mqtt import codec, packets as p
@@ -683,7 +683,3 @@ class IoTHubCore:
                         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if conn is not None:
             conn.close("internal_error")
-
-    def close_all(self, reason: str, abort: bool = False) -> None:
-        for conn in list(self.open_connections):
-            conn.close(reason, abort=abort)

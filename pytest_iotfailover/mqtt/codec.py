@@ -28,7 +28,7 @@ class PacketTooLarge(ProtocolError):
 
 # --------------------------------------------------------------------------- encoding
 
-def _remaining_length(n: int) -> bytes:
+def encode_remaining_length(n: int) -> bytes:
     if n < 128:
         return bytes((n,))
     if n > MAX_REMAINING_LENGTH:
@@ -58,7 +58,7 @@ def _binary(b: bytes) -> bytes:
 
 
 def _frame(first: int, body: bytes) -> bytes:
-    return bytes((first,)) + _remaining_length(len(body)) + body
+    return bytes((first,)) + encode_remaining_length(len(body)) + body
 
 
 _PUBACK_PREFIX = bytes((p.PUBACK << 4, 2))
