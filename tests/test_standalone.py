@@ -537,19 +537,22 @@ def test_signal_stops_the_hub_cleanly(hub_factory, sig):
     assert address_free(host, info["port"]) and address_free(host, control_port)
 
 
-def test_without_info_file_the_info_goes_to_stdout(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0"],
+def test_without_info_file_only_a_private_file_path_goes_to_stdout(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0", "--device", "d"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        info = json.loads(proc.stdout.readline())
+        info_path = proc.stdout.readline().decode().strip()
+        assert stat.S_IMODE(os.stat(info_path).st_mode) == 0o600
+        with open(info_path) as f:
+            info = json.load(f)
         ca_path = info["ca_pem_path"]
         assert os.path.exists(ca_path)
-        assert ok(info, "GET", "/devices") == []
+        assert ok(info, "GET", "/devices") != []
         proc.terminate()
-        _, err = proc.communicate(timeout=5)
+        out, err = proc.communicate(timeout=5)
         assert proc.returncode == 0, err
-        assert not os.path.exists(ca_path) and not os.path.exists(os.path.dirname(ca_path))
-        assert b"info on stdout" in err
+        assert not os.path.exists(info_path) and not os.path.exists(os.path.dirname(ca_path))
+        assert b"SharedAccessKey" not in out + err and info["control_token"].encode() not in out + err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -47,8 +47,8 @@ def _port(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run a fake Azure IoT Hub that unmodified device SDKs can connect to.",
-                epilog="The info file (or the JSON line on stdout) holds device keys and the control token; "
-                       "it is written with mode 0600 and removed, with the CA file, when the hub stops.")
+                epilog="The info file holds device keys and the control token, so it is written with mode "
+                       "0600, never printed, and removed with the CA file when the hub stops.")
     p.add_argument("--hub-name", default="testhub",
                    help="IoT Hub name; devices see <name>.azure-devices.net (default: %(default)s)")
     p.add_argument("--device", action="append", default=[], metavar="ID", dest="devices",
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port of the HTTP control API on the hub's address (default: any free port)")
     p.add_argument("--info-file", default=None, metavar="PATH",
                    help="write the hub's details here as JSON once it is listening "
-                        "(default: print them as one JSON line on stdout)")
+                        "(default: a file in a new temporary directory, whose path is printed on stdout)")
     p.add_argument("-v", "--verbose", action="store_true", help="log control API requests to stderr")
     return p
 
@@ -196,19 +196,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             info_path = os.path.abspath(args.info_file)
             ca_path = os.path.splitext(info_path)[0] + "-ca.pem"
         else:
-            info_path = None
+            # keys go to a private file, never to the terminal; stdout carries only its path
             temp_dir = tempfile.mkdtemp(prefix="iotfailover-hub-")
+            info_path = os.path.join(temp_dir, "info.json")
             ca_path = os.path.join(temp_dir, "ca.pem")
         _write_private(ca_path, hub.ca_pem, 0o644)
         created.append(ca_path)
         info = _info(hub, control, ca_path, devices)
-        if info_path is not None:
-            _write_private(info_path, json.dumps(info, indent=2) + "\n")
-            created.append(info_path)
-            where = f"info in {info_path}"
-        else:
-            print(json.dumps(info), flush=True)
-            where = "info on stdout"
+        _write_private(info_path, json.dumps(info, indent=2) + "\n")
+        created.append(info_path)
+        where = f"info in {info_path}"
+        if args.info_file is None:
+            print(info_path, flush=True)
         print(f"{PROG}: {hub.hostname} listening on {_hostport(hub.gateway_host, hub.port)}; "
               f"control API {control.url}; {where}", file=sys.stderr, flush=True)
 
