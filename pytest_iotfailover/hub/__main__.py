@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 from . import FakeHub, HubInternalError
 from .auth import redact
-from .control import ControlServer
+from .control import REQUEST_TIMEOUT, ControlServer
 from .registry import check_device_id
 
 PROG = "iotfailover-hub"
@@ -45,6 +45,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} s is out of range: more than 0 and at most 3600")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run a fake Azure IoT Hub that unmodified device SDKs can connect to.",
                 epilog="The info file holds device keys and the control token, so it is written with mode "
@@ -62,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-file", default=None, metavar="PATH",
                    help="write the hub's details here as JSON once it is listening "
                         "(default: a file in a new temporary directory, whose path is printed on stdout)")
+    p.add_argument("--control-request-timeout", type=_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
+                   help="time a control API client has from a request's first byte to the end of its body "
+                        "(default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log control API requests to stderr")
     return p
 
@@ -188,7 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _fail(exc.strerror or str(exc), EXIT_USAGE)
         devices = {d: hub.add_device(d).connection_string for d in args.devices}
         try:
-            control = ControlServer(hub, hub.gateway_host, args.control_port).start()
+            control = ControlServer(hub, hub.gateway_host, args.control_port,
+                                    request_timeout=args.control_request_timeout).start()
         except (OSError, ValueError) as exc:
             return _fail(getattr(exc, "strerror", None) or str(exc), EXIT_USAGE)
 
