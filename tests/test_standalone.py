@@ -813,3 +813,45 @@ def test_connections_beyond_the_limit_get_503_and_no_thread(quick_hub):
             time.sleep(0.05)  # polling interval while the server notices the closes
     assert "Traceback" not in quick_hub.stderr()
 
+
+# --- files the standalone hub writes ----------------------------------------------------------------
+
+def run_hub(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("existing", ["info.json", "info-ca.pem"])
+def test_existing_files_are_never_replaced(tmp_path, existing):
+    mine = tmp_path / existing
+    mine.write_text("the user's own file\n")
+    proc = run_hub(tmp_path, "--info-file", str(tmp_path / "info.json"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("iotfailover-hub: error:")
+    assert f"{mine} already exists" in proc.stderr and "does not replace or remove" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert mine.read_text() == "the user's own file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+
+
+def test_dangling_symlink_in_the_way_is_not_followed(tmp_path):
+    (tmp_path / "info-ca.pem").symlink_to(tmp_path / "elsewhere.pem")
+    proc = run_hub(tmp_path, "--info-file", str(tmp_path / "info.json"))
+    assert proc.returncode == 2 and "info-ca.pem already exists" in proc.stderr, proc.stderr
+    assert not (tmp_path / "elsewhere.pem").exists()
+    assert (tmp_path / "info-ca.pem").is_symlink()
+
+
+def test_a_file_replaced_while_the_hub_ran_is_left_alone(hub_factory):
+    hub = hub_factory("--port", "0")
+    ca_path = hub.info["ca_pem_path"]
+    # somebody swaps their own file in under the hub's CA file name
+    replacement = ca_path + ".new"
+    with open(replacement, "w") as f:
+        f.write("someone else's\n")
+    os.replace(replacement, ca_path)
+    assert hub.stop() == 0, hub.stderr()
+    with open(ca_path) as f:
+        assert f.read() == "someone else's\n"
+    assert "left " + ca_path + " in place" in hub.stderr()
+    assert not hub.info_path.exists()  # its own file it still removes
