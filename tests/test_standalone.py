@@ -855,3 +855,27 @@ def test_a_file_replaced_while_the_hub_ran_is_left_alone(hub_factory):
         assert f.read() == "someone else's\n"
     assert "left " + ca_path + " in place" in hub.stderr()
     assert not hub.info_path.exists()  # its own file it still removes
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="reads /proc/<pid>/limits")
+def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard descriptor limit {hard} leaves nothing to raise")
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    hub = HubProcess(tmp_path, "--port", "0")
+    with open(hub.stdout_path, "wb") as out, open(hub.stderr_path, "wb") as err:
+        hub.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", *hub.args],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=low_soft_limit)
+    try:
+        hub._wait_for_info()
+        with open(f"/proc/{hub.proc.pid}/limits") as f:
+            soft_now = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        assert soft_now == expected or (hard == resource.RLIM_INFINITY and int(soft_now) > 256)
+        assert hub.stop() == 0, hub.stderr()
+    finally:
+        hub.kill()

@@ -18,6 +18,11 @@ import sys
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 from . import FakeHub, HubInternalError
 from .auth import redact
 from .control import REQUEST_TIMEOUT, ControlServer
@@ -164,6 +169,34 @@ def _output_paths(info_file: Optional[str]) -> Tuple[Optional[str], Optional[str
     return info_path, os.path.splitext(info_path)[0] + "-ca.pem"
 
 
+def _raise_fd_limit() -> Optional[int]:
+    """Raise the soft limit on open descriptors to the hard one; the soft limit now, or None.
+
+    The usual soft limit of 1,024 stops a hub at about a thousand connections, far below what the
+    hard limit allows. Where the hard limit is "unlimited" (macOS), the kernel still refuses more
+    than its own per-process maximum, so smaller figures are tried in turn.
+    """
+    if resource is None:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    targets = [hard] if hard != resource.RLIM_INFINITY else []
+    targets += [n for n in (1_048_576, 65_536, 10_240) if hard == resource.RLIM_INFINITY or n < hard]
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def _check_args(args) -> None:
     seen = set()
     for device_id in args.devices:
@@ -254,6 +287,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         hub = FakeHub(args.hub_name, host=args.host, port=args.port)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    fd_limit = _raise_fd_limit()
+    logging.getLogger(__name__).debug("open file limit: %s", fd_limit)
 
     # installed before anything starts, so a signal during start-up still leads to a clean stop
     stop = _StopSignal()
