@@ -65,7 +65,9 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run a fake Azure IoT Hub that unmodified device SDKs can connect to.",
                 epilog="The info file holds device keys and the control token, so it is written with mode "
-                       "0600, never printed, and removed with the CA file when the hub stops.")
+                       "0600, never printed, and removed with the CA file when the hub stops. The hub "
+                       "refuses to start if either file already exists: it never replaces or removes a "
+                       "file it did not create.")
     p.add_argument("--hub-name", default="testhub",
                    help="IoT Hub name; devices see <name>.azure-devices.net (default: %(default)s)")
     p.add_argument("--device", action="append", default=[], metavar="ID", dest="devices",
