@@ -76,7 +76,8 @@ REQUEST_TIMEOUT = 10.0
 # thread and are closed, so a flood of connections costs no thread each.
 MAX_CONNECTIONS = 64
 # Deeper JSON is refused before it reaches code that walks it recursively (the twin merge, the
-# encoder); the hub's own twin rules are stricter still. The figure is this API's choice.
+# encoder). The figure is this API's choice; IoT Hub's own limit for twins is 10 levels (Microsoft
+# Learn, "Understand and use device twins in IoT Hub"), which is the hub core's to enforce.
 MAX_JSON_DEPTH = 64
 # Limits of the lingering close after a refused request body (see _Handler._drain).
 DRAIN_SECONDS = 2.0
@@ -192,7 +193,6 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: Tuple[str, int], control: "ControlServer"):
         self.control = control
-        self.rejected = 0
         self.open_sockets = set()
         self.sockets_lock = threading.Lock()
         if ":" in address[0]:
@@ -211,7 +211,6 @@ class _Server(ThreadingHTTPServer):
 
     def _refuse_busy(self, request) -> None:
         """Answer 503 and close, on the accepting thread, without ever blocking it."""
-        self.rejected += 1
         body = json.dumps({"error": f"the control API is serving its limit of {self.control.max_connections} "
                                     "connections; retry later"}).encode() + b"\n"
         try:
@@ -320,6 +319,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 self._send_json(408, {"error": f"the request was not complete within "
                                                f"{self.server.control.request_timeout:g} s of its first byte"})
+                self._drain()  # the client may still be sending
             except OSError:
                 pass
 
