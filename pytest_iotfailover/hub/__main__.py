@@ -339,7 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             hub.stop()
         except HubInternalError as exc:
-            code = _fail(str(exc), 1)
+            code = _fail(_head(str(exc)), 1)
         _remove_created(created)
         if temp_dir is not None:
             try:
@@ -348,6 +348,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 pass
         stop.restore()
     return code
+
+
+def _head(text: str, lines: int = 60) -> str:
+    """The start of a long report: a failure repeated thousands of times (a descriptor limit
+    reached on every accept) would otherwise bury everything else on stderr."""
+    all_lines = text.splitlines()
+    if len(all_lines) <= lines:
+        return text
+    return "\n".join(all_lines[:lines] + [f"... and {len(all_lines) - lines} more lines"])
 
 
 def _hostport(host: str, port: int) -> str:
