@@ -30,6 +30,10 @@ A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
 `POST /faults/{kind}` holds the keyword arguments of that `Faults` method (an empty body takes the
 defaults); `report` is the fault's `RecoveryReport` as nested objects.
+
+Every request must name this API in `Host` (its address or `localhost`, with the port; 421
+otherwise) and be complete within `request_timeout` of its first byte (408 otherwise). At most
+`max_connections` connections are served at once; further ones get a 503 and are closed.
 """
 import base64
 import binascii
