@@ -2,6 +2,7 @@
 import base64
 import http.client
 import inspect
+import select
 import json
 import os
 import signal
@@ -140,6 +141,42 @@ def shutdown(client):
         bounded(client.shutdown, timeout=10)
     except TimeoutError:
         pass  # a stuck SDK thread is daemonic; the hub process is killed by its fixture anyway
+
+
+def control_address(info):
+    host, port = info["control_url"][len("http://"):].rsplit(":", 1)
+    return host, int(port)
+
+
+def raw_request(info, head, body=b"", host=None, token=...):
+    """`head` (request line and extra header lines) sent as is on a new connection: the answer's
+    (status, JSON). Host and Authorization are added unless given."""
+    address = control_address(info)
+    token = info["control_token"] if token is ... else token
+    lines = [head]
+    if host is not False:
+        lines.append(f"Host: {host or '%s:%d' % address}")
+    if token is not None:
+        lines.append(f"Authorization: Bearer {token}")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    with socket.create_connection(address, timeout=15) as s:
+        s.sendall(data)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, json.loads(resp.read())
+
+
+def read_answer(sock):
+    """Everything the server sends until it closes; a reset counts as a close."""
+    out = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except ConnectionResetError:
+        return out
 
 
 def address_free(host, port):
@@ -523,7 +560,7 @@ def test_signal_stops_the_hub_cleanly(hub_factory, sig):
     mqtt = socket.create_connection((host, info["port"]), timeout=5)
     http = socket.create_connection((host, control_port), timeout=5)
     try:
-        http.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {info['control_token']}\r\n\r\n"
+        http.sendall(f"GET /events HTTP/1.1\r\nHost: {host}:{control_port}\r\nAuthorization: Bearer {info['control_token']}\r\n\r\n"
                      .encode())
         assert http.recv(4096).startswith(b"HTTP/1.1 200")
         started = time.monotonic()
@@ -581,3 +618,264 @@ def test_invalid_arguments_exit_2(info, tmp_path, args, words):
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "info.json").exists()
+
+
+# --- robustness of the control API -----------------------------------------------------------------
+
+def nested(depth, leaf="1"):
+    return "[" * depth + leaf + "]" * depth
+
+
+@pytest.mark.parametrize("method,path,body,words", [
+    ("PATCH", "/devices/d1/twin/desired", '{"a": ' + nested(100_000) + "}", "nested deeper than 64 levels"),
+    ("PATCH", "/devices/d1/twin/desired", '{"a": ' * 100_000 + "1" + "}" * 100_000, "nested deeper than 64"),
+    ("POST", "/devices/d1/methods/m", '{"payload": ' + nested(100_000) + "}", "nested deeper than 64"),
+    # deep enough to trouble recursive code, not deep enough for the parser to refuse
+    ("POST", "/devices/d1/methods/m", '{"payload": ' + nested(900) + "}", "nested deeper than 64"),
+    ("PATCH", "/devices/d1/twin/desired", '{"a": ' + nested(64) + "}", "nested deeper than 64"),
+    ("POST", "/faults/drop", '{"device_id": ' + nested(100_000) + "}", "nested deeper than 64"),
+    ("POST", "/devices/d1/c2d", '{"body": "\\ud800"}', "unpaired UTF-16 surrogate"),
+    ("POST", "/devices/d1/c2d", '{"body": "x", "properties": {"\\udfff": "v"}}', "surrogate"),
+    ("POST", "/devices/d1/c2d", '{"body": "x", "message_id": "\\ud83d"}', "surrogate"),
+    ("PATCH", "/devices/d1/twin/desired", '{"a": 1' + "0" * 5000 + "}", "not valid JSON"),
+    ("PATCH", "/devices/d1/twin/desired", '{"a": NaN}', "NaN is not valid JSON"),
+    ("POST", "/devices", "\ufeff{}".encode("utf-8"), "not valid JSON"),
+    ("POST", "/devices", b"\xff\xfe{}", "not UTF-8"),
+], ids=["desired-array-100k", "desired-object-100k", "method-payload-100k", "method-payload-900",
+        "desired-65", "fault-arg-100k", "c2d-body-surrogate", "c2d-property-surrogate", "c2d-id-surrogate",
+        "huge-integer", "nan", "bom", "not-utf8"])
+def test_malformed_bodies_get_400_and_nothing_on_stderr(hub, info, method, path, body, words):
+    before = hub.stderr()
+    faults = ok(info, "GET", "/faults")
+    status, err, _ = api(info, method, path, raw=body if isinstance(body, bytes) else body.encode())
+    assert status == 400, err
+    assert words in err["error"]
+    assert ok(info, "GET", "/faults") == faults
+    assert hub.stderr() == before
+
+
+def test_json_at_the_depth_limit_is_accepted(info, device):
+    # a method payload, as twins have IoT Hub's own, smaller depth limit
+    payload = json.loads(nested(63, '"deep"'))  # inside the request object: 64 levels
+    result = ok(info, "POST", "/devices/d1/methods/deep", {"payload": payload, "timeout": 10})
+    assert result == {"status": 200, "payload": {"echo": payload, "method": "deep"}}
+
+
+@pytest.mark.parametrize("header,words", [
+    ("Content-Length: +5", "invalid Content-Length '+5'"),
+    ("Content-Length: 1_0", "invalid Content-Length '1_0'"),
+    ("Content-Length: -1", "invalid Content-Length"),
+    ("Content-Length: 99999999999999999999", "invalid Content-Length"),
+    ("Content-Length: 2\r\nContent-Length: 2", "more than one Content-Length"),
+], ids=["plus", "underscore", "negative", "huge", "twice"])
+def test_malformed_content_length_gets_400(hub, info, header, words):
+    before = hub.stderr()
+    status, err = raw_request(info, f"POST /devices HTTP/1.1\r\n{header}", b"{}")
+    assert status == 400 and words in err["error"], err
+    assert hub.stderr() == before
+
+
+@pytest.mark.parametrize("host_header,status,words", [
+    ("evil.example:{port}", 421, "is not this control API"),
+    ("evil.example", 421, "is not this control API"),
+    ("{host}", 421, "is not this control API"),  # without the port
+    ("{host}:1", 421, "is not this control API"),
+    ("127.9.9.9:{port}", 421, "is not this control API"),
+    (False, 400, "missing Host header"),
+], ids=["rebound-name", "rebound-name-no-port", "no-port", "other-port", "other-address", "missing"])
+def test_foreign_host_header_is_refused(info, host_header, status, words):
+    host, port = control_address(info)
+    if host_header:
+        host_header = host_header.format(host=host, port=port)
+    got, err = raw_request(info, "GET /devices HTTP/1.1", host=host_header)
+    assert got == status and words in err["error"], err
+    # refused before the token is even looked at
+    got, err = raw_request(info, "POST /devices HTTP/1.1\r\nContent-Length: 2", b"{}", host=host_header, token=None)
+    assert got == status, err
+
+
+def test_two_host_headers_are_refused(info):
+    host, port = control_address(info)
+    got, err = raw_request(info, f"GET /devices HTTP/1.1\r\nHost: {host}:{port}", host=f"{host}:{port}")
+    assert got == 400 and "more than one Host" in err["error"]
+
+
+@pytest.mark.parametrize("name", ["{host}:{port}", "localhost:{port}", "LOCALHOST:{port}"])
+def test_loopback_host_headers_are_served(info, name):
+    host, port = control_address(info)
+    got, result = raw_request(info, "GET /devices HTTP/1.1", host=name.format(host=host, port=port))
+    assert got == 200 and "d1" in [d["device_id"] for d in result]
+
+
+def trickle(sock, data, lines):
+    """Send `data` and then one of `lines` every 0.2 s until the server answers or closes; what it
+    sent, or None if every line went out without the server ending the request."""
+    sock.sendall(data)
+    for line in lines:
+        # the wait paces the trickle: it is what a slow client does, not a synchronisation
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        if readable:
+            return read_answer(sock)
+        try:
+            sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            return read_answer(sock)
+    return None
+
+
+@pytest.fixture(scope="module")
+def quick_hub(tmp_path_factory):
+    """A hub whose control API allows 1 s per request, so a deadline is reached in a test's time."""
+    proc = HubProcess(tmp_path_factory.mktemp("quick"), "--port", "0", "--control-request-timeout", "1")
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.kill()
+
+
+def test_request_trickling_its_headers_is_ended_by_the_deadline(quick_hub):
+    info = quick_hub.info
+    host, port = control_address(info)
+    # every line arrives well within any per-read timeout; 150 of them span 30 s
+    lines = [f"X-Slow-{i}: x\r\n".encode() for i in range(150)]
+    with socket.create_connection((host, port), timeout=15) as s:
+        answer = trickle(s, f"GET /devices HTTP/1.1\r\nHost: {host}:{port}\r\n".encode(), lines)
+    assert answer is not None, "the server kept reading a request trickled over 30 s"
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"not complete within 1 s of its first byte" in answer
+    assert ok(info, "GET", "/devices") == []  # and the API still serves
+    assert quick_hub.stderr().count("\n") == 1, quick_hub.stderr()  # only the start-up line
+
+
+def test_request_line_trickled_is_ended_by_the_deadline(quick_hub):
+    host, port = control_address(quick_hub.info)
+    with socket.create_connection((host, port), timeout=15) as s:
+        answer = trickle(s, b"GET /dev", [b"i"] * 150)
+    assert answer is not None, "the server kept reading a request line trickled over 30 s"
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert quick_hub.stderr().count("\n") == 1, quick_hub.stderr()
+
+
+def test_request_trickling_its_body_is_ended_by_the_deadline(quick_hub):
+    info = quick_hub.info
+    host, port = control_address(info)
+    head = (f"POST /devices HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {info['control_token']}\r\n"
+            f"Content-Length: 1000\r\n\r\n").encode()
+    with socket.create_connection((host, port), timeout=15) as s:
+        answer = trickle(s, head, [b" "] * 150)
+    assert answer is not None, "the server kept reading a body trickled over 30 s"
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert "Traceback" not in quick_hub.stderr()
+
+
+def test_connections_beyond_the_limit_get_503_and_no_thread(quick_hub):
+    info = quick_hub.info
+    address = control_address(info)
+    request = (f"GET /devices HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n"
+               f"Authorization: Bearer {info['control_token']}\r\n\r\n").encode()
+    held = []
+    try:
+        # each served once and kept open: then the server has taken up every one of them
+        for _ in range(control.MAX_CONNECTIONS):
+            s = socket.create_connection(address, timeout=15)
+            held.append(s)
+            s.sendall(request)
+            resp = http.client.HTTPResponse(s)
+            resp.begin()
+            assert resp.status == 200
+            resp.read()
+        threads = len(os.listdir(f"/proc/{quick_hub.proc.pid}/task")) if os.path.isdir("/proc") else None
+        for _ in range(100):
+            with socket.create_connection(address, timeout=15) as extra:
+                try:
+                    extra.sendall(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    continue  # closed already: refused as well
+                answer = read_answer(extra)
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 503 "), answer
+            if answer:
+                assert b"limit of 64 connections" in answer
+        if threads is not None:
+            assert len(os.listdir(f"/proc/{quick_hub.proc.pid}/task")) <= threads
+    finally:
+        for s in held:
+            s.close()
+    # the slots come back as the held connections close
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert ok(info, "GET", "/devices") == []
+            break
+        except (urllib.error.URLError, ConnectionError, AssertionError, http.client.HTTPException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # polling interval while the server notices the closes
+    assert "Traceback" not in quick_hub.stderr()
+
+
+# --- files the standalone hub writes ----------------------------------------------------------------
+
+def run_hub(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("existing", ["info.json", "info-ca.pem"])
+def test_existing_files_are_never_replaced(tmp_path, existing):
+    mine = tmp_path / existing
+    mine.write_text("the user's own file\n")
+    proc = run_hub(tmp_path, "--info-file", str(tmp_path / "info.json"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("iotfailover-hub: error:")
+    assert f"{mine} already exists" in proc.stderr and "does not replace or remove" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert mine.read_text() == "the user's own file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [existing]
+
+
+def test_dangling_symlink_in_the_way_is_not_followed(tmp_path):
+    (tmp_path / "info-ca.pem").symlink_to(tmp_path / "elsewhere.pem")
+    proc = run_hub(tmp_path, "--info-file", str(tmp_path / "info.json"))
+    assert proc.returncode == 2 and "info-ca.pem already exists" in proc.stderr, proc.stderr
+    assert not (tmp_path / "elsewhere.pem").exists()
+    assert (tmp_path / "info-ca.pem").is_symlink()
+
+
+def test_a_file_replaced_while_the_hub_ran_is_left_alone(hub_factory):
+    hub = hub_factory("--port", "0")
+    ca_path = hub.info["ca_pem_path"]
+    # somebody swaps their own file in under the hub's CA file name
+    replacement = ca_path + ".new"
+    with open(replacement, "w") as f:
+        f.write("someone else's\n")
+    os.replace(replacement, ca_path)
+    assert hub.stop() == 0, hub.stderr()
+    with open(ca_path) as f:
+        assert f.read() == "someone else's\n"
+    assert "left " + ca_path + " in place" in hub.stderr()
+    assert not hub.info_path.exists()  # its own file it still removes
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/limits"), reason="reads /proc/<pid>/limits")
+def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard descriptor limit {hard} leaves nothing to raise")
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    hub = HubProcess(tmp_path, "--port", "0")
+    with open(hub.stdout_path, "wb") as out, open(hub.stderr_path, "wb") as err:
+        hub.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", *hub.args],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=low_soft_limit)
+    try:
+        hub._wait_for_info()
+        with open(f"/proc/{hub.proc.pid}/limits") as f:
+            soft_now = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+        assert soft_now == expected or (hard == resource.RLIM_INFINITY and int(soft_now) > 256)
+        assert hub.stop() == 0, hub.stderr()
+    finally:
+        hub.kill()

@@ -3,9 +3,11 @@
 For device code that does not run inside pytest (the Node SDK, a firmware simulator, a shell
 script): the hub listens like the embedded one, and once it is ready it writes an info file with
 the connection strings, the CA certificate path and the control API's address and token. It runs
-until SIGTERM or Ctrl-C, then removes the files it wrote.
+until SIGTERM or Ctrl-C, then removes the files it wrote. It never replaces or removes a file it
+did not create: if the info file or its CA file already exists, it refuses to start.
 """
 import argparse
+import errno
 import json
 import logging
 import os
@@ -14,11 +16,16 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 from . import FakeHub, HubInternalError
 from .auth import redact
-from .control import ControlServer
+from .control import REQUEST_TIMEOUT, ControlServer
 from .registry import check_device_id
 
 PROG = "iotfailover-hub"
@@ -45,10 +52,22 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} s is out of range: more than 0 and at most 3600")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run a fake Azure IoT Hub that unmodified device SDKs can connect to.",
                 epilog="The info file holds device keys and the control token, so it is written with mode "
-                       "0600, never printed, and removed with the CA file when the hub stops.")
+                       "0600, never printed, and removed with the CA file when the hub stops. The hub "
+                       "refuses to start if either file already exists: it never replaces or removes a "
+                       "file it did not create.")
     p.add_argument("--hub-name", default="testhub",
                    help="IoT Hub name; devices see <name>.azure-devices.net (default: %(default)s)")
     p.add_argument("--device", action="append", default=[], metavar="ID", dest="devices",
@@ -62,12 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info-file", default=None, metavar="PATH",
                    help="write the hub's details here as JSON once it is listening "
                         "(default: a file in a new temporary directory, whose path is printed on stdout)")
+    p.add_argument("--control-request-timeout", type=_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
+                   help="time a control API client has from a request's first byte to the end of its body "
+                        "(default: %(default)g)")
     p.add_argument("-v", "--verbose", action="store_true", help="log control API requests to stderr")
     return p
 
 
-def _write_private(path: str, text: str, mode: int = 0o600) -> None:
-    """Write `text` so readers see either no file or the whole file, never a partial one."""
+class FileExistsRefusal(Exception):
+    """A file the hub would write is already there: somebody else's, so the hub leaves it alone."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} already exists; the hub does not replace or remove files it did not create: "
+                         "move it away or choose another --info-file")
+
+
+# (path, (st_dev, st_ino)) of each file this process created, so that on exit it removes those
+# files only, and not one that somebody put in their place meanwhile.
+Created = Tuple[str, Tuple[int, int]]
+
+
+def _write_new(path: str, text: str, mode: int = 0o600) -> Tuple[int, int]:
+    """Create `path` holding `text`; FileExistsRefusal if anything is at `path`, never replacing it.
+
+    Readers see either no file or the whole file: the text goes to a temporary file first, which
+    is then hard-linked to its name, as link(2), unlike rename(2), fails when the name is taken.
+    Where hard links are not supported the file is created exclusively and written in place.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
@@ -77,13 +117,86 @@ def _write_private(path: str, text: str, mode: int = 0o600) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsRefusal(path) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+            return _write_exclusive(path, text, mode)
+        st = os.lstat(path)
+        return st.st_dev, st.st_ino
+    finally:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
+
+
+def _write_exclusive(path: str, text: str, mode: int) -> Tuple[int, int]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, mode)
+    except FileExistsError:
+        raise FileExistsRefusal(path) from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+        st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino
+
+
+def _remove_created(created: List[Created]) -> None:
+    for path, identity in reversed(created):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # already gone
+        if (st.st_dev, st.st_ino) != identity:
+            print(f"{PROG}: left {path} in place: it was replaced while the hub ran", file=sys.stderr, flush=True)
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _output_paths(info_file: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(info file, CA file) for --info-file, or (None, None) when they go to a new temporary directory."""
+    if info_file is None:
+        return None, None
+    info_path = os.path.abspath(info_file)
+    return info_path, os.path.splitext(info_path)[0] + "-ca.pem"
+
+
+def _raise_fd_limit() -> Optional[int]:
+    """Raise the soft limit on open descriptors to the hard one; the soft limit now, or None.
+
+    The usual soft limit of 1,024 stops a hub at about a thousand connections, far below what the
+    hard limit allows. Where the hard limit is "unlimited" (macOS), the kernel still refuses more
+    than its own per-process maximum, so smaller figures are tried in turn.
+    """
+    if resource is None:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    targets = [hard] if hard != resource.RLIM_INFINITY else []
+    targets += [n for n in (1_048_576, 65_536, 10_240) if hard == resource.RLIM_INFINITY or n < hard]
+    for target in targets:
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _check_args(args) -> None:
@@ -102,6 +215,11 @@ def _check_args(args) -> None:
             raise UsageError(f"directory of --info-file {info_dir!r} does not exist")
         if os.path.isdir(args.info_file):
             raise UsageError(f"--info-file {args.info_file!r} is a directory")
+        # checked before anything listens, so the usual case fails at once; writing the files
+        # checks again, as something may appear in between
+        for path in _output_paths(args.info_file):
+            if os.path.lexists(path):
+                raise UsageError(str(FileExistsRefusal(path)))
 
 
 class _StopSignal:
@@ -171,14 +289,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         hub = FakeHub(args.hub_name, host=args.host, port=args.port)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    fd_limit = _raise_fd_limit()
+    logging.getLogger(__name__).debug("open file limit: %s", fd_limit)
 
-    if args.info_file is not None and os.path.isfile(args.info_file):
-        # a leftover from an earlier run must not be mistaken for this hub's details
-        os.unlink(args.info_file)
     # installed before anything starts, so a signal during start-up still leads to a clean stop
     stop = _StopSignal()
     control: Optional[ControlServer] = None
-    created: List[str] = []
+    created: List[Created] = []
     temp_dir: Optional[str] = None
     code = 0
     try:
@@ -188,23 +305,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _fail(exc.strerror or str(exc), EXIT_USAGE)
         devices = {d: hub.add_device(d).connection_string for d in args.devices}
         try:
-            control = ControlServer(hub, hub.gateway_host, args.control_port).start()
+            control = ControlServer(hub, hub.gateway_host, args.control_port,
+                                    request_timeout=args.control_request_timeout).start()
         except (OSError, ValueError) as exc:
             return _fail(getattr(exc, "strerror", None) or str(exc), EXIT_USAGE)
 
-        if args.info_file is not None:
-            info_path = os.path.abspath(args.info_file)
-            ca_path = os.path.splitext(info_path)[0] + "-ca.pem"
-        else:
+        info_path, ca_path = _output_paths(args.info_file)
+        if info_path is None:
             # keys go to a private file, never to the terminal; stdout carries only its path
             temp_dir = tempfile.mkdtemp(prefix="iotfailover-hub-")
             info_path = os.path.join(temp_dir, "info.json")
             ca_path = os.path.join(temp_dir, "ca.pem")
-        _write_private(ca_path, hub.ca_pem, 0o644)
-        created.append(ca_path)
-        info = _info(hub, control, ca_path, devices)
-        _write_private(info_path, json.dumps(info, indent=2) + "\n")
-        created.append(info_path)
+        try:
+            created.append((ca_path, _write_new(ca_path, hub.ca_pem, 0o644)))
+            info = _info(hub, control, ca_path, devices)
+            created.append((info_path, _write_new(info_path, json.dumps(info, indent=2) + "\n")))
+        except FileExistsRefusal as exc:
+            return _fail(str(exc), 1)
         where = f"info in {info_path}"
         if args.info_file is None:
             print(info_path, flush=True)
@@ -222,12 +339,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             hub.stop()
         except HubInternalError as exc:
-            code = _fail(str(exc), 1)
-        for path in created:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            code = _fail(_head(str(exc)), 1)
+        _remove_created(created)
         if temp_dir is not None:
             try:
                 os.rmdir(temp_dir)
@@ -235,6 +348,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 pass
         stop.restore()
     return code
+
+
+def _head(text: str, lines: int = 60) -> str:
+    """The start of a long report: a failure repeated thousands of times (a descriptor limit
+    reached on every accept) would otherwise bury everything else on stderr."""
+    all_lines = text.splitlines()
+    if len(all_lines) <= lines:
+        return text
+    return "\n".join(all_lines[:lines] + [f"... and {len(all_lines) - lines} more lines"])
 
 
 def _hostport(host: str, port: int) -> str:

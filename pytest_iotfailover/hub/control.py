@@ -30,6 +30,10 @@ A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
 `POST /faults/{kind}` holds the keyword arguments of that `Faults` method (an empty body takes the
 defaults); `report` is the fault's `RecoveryReport` as nested objects.
+
+Every request must name this API in `Host` (its address or `localhost`, with the port; 421
+otherwise) and be complete within `request_timeout` of its first byte (408 otherwise). At most
+`max_connections` connections are served at once; further ones get a 503 and are closed.
 """
 import base64
 import binascii
@@ -37,6 +41,7 @@ import concurrent.futures
 import dataclasses
 import hmac
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -44,6 +49,7 @@ import math
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from http import HTTPStatus
@@ -56,7 +62,8 @@ from .faults import FaultHandle, Faults
 from .iothub import HubOperationError
 from .registry import check_device_id
 
-__all__ = ["ControlServer", "MAX_BODY_SIZE", "FAULT_KINDS"]
+__all__ = ["ControlServer", "MAX_BODY_SIZE", "MAX_CONNECTIONS", "MAX_JSON_DEPTH", "REQUEST_TIMEOUT",
+           "FAULT_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,17 @@ MAX_BODY_SIZE = 1024 * 1024
 MAX_METHOD_TIMEOUT = 300.0
 # Idle keep-alive connections are dropped after this, so stray clients cannot hold threads forever.
 IDLE_TIMEOUT = 60.0
+# From a request's first byte to the end of its body, however the client paces its bytes: a
+# per-read timeout alone lets a client that trickles a header line now and then hold a thread
+# indefinitely.
+REQUEST_TIMEOUT = 10.0
+# Connections served at once, each by its own thread; further ones get a 503 from the accepting
+# thread and are closed, so a flood of connections costs no thread each.
+MAX_CONNECTIONS = 64
+# Deeper JSON is refused before it reaches code that walks it recursively (the twin merge, the
+# encoder). The figure is this API's choice; IoT Hub's own limit for twins is 10 levels (Microsoft
+# Learn, "Understand and use device twins in IoT Hub"), which is the hub core's to enforce.
+MAX_JSON_DEPTH = 64
 # Limits of the lingering close after a refused request body (see _Handler._drain).
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 16 * 1024 * 1024
@@ -79,6 +97,10 @@ _WAIT_SLICE = 0.25
 # Beyond this, JSON integers stop being portable and some fault arithmetic would overflow a float.
 _MAX_JSON_INT = 2 ** 53
 _FAULT_ID = re.compile(r"0|[1-9][0-9]{0,15}")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
 
 # JSON types of the fault arguments, by name: a name means the same thing in every kind. The
 # names themselves come from the method signatures, so the API follows the Python one.
@@ -117,6 +139,42 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _check_json(obj: Any) -> None:
+    """ApiError unless `obj` nests at most MAX_JSON_DEPTH deep and all its strings are encodable.
+
+    Iterative, as the point is to refuse depths that recursion could not handle. JSON's \\ud800
+    escapes decode to lone surrogates, which no UTF-8 encoder (MQTT topic, C2D body) accepts.
+    """
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise ApiError(400, "request body holds a string with an unpaired UTF-16 surrogate escape "
+                                    "(\\ud800-\\udfff), which is not valid Unicode")
+            continue
+        if isinstance(value, dict):
+            items = [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        stack.extend((item, depth + 1) for item in items)
+
+
+def _one_line(exc: BaseException, secret: str) -> str:
+    """`exc` as one line naming where it came from, with secrets hidden, for the last-resort log."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else ""
+    text = " ".join(str(exc).split())[:300]
+    text = redact(f"{type(exc).__name__}{where}: {text}")
+    return text.replace(secret, "<redacted>") if secret else text
+
+
 def _loopback_address(host: str) -> str:
     """The literal address to bind, or ValueError when `host` is not a loopback address."""
     if host == "localhost":
@@ -134,6 +192,8 @@ def _loopback_address(host: str) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # a burst of connections beyond the default backlog of 5 would wait out SYN retransmits
+    request_queue_size = 128
 
     def __init__(self, address: Tuple[str, int], control: "ControlServer"):
         self.control = control
@@ -145,8 +205,32 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         with self.sockets_lock:
-            self.open_sockets.add(request)
+            busy = len(self.open_sockets) >= self.control.max_connections
+            if not busy:
+                self.open_sockets.add(request)
+        if busy:
+            self._refuse_busy(request)
+            return
         super().process_request(request, client_address)
+
+    def _refuse_busy(self, request) -> None:
+        """Answer 503 and close, on the accepting thread, without ever blocking it."""
+        body = json.dumps({"error": f"the control API is serving its limit of {self.control.max_connections} "
+                                    "connections; retry later"}).encode() + b"\n"
+        try:
+            request.setblocking(False)
+            request.send(_BUSY_RESPONSE % (len(body), body))
+            request.shutdown(socket.SHUT_WR)
+            # reading what has already arrived lets the close end with a FIN rather than a reset
+            # that could destroy the answer before the client reads it
+            for _ in range(16):
+                if not request.recv(65536):
+                    break
+        except OSError:
+            pass
+        finally:
+            request.close()
+        log.debug("control API: refused a connection: %d already open", self.control.max_connections)
 
     def shutdown_request(self, request):
         with self.sockets_lock:
@@ -163,8 +247,53 @@ class _Server(ThreadingHTTPServer):
                 pass
 
     def handle_error(self, request, client_address):
-        # the default prints a traceback to stderr; a broken client is not worth that
-        log.debug("control API: error serving %s", client_address, exc_info=True)
+        # the default prints a traceback to stderr; one line says enough, and never a secret
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("control API: connection from %s failed: %s", client_address[0], exc)
+        elif exc is not None:
+            log.warning("control API: error serving a connection: %s", _one_line(exc, self.control.token))
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's input, where every read gives up at `deadline` (a monotonic time).
+
+    A socket timeout bounds one read only; this bounds the sum of them. While `idle`, the
+    deadline is the wait for a request's first byte; that byte restarts it at `request_timeout`
+    for the rest of the request.
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float):
+        self._sock = sock
+        self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
+        self.deadline: Optional[float] = None
+        self.idle = False
+        self.expired = False  # the last request ran out of time after its first byte
+
+    def readable(self) -> bool:
+        return True
+
+    def await_request(self) -> None:
+        self.idle, self.expired = True, False
+        self.deadline = time.monotonic() + self._idle_timeout
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.expired = not self.idle
+                raise TimeoutError("request deadline passed")
+            self._sock.settimeout(remaining)
+        try:
+            n = self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.expired = not self.idle
+            raise
+        if n and self.idle:
+            self.idle = False
+            self.deadline = time.monotonic() + self._request_timeout
+        return n
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -174,6 +303,29 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     # --- plumbing ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # an open socket file would keep the socket from closing with the connection
+        control = self.server.control
+        self._reader = _DeadlineReader(self.connection, IDLE_TIMEOUT, control.request_timeout)
+        self.rfile = io.BufferedReader(self._reader, 65536)
+
+    def handle_one_request(self) -> None:
+        self._reader.await_request()
+        self._responded = False
+        # what parse_request would set, for a 408 to a request line that never ended
+        self.command, self.requestline, self.request_version = None, "", self.protocol_version
+        super().handle_one_request()
+        if self._reader.expired and not self._responded:
+            # http.server drops a request that times out in its headers without a word
+            self.close_connection = True
+            try:
+                self._send_json(408, {"error": f"the request was not complete within "
+                                               f"{self.server.control.request_timeout:g} s of its first byte"})
+                self._drain()  # the client may still be sending
+            except OSError:
+                pass
 
     def version_string(self) -> str:
         return self.server_version
@@ -191,6 +343,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(code, {"error": text})
 
     def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        self._responded = True
+        # the request is in; writes get the idle timeout, as a bound on a client that stops reading
+        self._reader.deadline = None
+        self.connection.settimeout(IDLE_TIMEOUT)
         body = (json.dumps(obj, default=str) + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -214,6 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = not (self.headers.get("Transfer-Encoding")
                                or self.headers.get("Content-Length", "").strip() not in ("", "0"))
         try:
+            self._check_host()
             self._authorize()
             body = self._read_body()
             status, result, headers = self._route(body)
@@ -227,8 +384,12 @@ class _Handler(BaseHTTPRequestHandler):
             if not self.server.control.hub.running:
                 status, result = 503, {"error": "the hub is not running"}
             else:
-                log.warning("control API: %s %s failed", self.command, redact(self.path), exc_info=True)
-                status, result = 500, {"error": redact(f"internal error: {type(exc).__name__}: {exc}")}
+                # one line and no traceback: a log is often shown whole in CI, and a frame's
+                # locals or a message could carry a key
+                log.warning("control API: %s %s failed: %s", self.command, redact(urlsplit(self.path).path),
+                            _one_line(exc, self.server.control.token))
+                status, result = 500, {"error": f"internal error ({type(exc).__name__}); the hub's log has "
+                                                "one line about it"}
             headers = {}
         if not self._body_read:
             self.close_connection = True  # the unread body would be parsed as the next request
@@ -248,17 +409,27 @@ class _Handler(BaseHTTPRequestHandler):
         """
         self.wfile.flush()
         self.connection.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + DRAIN_SECONDS
+        self._reader.deadline = time.monotonic() + DRAIN_SECONDS
+        self._reader.idle = False
         left = DRAIN_BYTES
         while left > 0:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            try:
+                chunk = self.rfile.read1(min(left, 65536))
+            except TimeoutError:
                 break
-            self.connection.settimeout(remaining)
-            chunk = self.rfile.read1(min(left, 65536))
             if not chunk:
                 break
             left -= len(chunk)
+
+    def _check_host(self) -> None:
+        """Only the names this API is reached by on loopback: a page whose DNS name was rebound to
+        127.0.0.x sends its own name, and must not reach the hub through the browser."""
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1:
+            raise ApiError(400, "missing Host header" if not hosts else "more than one Host header")
+        if hosts[0].strip().lower() not in self.server.control.host_names:
+            raise ApiError(421, f"Host {hosts[0].strip()[:100]!r} is not this control API; "
+                                f"use {self.server.control.host_names[0]!r}")
 
     def _authorize(self) -> None:
         header = self.headers.get("Authorization", "")
@@ -274,22 +445,26 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
             self._body_read = True
             return b""
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, f"invalid Content-Length {raw[:40]!r}") from None
+        if len(values) > 1:
+            raise ApiError(400, "more than one Content-Length header")
+        raw = values[0].strip()
+        # int() would also take "+5", "1_0" and non-ASCII digits
+        if not _CONTENT_LENGTH.fullmatch(raw):
+            raise ApiError(400, f"invalid Content-Length {raw[:40]!r}: expected a decimal number of bytes")
+        length = int(raw)
         if length > MAX_BODY_SIZE:
             raise ApiError(413, f"request body of {length} bytes exceeds the {MAX_BODY_SIZE}-byte limit")
         try:
             body = self.rfile.read(length)
-        except OSError:  # includes the idle timeout
-            raise ApiError(408, "timed out or failed reading the request body") from None
+        except TimeoutError:
+            raise ApiError(408, f"the request was not complete within "
+                                f"{self.server.control.request_timeout:g} s of its first byte") from None
+        except OSError:
+            raise ApiError(400, "failed reading the request body") from None
         if len(body) != length:
             raise ApiError(400, f"request body ended after {len(body)} of {length} bytes")
         self._body_read = True
@@ -399,10 +574,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "request body is not UTF-8") from None
         try:
             obj = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:
+        except RecursionError:
+            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+        except ValueError as exc:  # includes integers beyond the interpreter's digit limit
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise ApiError(400, f"request body must be a JSON object, not {type(obj).__name__}")
+        _check_json(obj)
         return obj
 
 
@@ -497,11 +675,21 @@ def _no_extra_fields(obj: Dict[str, Any], *known: str) -> None:
 class ControlServer:
     """The HTTP control API for `hub`, served from its own daemon thread on a loopback address."""
 
-    def __init__(self, hub, host: Optional[str] = "127.0.0.1", port: int = 0, token: Optional[str] = None):
+    def __init__(self, hub, host: Optional[str] = "127.0.0.1", port: int = 0, token: Optional[str] = None,
+                 request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.hub = hub
         self.host = _loopback_address(host or "127.0.0.1")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"invalid control API port {port!r}: expected 0-65535")
+        if isinstance(request_timeout, bool) or not isinstance(request_timeout, (int, float)) \
+                or not 0 < request_timeout <= 3600:
+            raise ValueError(f"invalid control API request timeout {request_timeout!r}: "
+                             "expected more than 0 and at most 3600 seconds")
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) \
+                or not 1 <= max_connections <= 10000:
+            raise ValueError(f"invalid control API connection limit {max_connections!r}: expected 1-10000")
+        self.request_timeout = float(request_timeout)
+        self.max_connections = max_connections
         if token is None:
             token = secrets.token_urlsafe(32)
         if not isinstance(token, str) or not token or not token.isascii() or not token.isprintable() \
@@ -523,6 +711,11 @@ class ControlServer:
         except OSError as exc:
             raise OSError(exc.errno, f"control API cannot listen on {self.host}:{self._port}: "
                                      f"{exc.strerror or exc}") from None
+        literal = f"[{self.host}]" if ":" in self.host else self.host
+        # the first is the one error messages suggest; port 80 is the one a client may leave out
+        self.host_names = tuple(f"{name}:{self.port}" for name in (literal, "localhost"))
+        if self.port == 80:
+            self.host_names += (literal, "localhost")
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                         name=f"iotfailover-control[{self.host}:{self.port}]", daemon=True)
         self._thread.start()
