@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
 
-from pytest_iotfailover.hub import control
-from pytest_iotfailover.hub.control import ControlServer
-from pytest_iotfailover.hub.faults import Faults
+from pytest_iotfailover.fakehub import control_api as control
+from pytest_iotfailover.fakehub.control_api import ControlServer
+from pytest_iotfailover.fakehub.faults import Faults
 
 from sdk_support import Inbox, bounded
 

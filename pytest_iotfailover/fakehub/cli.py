@@ -16,10 +16,11 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from . import FakeHub, HubInternalError
-from .auth import redact
-from .control import ControlServer
-from .registry import check_device_id
+from .hub import FakeHub
+from .hub import HubInternalError
+from ..iothub.auth import redact
+from .control_api import ControlServer
+from ..iothub.registry import check_device_id
 
 PROG = "iotfailover-hub"
 EXIT_USAGE = 2
