@@ -33,9 +33,9 @@ from typing import Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without installing
 
-from pytest_iotfailover.hub.auth import make_sas_token  # noqa: E402
-from pytest_iotfailover.mqtt import Decoder, codec, packets as p  # noqa: E402
-from pytest_iotfailover.mqtt.codec import encode_remaining_length  # noqa: E402
+from pytest_iotfailover.iothub.auth import make_sas_token  # noqa: E402
+from pytest_iotfailover.iothub.mqtt import Decoder, codec, packets as p  # noqa: E402
+from pytest_iotfailover.iothub.mqtt.codec import encode_remaining_length  # noqa: E402
 
 API_VERSION = "2019-10-01"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -125,7 +125,7 @@ def _die_with_parent() -> None:
 
 def hub_child_main(devices: int, profile_path: Optional[str]) -> int:
     """Runs in the child: a FakeHub, driven by one-line commands on stdin, answering on stdout."""
-    from pytest_iotfailover.hub import FakeHub
+    from pytest_iotfailover.fakehub.hub import FakeHub
 
     raise_nofile(devices + 1024)
     out = sys.stdout

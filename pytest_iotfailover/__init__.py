@@ -1,13 +1,52 @@
-"""pytest-iotfailover: failover-resilience testing of Azure IoT Hub devices in pytest."""
-from .hub import (Device, FakeHub, FaultHandle, HubEvent, HubOperationError, MethodResponse,
-                  RecoveryReport, Telemetry)
+"""pytest-iotfailover: failover-resilience testing of Azure IoT Hub devices in pytest.
 
-from .assertions import assert_all_delivered, assert_in_order, assert_no_duplicates
-from .clients import DevicePool
-from .outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
+Public names are imported on first use (PEP 562): pytest loads this package for every run where the
+plugin is installed, and most of those runs never touch a hub, so the SDK, trustme and cryptography
+must not be imported here.
+"""
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "FaultHandle", "RecoveryReport",
-           "assert_all_delivered", "assert_no_duplicates", "assert_in_order",
-           "Outbox", "AsyncOutbox", "OutboxFull", "OutboxClosed", "DevicePool"]
-__version__ = "0.1.0"
+from ._version import __version__
+
+_PUBLIC = {
+    "FakeHub": ".fakehub.hub",
+    "Device": ".fakehub.hub",
+    "Telemetry": ".fakehub.hub",
+    "HubEvent": ".fakehub.hub",
+    "MethodResponse": ".fakehub.hub",
+    "HubOperationError": ".fakehub.hub",
+    "FaultHandle": ".fakehub.hub",
+    "RecoveryReport": ".fakehub.hub",
+    "assert_all_delivered": ".testing.assertions",
+    "assert_no_duplicates": ".testing.assertions",
+    "assert_in_order": ".testing.assertions",
+    "Outbox": ".devices.outbox",
+    "AsyncOutbox": ".devices.outbox",
+    "OutboxFull": ".devices.outbox",
+    "OutboxClosed": ".devices.outbox",
+    "DevicePool": ".devices.pool",
+}
+
+__all__ = [*_PUBLIC, "__version__"]
+
+if TYPE_CHECKING:
+    from .devices.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
+    from .devices.pool import DevicePool
+    from .fakehub.hub import (Device, FakeHub, FaultHandle, HubEvent, HubOperationError, MethodResponse,
+                              RecoveryReport, Telemetry)
+    from .testing.assertions import assert_all_delivered, assert_in_order, assert_no_duplicates
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list:
+    return sorted(__all__)

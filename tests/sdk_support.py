@@ -4,7 +4,7 @@ import threading
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
 
-from pytest_iotfailover.factory import run_bounded
+from pytest_iotfailover.plugin.factory import run_bounded
 
 # Short enough that a lost connection is noticed within a test's budget; the SDK's floor is 1 s.
 CLIENT_KWARGS = {"keep_alive": 5, "connection_retry_interval": 1}

@@ -16,10 +16,10 @@ import pytest
 import trustme
 from azure.core.credentials import AccessToken
 
-from pytest_iotfailover.backends.arm import (ArmFailover, ArmFailoverError, ArmFailoverHandle,
+from pytest_iotfailover.backends.real.arm import (ArmFailover, ArmFailoverError, ArmFailoverHandle,
                                              FailoverInProgress, FailoverNotAllowed, FailoverQuotaExceeded,
                                              format_utc)
-from pytest_iotfailover.hub.faults import RecoveryReport
+from pytest_iotfailover.fakehub.faults import RecoveryReport
 
 pytestmark = pytest.mark.timeout(15)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from pytest_iotfailover.hub.auth import (AuthError, make_sas_token, parse_connection_string,
+from pytest_iotfailover.iothub.auth import (AuthError, make_sas_token, parse_connection_string,
                                          parse_username, redact, verify_sas_token)
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="

@@ -13,9 +13,9 @@ import time
 import pytest
 from azure.iot.device import Message, MethodResponse
 
-from pytest_iotfailover.clients import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
+from pytest_iotfailover.devices.pool import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
                                         create_client)
-from pytest_iotfailover.hub.auth import device_connection_string
+from pytest_iotfailover.iothub.auth import device_connection_string
 
 from sdk_support import Inbox, bounded
 

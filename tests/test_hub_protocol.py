@@ -16,10 +16,10 @@ from urllib.parse import quote
 import pytest
 
 from mqttclient import MqttClient, close_all, connect, sas_token, username_for
-from pytest_iotfailover.hub import FakeHub
-from pytest_iotfailover.hub.auth import make_sas_token
-from pytest_iotfailover.hub.registry import new_key
-from pytest_iotfailover.mqtt import Decoder, ProtocolError, packets as p
+from pytest_iotfailover.fakehub.hub import FakeHub
+from pytest_iotfailover.iothub.auth import make_sas_token
+from pytest_iotfailover.iothub.registry import new_key
+from pytest_iotfailover.iothub.mqtt import Decoder, ProtocolError, packets as p
 
 pytestmark = pytest.mark.timeout(15)
 

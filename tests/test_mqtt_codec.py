@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pytest_iotfailover.mqtt import (
+from pytest_iotfailover.iothub.mqtt import (
     Decoder, PacketTooLarge, ProtocolError, encode, encode_puback, packets as p,
 )
 

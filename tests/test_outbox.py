@@ -13,7 +13,7 @@ import time
 import pytest
 from azure.iot.device import Message, exceptions
 
-from pytest_iotfailover.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
+from pytest_iotfailover.devices.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
 
 from sdk_support import bounded, make_client
 

@@ -42,11 +42,11 @@ from azure.iot.device import IoTHubDeviceClient  # noqa: E402
 
 from pytest_iotfailover import FakeHub  # noqa: E402
 from pytest_iotfailover.backends import FaultNotSupported, HubView  # noqa: E402
-from pytest_iotfailover.backends.real import (RealBackend, RealBackendError,  # noqa: E402
+from pytest_iotfailover.backends.real.backend import (RealBackend, RealBackendError,  # noqa: E402
                                               derive_eventhub_connection_string, telemetry_from_event)
-from pytest_iotfailover.factory import run_bounded  # noqa: E402
-from pytest_iotfailover.hub import HubOperationError, MethodResponse  # noqa: E402
-from pytest_iotfailover.hub.auth import parse_sas_token  # noqa: E402
+from pytest_iotfailover.plugin.factory import run_bounded  # noqa: E402
+from pytest_iotfailover.fakehub.hub import HubOperationError, MethodResponse  # noqa: E402
+from pytest_iotfailover.iothub.auth import parse_sas_token  # noqa: E402
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -802,7 +802,7 @@ def test_region_failover_goes_to_arm_and_moves_the_ledger(registry_stub, ca_file
 
 
 def test_region_failover_not_opted_in_is_an_error_naming_the_flag_and_the_cost():
-    from pytest_iotfailover.backends.arm import ArmFailover, FailoverNotAllowed
+    from pytest_iotfailover.backends.real.arm import ArmFailover, FailoverNotAllowed
     arm = ArmFailover(subscription_id="00000000-0000-0000-0000-000000000000", resource_group="rg",
                       hub_name="testhub", allowed_hub=None)
     b = RealBackend(DEVICE_CS, eventhub_connection_string=EH_CS, eventhub_consumer_factory=Consumers(), arm=arm)
@@ -887,7 +887,7 @@ def test_drop_through_an_aio_client_keeps_its_own_state_handler(fakehub):
 
 
 def test_drop_through_a_device_pool_uses_its_current_client(fakehub):
-    from pytest_iotfailover.clients import DevicePool
+    from pytest_iotfailover.devices.pool import DevicePool
     fake_dev = fakehub.add_device("pooled")
     b = RealBackend(fake_dev.connection_string, eventhub_connection_string=EH_CS,
                     eventhub_consumer_factory=Consumers(), fault_watch=10)

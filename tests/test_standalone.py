@@ -17,9 +17,9 @@ import urllib.request
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
 
-from pytest_iotfailover.hub import control
-from pytest_iotfailover.hub.control import ControlServer
-from pytest_iotfailover.hub.faults import Faults
+from pytest_iotfailover.fakehub import control_api as control
+from pytest_iotfailover.fakehub.control_api import ControlServer
+from pytest_iotfailover.fakehub.faults import Faults
 
 from sdk_support import Inbox, bounded
 
@@ -42,7 +42,7 @@ class HubProcess:
 
     def start(self):
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", *self.args],
+            self.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.fakehub", *self.args],
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         self.info = self._wait_for_info()
         return self
@@ -575,7 +575,7 @@ def test_signal_stops_the_hub_cleanly(hub_factory, sig):
 
 
 def test_without_info_file_only_a_private_file_path_goes_to_stdout(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0", "--device", "d"],
+    proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.fakehub", "--port", "0", "--device", "d"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         info_path = proc.stdout.readline().decode().strip()
@@ -610,7 +610,7 @@ def test_without_info_file_only_a_private_file_path_goes_to_stdout(tmp_path):
 def test_invalid_arguments_exit_2(info, tmp_path, args, words):
     if args == "in-use":
         args = ["--host", info["gateway_host"], "--port", str(info["port"])]
-    proc = subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", *args,
+    proc = subprocess.run([sys.executable, "-m", "pytest_iotfailover.fakehub", *args,
                            "--info-file", str(tmp_path / "info.json")],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr
@@ -817,7 +817,7 @@ def test_connections_beyond_the_limit_get_503_and_no_thread(quick_hub):
 # --- files the standalone hub writes ----------------------------------------------------------------
 
 def run_hub(tmp_path, *args):
-    return subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", "--port", "0", *args],
+    return subprocess.run([sys.executable, "-m", "pytest_iotfailover.fakehub", "--port", "0", *args],
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
 
 
@@ -868,7 +868,7 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     hub = HubProcess(tmp_path, "--port", "0")
     with open(hub.stdout_path, "wb") as out, open(hub.stderr_path, "wb") as err:
-        hub.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.hub", *hub.args],
+        hub.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.fakehub", *hub.args],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=low_soft_limit)
     try:
         hub._wait_for_info()

@@ -8,8 +8,8 @@ import itertools
 import re
 from typing import Any, Callable, Collection, Dict, List, Optional
 
-from ..hub import Device, HubEvent, MethodResponse, Telemetry
-from ..secrets import remember
+from ..fakehub.hub import Device, HubEvent, MethodResponse, Telemetry
+from ..plugin.redact import remember
 
 
 class FaultNotSupported(Exception):
@@ -195,8 +195,8 @@ def open_backend(settings, state_store=None, progress=None) -> Hub:
         from .fake import FakeBackend
         return FakeBackend(settings.hub_name)
     try:
-        from .arm import ArmFailover
-        from .real import RealBackend
+        from .real.arm import ArmFailover
+        from .real.backend import RealBackend
     except ImportError as exc:
         raise RealHubUnavailable(
             f"running against a real IoT Hub needs the 'real' extra: pip install 'pytest-iotfailover[real]' "

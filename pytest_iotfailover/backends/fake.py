@@ -1,7 +1,7 @@
 """The embedded FakeHub behind the `Hub` interface."""
 from typing import Collection, List, Optional
 
-from ..hub import FakeHub, HubEvent, Telemetry
+from ..fakehub.hub import FakeHub, HubEvent, Telemetry
 from . import FaultNotSupported, Hub
 
 FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",

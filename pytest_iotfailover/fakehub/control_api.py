@@ -57,10 +57,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .auth import redact
+from ..iothub.auth import redact
 from .faults import FaultHandle, Faults
-from .iothub import HubOperationError
-from .registry import check_device_id
+from ..iothub.core import HubOperationError
+from ..iothub.registry import check_device_id
 
 __all__ = ["ControlServer", "MAX_BODY_SIZE", "MAX_CONNECTIONS", "MAX_JSON_DEPTH", "REQUEST_TIMEOUT",
            "FAULT_KINDS"]

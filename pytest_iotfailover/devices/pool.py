@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device import exceptions as sdk_errors
 
-from .hub.auth import parse_connection_string, redact
+from ..iothub.auth import parse_connection_string, redact
 
 __all__ = ["create_client", "DevicePool", "Recreation", "DeviceConnectionError", "DeviceTimeoutError"]
 

@@ -5,7 +5,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from .backends import HubView
+from ..backends import HubView
 
 SHUTDOWN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 30.0
@@ -63,7 +63,7 @@ class DeviceClientFactory:
             raise ValueError(f"count must be a positive integer, got {count!r}")
         devices = [self.iothub.add_device() for _ in range(count)]
         if pooled:
-            from .clients import DevicePool
+            from ..devices.pool import DevicePool
             kwargs: Dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
             kwargs.pop("connection_retry_interval", None)  # the pool does its own retrying
             pool = DevicePool(devices, **kwargs)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from .hub.auth import parse_connection_string
+from ..iothub.auth import parse_connection_string
 
 
 class SettingsError(ValueError):
@@ -51,7 +51,7 @@ def _positive_seconds(flag: str, raw: str) -> float:
 
 
 def _hub_name(flag: str, raw: str) -> str:
-    from .hub import _HUB_NAME
+    from ..fakehub.hub import _HUB_NAME
     value = str(raw).strip()
     if not _HUB_NAME.match(value):
         raise SettingsError(f"{flag} must be 3-50 lower-case letters, digits and hyphens, got {value!r}")

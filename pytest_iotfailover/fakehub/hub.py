@@ -6,11 +6,11 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from .certs import HubCertificates
-from .events import EventLog, HubEvent
+from ..iothub.events import EventLog, HubEvent
 from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
-from .iothub import HubOperationError, IoTHubCore, MethodResponse, c2d_body
-from .ledger import Ledger, Telemetry
-from .registry import Device, Registry
+from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
+from ..iothub.ledger import Ledger, Telemetry
+from ..iothub.registry import Device, Registry
 from .server import HubServer, is_loopback
 
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",

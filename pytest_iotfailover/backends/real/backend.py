@@ -27,14 +27,14 @@ import uuid
 import warnings
 from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
-from ..hub import Device, HubEvent, HubOperationError, MethodResponse, Telemetry
-from ..hub.auth import device_connection_string, make_sas_token, parse_connection_string
-from ..hub.faults import DeviceRecovery, RecoveryReport, tally_messages
-from ..hub.iothub import c2d_body
-from ..hub.ledger import Ledger
-from ..hub.registry import check_device_id, new_key
-from ..secrets import redact, remember
-from . import FaultNotSupported, Hub
+from ...fakehub.hub import Device, HubEvent, HubOperationError, MethodResponse, Telemetry
+from ...iothub.auth import device_connection_string, make_sas_token, parse_connection_string
+from ...fakehub.faults import DeviceRecovery, RecoveryReport, tally_messages
+from ...iothub.core import c2d_body
+from ...iothub.ledger import Ledger
+from ...iothub.registry import check_device_id, new_key
+from ...plugin.redact import redact, remember
+from .. import FaultNotSupported, Hub
 
 __all__ = ["RealBackend", "RealBackendError", "RealFaultHandle", "derive_eventhub_connection_string",
            "telemetry_from_event", "DEVICE_PREFIX"]

@@ -3,7 +3,7 @@ from typing import List, Optional
 
 import pytest
 
-from .backends import FaultNotSupported, HubView
+from ..backends import FaultNotSupported, HubView
 
 
 class Failover:

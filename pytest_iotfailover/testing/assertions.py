@@ -4,8 +4,8 @@ import time
 from collections import Counter
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from . import reporting
-from .reporting import DeliveryFigures
+from ..plugin import reporting
+from ..plugin.reporting import DeliveryFigures
 
 _SHOW = 10  # ids listed in a failure before "... and N more"
 

@@ -6,11 +6,11 @@ import sys
 import pytest
 
 from . import reporting
-from .backends import HubView, RealHubUnavailable, open_backend
-from .config import OPTIONS, SettingsError, resolve
+from ..backends import HubView, RealHubUnavailable, open_backend
+from .options import OPTIONS, SettingsError, resolve
 from .factory import CONNECT_TIMEOUT, DeviceClientFactory, make_client, run_bounded, shutdown_quietly
-from .failover import Failover
-from .secrets import redact, remember_connection_string_keys, scrub_report
+from ..testing.failover import Failover
+from .redact import redact, remember_connection_string_keys, scrub_report
 
 _SETTINGS = pytest.StashKey()
 

@@ -13,8 +13,8 @@ import ssl
 import struct
 from typing import Iterable, Optional
 
-from ..mqtt import Decoder, PacketTooLarge, ProtocolError
-from .iothub import MAX_D2C_SIZE, IoTHubCore
+from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
+from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
 _MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over

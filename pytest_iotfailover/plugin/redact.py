@@ -7,7 +7,7 @@ made, so the terminal, junit XML, pytest-xdist and other plugins only ever see t
 import threading
 from urllib.parse import quote
 
-from .hub.auth import redact as _redact_patterns
+from ..iothub.auth import redact as _redact_patterns
 
 _MARKERS = ("SharedAccessKey=", "sig=", "SharedAccessSignature ")
 _known = set()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from ..mqtt import packets as p
+from ..iothub.mqtt import packets as p
 
 FAULT_PROPERTY = "AzIoTHub_FaultOperationType"
 _DELAY_PROPERTY = "AzIoTHub_FaultOperationDelayInSecs"

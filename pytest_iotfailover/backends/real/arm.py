@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..hub.faults import RecoveryReport
-from ..secrets import redact
+from ...fakehub.faults import RecoveryReport
+from ...plugin.redact import redact
 
 _log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Optional
 from urllib.parse import quote, unquote
 
-from ..mqtt import codec, packets as p
+from .mqtt import codec, packets as p
 from .auth import AuthError, parse_username, verify_sas_token
 from .events import EventLog
 from .ledger import Ledger, Telemetry

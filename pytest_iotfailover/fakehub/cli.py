@@ -23,10 +23,10 @@ try:
 except ImportError:  # Windows
     resource = None
 
-from . import FakeHub, HubInternalError
-from .auth import redact
-from .control import REQUEST_TIMEOUT, ControlServer
-from .registry import check_device_id
+from ..iothub.auth import redact
+from ..iothub.registry import check_device_id
+from .control_api import REQUEST_TIMEOUT, ControlServer
+from .hub import FakeHub, HubInternalError
 
 PROG = "iotfailover-hub"
 EXIT_USAGE = 2

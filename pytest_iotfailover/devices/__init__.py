@@ -1,0 +1,1 @@
+"""Device-side helpers that work on SDK clients only: `DevicePool`, `Outbox`, backoff."""
