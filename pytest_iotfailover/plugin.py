@@ -133,20 +133,26 @@ def pytest_sessionstart(session):
                          getattr(logging_plugin, "log_file_handler", None)])
 
 
-def pytest_runtest_logstart(nodeid, location):
-    # the previous test is fully reported (teardown report, its warnings): its removed devices'
-    # keys need no hiding any more
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    # the previous test is fully reported (teardown report, its warnings): its removed devices' keys
+    # need no hiding any more, once what outlives the test is redacted
+    _scrub_suite_properties(item.config)
     release_retired()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session):
-    # record_testsuite_property values go straight to junit XML, past every report
+    _scrub_suite_properties(session.config)
+
+
+def _scrub_suite_properties(config):
+    # record_testsuite_property values go straight to junit XML at the end, past every report
     try:
         from _pytest.junitxml import xml_key
     except ImportError:  # pragma: no cover - a pytest without it has no such properties
         return
-    xml = session.config.stash.get(xml_key, None)
+    xml = config.stash.get(xml_key, None)
     if xml is not None and getattr(xml, "global_properties", None):
         xml.global_properties = [(name, redact(str(value))) for name, value in xml.global_properties]
 

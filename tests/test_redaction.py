@@ -69,9 +69,10 @@ from conftest import keep, leak
 
 
 @pytest.mark.parametrize("n", range(3))
-def test_leaks_and_passes(secrets_of_test, record_property, n):
+def test_leaks_and_passes(secrets_of_test, record_property, record_testsuite_property, n):
     for label, secret in secrets_of_test.items():
         leak(label, secret, record_property)
+        record_testsuite_property(f"suite-{label}-{n}", secret)
 
 
 def test_compares_connection_strings(iothub, secrets_of_test):
@@ -127,7 +128,7 @@ def test_no_secret_of_the_run_reaches_any_output(pytester, monkeypatch, extra):
     result.assert_outcomes(passed=3, failed=6)
     outputs = {"stdout": result.stdout.str(), "stderr": result.stderr.str(),
                "junit": (pytester.path / "out.xml").read_text()}
-    if not extra:  # pytest-xdist workers do not share the log file
+    if (pytester.path / "run.log").exists():  # under -n, whatever the controller and workers left there
         outputs["log file"] = (pytester.path / "run.log").read_text()
     kept = [s for s in record.read_text().split("\n") if s]
     assert len(kept) == 9 * 4 + 6, "every test's secrets were recorded"
@@ -140,9 +141,12 @@ def test_no_secret_of_the_run_reaches_any_output(pytester, monkeypatch, extra):
     # the outputs are there, only the secrets are gone
     assert "SharedAccessKey=<redacted>" in outputs["stdout"] and "sig=<redacted>" in outputs["stdout"]
     assert "teardown-control warning <redacted>" in outputs["stdout"]  # warnings summary
+    assert "PASSED test_leaky.py::test_leaks_and_passes[2]" in outputs["stdout"]
+    assert "key stdout <redacted>" in outputs["stdout"]  # -rA shows the passed tests' captured output
     assert 'name="cs-dict" value="{\'secret\': \'HostName=' in outputs["junit"]
     assert "&lt;redacted&gt;" in outputs["junit"]
     if not extra:
+        assert 'name="suite-cs-0" value="HostName=' in outputs["junit"]  # record_testsuite_property
         assert "key log <redacted>" in outputs["stdout"]  # live log
         assert "key partial <redacted>" in outputs["log file"]
 
