@@ -221,6 +221,9 @@ def scrub_report(report) -> None:
             cleaned = redact(text)
             if cleaned != text:
                 report.longrepr = cleaned
+    reason = getattr(report, "wasxfail", None)
+    if isinstance(reason, str) and reason:  # pytest.xfail(reason), shown by -rx
+        report.wasxfail = redact(reason)
     sections = getattr(report, "sections", None)
     if sections:
         report.sections = [(title, redact(content)) for title, content in sections]

@@ -95,6 +95,10 @@ def test_compares_connection_string_ending_in_key(secrets_of_test):
     assert secrets_of_test["cs"].split(";GatewayHostName=")[0] == "HostName=elsewhere"
 
 
+def test_gives_up_with_key(secrets_of_test):
+    pytest.xfail(f"no hub for {secrets_of_test['cs']}")
+
+
 def test_compares_tokens(secrets_of_test):
     assert secrets_of_test["token"] * 2 == secrets_of_test["control"]
 
@@ -125,13 +129,13 @@ def test_no_secret_of_the_run_reaches_any_output(pytester, monkeypatch, extra):
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-rA", "--showlocals", "--log-cli-level=DEBUG", "--log-file=run.log",
         "--log-file-level=DEBUG", "--junitxml=out.xml", "-W", "always::UserWarning", *extra)
-    result.assert_outcomes(passed=3, failed=6)
+    result.assert_outcomes(passed=3, failed=6, xfailed=1)
     outputs = {"stdout": result.stdout.str(), "stderr": result.stderr.str(),
                "junit": (pytester.path / "out.xml").read_text()}
     if (pytester.path / "run.log").exists():  # under -n, whatever the controller and workers left there
         outputs["log file"] = (pytester.path / "run.log").read_text()
     kept = [s for s in record.read_text().split("\n") if s]
-    assert len(kept) == 9 * 4 + 6, "every test's secrets were recorded"
+    assert len(kept) == 10 * 4 + 6, "every test's secrets were recorded"
 
     leaks = sorted({(name, piece) for s in kept for piece in _pieces(s)
                     for name, text in outputs.items() if piece in text})
@@ -142,6 +146,7 @@ def test_no_secret_of_the_run_reaches_any_output(pytester, monkeypatch, extra):
     assert "SharedAccessKey=<redacted>" in outputs["stdout"] and "sig=<redacted>" in outputs["stdout"]
     assert "teardown-control warning <redacted>" in outputs["stdout"]  # warnings summary
     assert "PASSED test_leaky.py::test_leaks_and_passes[2]" in outputs["stdout"]
+    assert "XFAIL test_leaky.py::test_gives_up_with_key - no hub for HostName=" in outputs["stdout"]
     assert "key stdout <redacted>" in outputs["stdout"]  # -rA shows the passed tests' captured output
     assert 'name="cs-dict" value="{\'secret\': \'HostName=' in outputs["junit"]
     assert "&lt;redacted&gt;" in outputs["junit"]
