@@ -119,7 +119,7 @@ def _pieces(secret):
             yield form[i:i + PIECE]
 
 
-@pytest.mark.parametrize("extra", [[], ["-n", "2"]], ids=["serial", "xdist"])
+@pytest.mark.parametrize("extra", [[], ["-n", "2", "-v"]], ids=["serial", "xdist-verbose"])
 def test_no_secret_of_the_run_reaches_any_output(pytester, monkeypatch, extra):
     record = pytester.path.parent / f"{pytester.path.name}-secrets.txt"
     monkeypatch.setenv("LEAK_RECORD", str(record))
