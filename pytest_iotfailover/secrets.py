@@ -5,10 +5,11 @@ A device's connection string is an ordinary string to a test: an assertion that 
 live/file log lines are scrubbed as they are made, so the terminal, junit XML, pytest-xdist and
 other plugins only ever see the redacted text.
 
-Two rules, both applied in one pass over the text each, whatever the number of keys:
+Two rules, each a fixed number of regex passes over the text, whatever the number of keys:
 
 * marked values: whatever follows `...Key=`, `sig=`, `Bearer ` or `control_token` is hidden, and so
   is the base64 run just before `&se=<digits>` (the signature of a SAS token whose head was cut off);
+  a pattern runs only when its literal trigger is in the text;
 * live secrets: a run of base64/URL-safe characters holding MIN_PARTIAL or more consecutive
   characters of a secret the plugin knows about is hidden whole. That catches bare keys, the
   truncated reprs pytest prints in assertion messages (`'HostName=...;SharedAcc...Zk3N='`) and
@@ -18,8 +19,9 @@ Live secrets are found through an index of fixed-length windows: every secret co
 windows that start at multiples of _STRIDE; any MIN_PARTIAL characters of it contain one of those
 windows whole, so looking up each window of a run in a dict finds every such leak. The cost is one
 lookup per character of the runs in the text, independent of how many secrets are live. Device keys
-are live only while their device exists (plus the rest of the test that removed it); keys from the
-command line and control tokens stay for the whole run.
+are live while their device exists and until the next test starts (the removing test's teardown
+report and warnings are made after its fixtures are gone); keys from the command line and control
+tokens stay for the whole run.
 """
 import logging
 import re

@@ -190,3 +190,16 @@ def test_only_live_device_keys_are_indexed():
         secrets.forget_device(f"live-{i}")
     secrets.release_retired()
     assert secrets.live_count() == before
+
+
+def test_bench_redact_runs():
+    # only that it runs and every key ends up hidden; the timings depend on the machine
+    import os
+    import subprocess
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_redact.py")
+    proc = subprocess.run([sys.executable, bench, "--size", "0.05", "--devices", "20,200"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["20"], ["200"])]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [("20", "40", "yes"), ("200", "400", "yes")], proc.stdout
