@@ -203,3 +203,22 @@ def test_bench_redact_runs():
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["20"], ["200"])]
     assert [(r[0], r[1], r[-1]) for r in rows] == [("20", "40", "yes"), ("200", "400", "yes")], proc.stdout
+
+
+def test_hubview_keys_are_live_from_add_until_released():
+    from pytest_iotfailover.backends import HubView
+    from pytest_iotfailover.backends.fake import FakeBackend
+    backend = FakeBackend("testhub")
+    try:
+        before = secrets.live_count()
+        view = HubView(backend, "live-keys")
+        devices = [view.add_device() for _ in range(5)]
+        assert secrets.live_count() == before + 10  # primary and secondary keys
+        assert all(secrets.redact(d.primary_key) == "<redacted>" for d in devices)
+        view.close()
+        assert secrets.redact(devices[0].secondary_key) == "<redacted>", "still hidden while the test reports"
+        secrets.release_retired()
+        assert secrets.live_count() == before
+        assert secrets.redact(devices[0].primary_key) == devices[0].primary_key
+    finally:
+        backend.close()
