@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Collection, Dict, List, Optional
 
 from ..fakehub.hub import Device, HubEvent, MethodResponse, Telemetry
-from ..plugin.redact import remember
+from ..redaction import forget_device, remember_device
 
 
 class FaultNotSupported(Exception):
@@ -115,13 +115,16 @@ class HubView:
         if device_id is None:
             device_id = f"{self._slug}-{next(self._counter)}"
         dev = self.hub.create_device(device_id)
-        remember(dev.primary_key, getattr(dev, "secondary_key", None))
+        remember_device(dev.device_id, dev.primary_key, getattr(dev, "secondary_key", None))
         self._devices[dev.device_id] = dev
         return dev
 
     def remove_device(self, device_id: str) -> None:
         self._devices.pop(device_id, None)
-        self.hub.delete_device(device_id)
+        try:
+            self.hub.delete_device(device_id)
+        finally:
+            forget_device(device_id)
 
     def client_kwargs(self, **overrides) -> Dict[str, Any]:
         kwargs = dict(self.hub.client_kwargs(), **self.client_defaults)

@@ -538,7 +538,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._params(query)
                 return 200, api.wait_fault(rest[0], self._json_object(body, allow_empty=True)), None
         raise ApiError(404, f"no route {url.path!r}; see the module documentation of "
-                            "pytest_iotfailover.hub.control for the routes")
+                            "pytest_iotfailover.fakehub.control_api for the routes")
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -696,6 +696,9 @@ class ControlServer:
                 or " " in token:
             raise ValueError("control token must be a non-empty printable ASCII string without spaces")
         self.token = token
+        # a test that starts a control API for its hub must not print the token in its reports
+        from ..redaction import remember
+        remember(token)
         self._port = port
         self._httpd: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None

@@ -10,7 +10,8 @@ from ..backends import HubView, RealHubUnavailable, open_backend
 from .options import OPTIONS, SettingsError, resolve
 from .factory import CONNECT_TIMEOUT, DeviceClientFactory, make_client, run_bounded, shutdown_quietly
 from ..testing.failover import Failover
-from .redact import redact, remember_connection_string_keys, scrub_report
+from ..redaction import (redact, redact_handlers, release_retired, remember_connection_string_keys, scrub_report,
+                      scrub_warning)
 
 _SETTINGS = pytest.StashKey()
 
@@ -115,6 +116,45 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     scrub_report(outcome.get_result())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_warning_recorded(warning_message, when, nodeid, location):
+    # first, so the warnings summary and pytest-xdist's copy to the controller get the redacted text
+    scrub_warning(warning_message)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    # live logs (--log-cli-level) and --log-file are written as records arrive, not from reports
+    logging_plugin = session.config.pluginmanager.get_plugin("logging-plugin")
+    if logging_plugin is not None:
+        redact_handlers([getattr(logging_plugin, "log_cli_handler", None),
+                         getattr(logging_plugin, "log_file_handler", None)])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    # the previous test is fully reported (teardown report, its warnings): its removed devices' keys
+    # need no hiding any more, once what outlives the test is redacted
+    _scrub_suite_properties(item.config)
+    release_retired()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session):
+    _scrub_suite_properties(session.config)
+
+
+def _scrub_suite_properties(config):
+    # record_testsuite_property values go straight to junit XML at the end, past every report
+    try:
+        from _pytest.junitxml import xml_key
+    except ImportError:  # pragma: no cover - a pytest without it has no such properties
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is not None and getattr(xml, "global_properties", None):
+        xml.global_properties = [(name, redact(str(value))) for name, value in xml.global_properties]
 
 
 # --- fixtures ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ...fakehub.faults import RecoveryReport
-from ...plugin.redact import redact
+from ...redaction import redact
 
 _log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ...fakehub.faults import DeviceRecovery, RecoveryReport, tally_messages
 from ...iothub.core import c2d_body
 from ...iothub.ledger import Ledger
 from ...iothub.registry import check_device_id, new_key
-from ...plugin.redact import redact, remember
+from ...redaction import redact, remember
 from .. import FaultNotSupported, Hub
 
 __all__ = ["RealBackend", "RealBackendError", "RealFaultHandle", "derive_eventhub_connection_string",
