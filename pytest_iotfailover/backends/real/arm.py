@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ...fakehub.faults import RecoveryReport
+from ...model import RecoveryReport
 from ...plugin.redact import redact
 
 _log = logging.getLogger(__name__)
