@@ -4,6 +4,7 @@ message tally that fills them.
 Kept apart from either hub so the embedded one and the real-hub backend share the value
 types without importing each other.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -36,6 +37,7 @@ class DeviceRecovery:
 class RecoveryReport:
     """How a fault went, from the hub's event log and ledger. Times are time.time()
     seconds."""
+
     fault: str
     target: str | None
     params: dict[str, Any]
@@ -46,8 +48,9 @@ class RecoveryReport:
     messages_during: int = 0
     messages_after: int = 0
     duplicates: int = 0
-    time_to_detect: float | None = None   # fault start -> the last affected device noticed
-    time_to_recover: float | None = None  # fault end -> the last affected device back
+    # fault start -> the last affected device noticed; fault end -> the last one back
+    time_to_detect: float | None = None
+    time_to_recover: float | None = None
 
     @property
     def recovered(self) -> bool:
@@ -62,20 +65,22 @@ class RecoveryReport:
     def __str__(self) -> str:
         def s(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}s"
+
         back = sum(1 for d in self.devices.values() if d.reconnected_at is not None)
         target = "@" + self.target if self.target else ""
-        return (f"{self.fault}{target}: outage {s(self.outage)}, "
-                f"detect {s(self.time_to_detect)}, recover {s(self.time_to_recover)}, "
-                f"{back}/{len(self.devices)} devices back, "
-                f"messages {self.messages_before} before / "
-                f"{self.messages_during} during / {self.messages_after} after, "
-                f"{self.duplicates} duplicates")
+        return (f"{self.fault}{target}: outage {s(self.outage)}, detect "
+                f"{s(self.time_to_detect)}, recover {s(self.time_to_recover)}, "
+                f"{back}/{len(self.devices)} devices back, messages "
+                f"{self.messages_before} before / {self.messages_during} during / "
+                f"{self.messages_after} after, {self.duplicates} duplicates")
 
 
-def tally_messages(rep: RecoveryReport, telemetry: Iterable[Telemetry]) -> RecoveryReport:
-    """Fill a report's message counts (before/during/after the fault window, hub-wide and
-    per device, and duplicates since the start) and its derived times from per-device
-    recovery data. A fault that never started has no window: the report stays as it is."""
+def tally_messages(rep: RecoveryReport,
+                   telemetry: Iterable[Telemetry]) -> RecoveryReport:
+    """Fill a report's message counts (before/during/after the fault window, hub-wide
+    and per device, and duplicates since the start) and its derived times from
+    per-device recovery data. A fault that never started has no window: the report
+    stays as it is."""
     start, end = rep.started_at, rep.ended_at
     if start is None:
         return rep

@@ -19,9 +19,8 @@ def is_device_client(client: Any) -> bool:
 def sdk_client(client: Any, device_id: str) -> Any:
     if hasattr(client, "send_message"):
         return client
-    # A DevicePool: its current client for the device. Not pool.send(), which retries on
-    # a new client after the drop and so would ask the hub for the fault again and
-    # again.
+    # A DevicePool: its current client for the device. Not pool.send(), which retries
+    # on a new client after the drop and so would ask the hub for the fault again.
     clients = getattr(client, "clients", None)
     return clients.get(device_id) if isinstance(clients, dict) else None
 
@@ -37,8 +36,8 @@ def send_through(client: Any, device_id: str, message: Any) -> None:
             f"no client for {device_id!r} to send the fault request through")
     result = target.send_message(message)
     if inspect.isawaitable(result):
-        # an aio client: its pipeline runs on the SDK's own threads, any event loop can
-        # wait
+        # an aio client: its pipeline runs on the SDK's own threads, so any event
+        # loop can wait on it
         asyncio.run(_await(result))
 
 
