@@ -19,7 +19,7 @@ from azure.core.credentials import AccessToken
 from pytest_iotfailover.backends.real.arm import (ArmFailover, ArmFailoverError, ArmFailoverHandle,
                                              FailoverInProgress, FailoverNotAllowed, FailoverQuotaExceeded,
                                              format_utc)
-from pytest_iotfailover.fakehub.faults import RecoveryReport
+from pytest_iotfailover.model import RecoveryReport
 
 pytestmark = pytest.mark.timeout(15)
 

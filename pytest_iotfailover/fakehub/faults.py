@@ -9,10 +9,10 @@ import itertools
 import math
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from ..iothub.mqtt import packets as p
+from ..model import DeviceRecovery, RecoveryReport, tally_messages
 
 FAULT_PROPERTY = "AzIoTHub_FaultOperationType"
 _DELAY_PROPERTY = "AzIoTHub_FaultOperationDelayInSecs"
@@ -33,60 +33,6 @@ class D2CAction:
         self.close_after_accept = close_after_accept  # record it, then close before the PUBACK
         self.ack_delay = ack_delay
         self.reason = reason
-
-
-@dataclass
-class DeviceRecovery:
-    device_id: str
-    disconnected_at: Optional[float] = None
-    detected_at: Optional[float] = None
-    reconnected_at: Optional[float] = None
-    messages_before: int = 0
-    messages_during: int = 0
-    messages_after: int = 0
-
-    @property
-    def downtime(self) -> Optional[float]:
-        if self.disconnected_at is None or self.reconnected_at is None:
-            return None
-        return self.reconnected_at - self.disconnected_at
-
-
-@dataclass
-class RecoveryReport:
-    """How a fault went, from the hub's event log and ledger. Times are time.time() seconds."""
-    fault: str
-    target: Optional[str]
-    params: Dict[str, Any]
-    started_at: Optional[float]
-    ended_at: Optional[float]
-    devices: Dict[str, DeviceRecovery] = field(default_factory=dict)
-    messages_before: int = 0
-    messages_during: int = 0
-    messages_after: int = 0
-    duplicates: int = 0
-    time_to_detect: Optional[float] = None   # fault start -> the last affected device noticed
-    time_to_recover: Optional[float] = None  # fault end -> the last affected device back
-
-    @property
-    def recovered(self) -> bool:
-        return all(d.reconnected_at is not None for d in self.devices.values())
-
-    @property
-    def outage(self) -> Optional[float]:
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return self.ended_at - self.started_at
-
-    def __str__(self) -> str:
-        def s(v):
-            return "-" if v is None else f"{v:.2f}s"
-        back = sum(1 for d in self.devices.values() if d.reconnected_at is not None)
-        return (f"{self.fault}{'@' + self.target if self.target else ''}: outage {s(self.outage)}, "
-                f"detect {s(self.time_to_detect)}, recover {s(self.time_to_recover)}, "
-                f"{back}/{len(self.devices)} devices back, messages {self.messages_before} before / "
-                f"{self.messages_during} during / {self.messages_after} after, "
-                f"{self.duplicates} duplicates")
 
 
 class Fault:
@@ -422,32 +368,6 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
                 d.reconnected_at = e.at
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
-    return rep
-
-
-def tally_messages(rep: RecoveryReport, telemetry) -> RecoveryReport:
-    """Fill a report's message counts (before/during/after the fault window, hub-wide and per
-    device, and duplicates since the start) and its derived times from per-device recovery data."""
-    start, end = rep.started_at, rep.ended_at
-    for t in telemetry:
-        if t.enqueued_at < start:
-            bucket = "messages_before"
-        elif end is None or t.enqueued_at < end:
-            bucket = "messages_during"
-        else:
-            bucket = "messages_after"
-        setattr(rep, bucket, getattr(rep, bucket) + 1)
-        if t.duplicate and t.enqueued_at >= start:
-            rep.duplicates += 1
-        d = rep.devices.get(t.device_id)
-        if d is not None:
-            setattr(d, bucket, getattr(d, bucket) + 1)
-    detected = [d.detected_at for d in rep.devices.values()]
-    if detected and all(x is not None for x in detected):
-        rep.time_to_detect = max(max(detected) - start, 0.0)
-    back = [d.reconnected_at for d in rep.devices.values()]
-    if back and all(x is not None for x in back) and end is not None:
-        rep.time_to_recover = max(max(back) - end, 0.0)
     return rep
 
 
