@@ -1,5 +1,6 @@
-"""What a fault did, as both hubs report it: `RecoveryReport`, `DeviceRecovery` and the
-message tally that fills them.
+"""Value types both hubs share: the fault vocabulary (`FaultKind`, `FaultState`, one `FaultSpec`
+per kind) and what a fault did (`RecoveryReport`, `DeviceRecovery` and the message tally that
+fills them).
 
 Kept apart from either hub so the embedded one and the real-hub backend share the value
 types without importing each other.
@@ -7,13 +8,266 @@ types without importing each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from enum import Enum
+from typing import Any, ClassVar
+
+from . import checks
 
 from .iothub.ledger import Telemetry
 
-__all__ = ["DeviceRecovery", "RecoveryReport", "tally_messages"]
+__all__ = ["DeviceRecovery", "RecoveryReport", "tally_messages", "FaultKind", "FaultState", "FaultSpec",
+           "RegionFailover", "Drop", "Blackhole", "Refuse", "DropBeforeAck", "DelayAcks", "Throttle",
+           "ExpireTokens", "SPECS", "spec_for"]
+
+
+class FaultKind(str, Enum):
+    REGION_FAILOVER = "region_failover"
+    DROP = "drop"
+    BLACKHOLE = "blackhole"
+    REFUSE = "refuse"
+    DROP_BEFORE_ACK = "drop_before_ack"
+    DELAY_ACKS = "delay_acks"
+    THROTTLE = "throttle"
+    EXPIRE_TOKENS = "expire_tokens"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class FaultState(str, Enum):
+    PENDING = "pending"      # waiting for at= or after_messages=
+    ACTIVE = "active"
+    ENDED = "ended"
+    CANCELLED = "cancelled"  # ended before it began
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultSpec:
+    """What to do, where and when; the same object drives `hub.faults`, the `failover` fixture,
+    the control API and both backends. Subclasses add their own parameters.
+
+    `device_id`: one device instead of the whole hub. `at`: seconds from now. `after_messages`:
+    after the hub accepted that many more messages. At most one of `at` and `after_messages`.
+    """
+    kind: ClassVar[FaultKind]
+    device_id: str | None = None
+    at: float | None = None
+    after_messages: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.device_id is not None:
+            checks.text("device_id", self.device_id)
+        self._set("at", checks.seconds("at=", self.at, allow_none=True))
+        checks.integer("after_messages=", self.after_messages, minimum=1, allow_none=True)
+        if self.at is not None and self.after_messages is not None:
+            raise ValueError("give at= or after_messages=, not both")
+        self.check()
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)  # canonical form of a frozen field
+
+    def check(self) -> None:
+        """Validate (and canonicalise, through _set) the kind's own parameters."""
+
+    @property
+    def lasts(self) -> float | None:
+        """How long the fault window stays open once started; None: until cancelled, or (for
+        one-shot faults) it ends as it starts."""
+        return None
+
+    def params(self) -> dict[str, Any]:
+        """The kind's own parameters (targeting excluded), for events, reports and the API."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _TARGETING}
+
+    def changed_params(self) -> dict[str, Any]:
+        """Parameters given a value other than their default: what a backend must honour."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+            if default is dataclasses.MISSING or value != default:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, what: str | None = None) -> "FaultSpec":
+        """Build from keyword arguments, naming `what` (the call the user wrote) in errors."""
+        what = what or f"{cls.kind.value}()"
+        names = cls.parameter_names()
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"{what} got unexpected argument{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(unknown)}; it takes {', '.join(names)}")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in kwargs]
+        if missing:
+            raise TypeError(f"{what} needs {', '.join(missing)}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{what}: {exc}") from None
+
+
+_TARGETING = ("device_id", "at", "after_messages")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionFailover(FaultSpec):
+    """Drop every connection, refuse new ones for `outage` s, then answer as the other region.
+
+    Sessions (subscriptions, un-acknowledged C2D) are gone afterwards unless `keep_sessions`: no
+    document says what a failover does to persistent MQTT sessions; losing them is an assumption
+    (failover-facts.md). `refuse`: "tcp" (the whole hub) or "connack" (CONNACK 3; the only choice
+    for one device, since a refused TCP connection names no device).
+    """
+    kind: ClassVar[FaultKind] = FaultKind.REGION_FAILOVER
+    outage: float = 2.0
+    keep_sessions: bool = False
+    refuse: str | None = None
+
+    def check(self) -> None:
+        self._set("outage", checks.required_seconds("outage", self.outage))
+        checks.boolean("keep_sessions", self.keep_sessions)
+        if self.refuse is not None:
+            checks.choice("refuse", self.refuse, ("tcp", "connack"))
+        if self.refuse == "tcp" and self.device_id is not None:
+            raise ValueError("refuse='tcp' needs the whole hub: a refused TCP connection names no device")
+
+    @property
+    def refusal(self) -> str:
+        """How new connections are refused during the outage: the default depends on the target."""
+        if self.refuse is not None:
+            return self.refuse
+        return "tcp" if self.device_id is None else "connack"
+
+    @property
+    def lasts(self) -> float | None:
+        return self.outage
+
+
+@dataclass(frozen=True, kw_only=True)
+class Drop(FaultSpec):
+    """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN (ShutDownMqtt)."""
+    kind: ClassVar[FaultKind] = FaultKind.DROP
+    graceful: bool = False
+
+    def check(self) -> None:
+        checks.boolean("graceful", self.graceful)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Blackhole(FaultSpec):
+    """Connections stay open but the hub reads and sends nothing; new ones get no CONNACK.
+    `seconds=None`: until cancelled."""
+    kind: ClassVar[FaultKind] = FaultKind.BLACKHOLE
+    seconds: float | None = None
+
+    def check(self) -> None:
+        self._set("seconds", checks.seconds("seconds", self.seconds, allow_none=True))
+
+    @property
+    def lasts(self) -> float | None:
+        return self.seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class Refuse(FaultSpec):
+    """New CONNECTs answered with this CONNACK code: 3 (server unavailable) is retried by the
+    SDKs; 4 and 5 make the Python SDK stop retrying for good (sdk-notes.md)."""
+    kind: ClassVar[FaultKind] = FaultKind.REFUSE
+    code: int = 3
+    seconds: float | None = None
+
+    def check(self) -> None:
+        checks.integer("code", self.code, minimum=1, maximum=5)
+        self._set("seconds", checks.seconds("seconds", self.seconds, allow_none=True))
+
+    @property
+    def lasts(self) -> float | None:
+        return self.seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropBeforeAck(FaultSpec):
+    """The next `count` publishes are accepted (recorded) but the connection is reset before the
+    PUBACK, so the client re-sends them."""
+    kind: ClassVar[FaultKind] = FaultKind.DROP_BEFORE_ACK
+    count: int = 1
+
+    def check(self) -> None:
+        checks.positive_int("count", self.count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DelayAcks(FaultSpec):
+    """Every PUBACK goes out `seconds` late, for `duration` s (None: until cancelled)."""
+    kind: ClassVar[FaultKind] = FaultKind.DELAY_ACKS
+    seconds: float
+    duration: float | None = None
+
+    def check(self) -> None:
+        self._set("seconds", checks.required_seconds("seconds", self.seconds))
+        self._set("duration", checks.seconds("duration", self.duration, allow_none=True))
+
+    @property
+    def lasts(self) -> float | None:
+        return self.duration
+
+
+@dataclass(frozen=True, kw_only=True)
+class Throttle(FaultSpec):
+    """Above `rate` messages/s PUBACKs are delayed (IoT Hub's traffic shaping); a message that
+    would wait more than `max_delay` s closes its connection unacknowledged, as a throttled IoT Hub
+    does over MQTT (iothub-mqtt.md §8.2)."""
+    kind: ClassVar[FaultKind] = FaultKind.THROTTLE
+    rate: float
+    seconds: float | None = None
+    burst: int = 1
+    max_delay: float = 10.0
+
+    def check(self) -> None:
+        self._set("rate", checks.number("rate", self.rate, positive=True))
+        self._set("seconds", checks.seconds("seconds", self.seconds, allow_none=True))
+        checks.positive_int("burst", self.burst)
+        self._set("max_delay", checks.required_seconds("max_delay", self.max_delay))
+
+    @property
+    def lasts(self) -> float | None:
+        return self.seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpireTokens(FaultSpec):
+    """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again."""
+    kind: ClassVar[FaultKind] = FaultKind.EXPIRE_TOKENS
+
+
+SPECS: dict[FaultKind, type[FaultSpec]] = {
+    cls.kind: cls for cls in (RegionFailover, Drop, Blackhole, Refuse, DropBeforeAck, DelayAcks, Throttle,
+                              ExpireTokens)}
+
+
+def spec_for(kind: str | FaultKind, kwargs: Mapping[str, Any], *, what: str | None = None) -> FaultSpec:
+    """The spec for `kind` from keyword arguments; unknown kinds and arguments are errors naming
+    what the user wrote."""
+    try:
+        fault_kind = FaultKind(kind)
+    except ValueError:
+        known = ", ".join(k.value for k in FaultKind)
+        raise ValueError(f"unknown fault {kind!r}; the faults are {known}") from None
+    return SPECS[fault_kind].from_kwargs(kwargs, what=what)
 
 
 @dataclass
