@@ -104,11 +104,14 @@ def _pytest_timeout_default(config):
 
 
 def _marker_timeout(marker):
+    """A timeout marker's seconds; None for none (0, negative, or not a number: pytest-timeout
+    reports its own marker's mistakes)."""
     value = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
     try:
-        return float(value)
+        seconds = float(value)
     except (TypeError, ValueError):
-        return None  # pytest-timeout reports its own marker's mistakes
+        return None
+    return seconds if seconds > 0 and seconds != float("inf") else None
 
 
 def _uses_hub(item) -> bool:
@@ -137,7 +140,7 @@ def pytest_collection_modifyitems(config, items):
         elif settings.timeout is not None:
             limit = add = settings.timeout
         elif global_timeout is not None:
-            limit = global_timeout or default
+            limit = global_timeout if global_timeout > 0 else default
         else:
             limit = add = default
         effective = add if add is not None else (_marker_timeout(own) if own is not None else global_timeout)
@@ -274,6 +277,10 @@ def _iothub_backend(pytestconfig):
     try:
         yield backend
     finally:
+        watchdog = pytestconfig.stash.get(_WATCHDOG, None)
+        if watchdog is not None:
+            # the end of the session, not part of the last test: a real failback takes minutes
+            watchdog.disarm()
         try:
             backend.finish(failback=settings.failback)
         finally:

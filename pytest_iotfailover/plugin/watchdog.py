@@ -29,11 +29,13 @@ from typing import Callable, Optional
 import pytest
 
 # A signal of its own, so neither pytest-timeout's SIGALRM nor an application's SIGUSR1 is
-# disturbed. The handler is only installed while a hub test runs, and only if nobody else
-# installed one for this signal.
+# disturbed. The handler is installed when the first hub test starts, only if nobody else has one
+# for this signal, and stays until the run ends: a signal still in flight when a test finishes
+# must find a handler that ignores it, not the default action (which ends the process).
 SIGNAL = getattr(signal, "SIGUSR2", None)
 
-_pending = {"message": "Timeout"}
+# "armed": an interruption was sent for the test in progress and not yet raised or withdrawn
+_pending = {"message": "Timeout", "armed": False}
 
 
 class HubTestTimeout(pytest.fail.Exception):
@@ -47,7 +49,9 @@ class HubTestTimeout(pytest.fail.Exception):
 
 def _signal_handler(signum, frame):
     __tracebackhide__ = True
-    raise HubTestTimeout()
+    if _pending["armed"]:
+        _pending["armed"] = False
+        raise HubTestTimeout()
 
 
 # pytest's and pluggy's own frames say nothing about where a test is stuck
@@ -95,6 +99,7 @@ class Watchdog:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._previous_handler = None
+        self._installed = False
 
     # --- called from the thread running the tests --------------------------------------------
 
@@ -102,11 +107,13 @@ class Watchdog:
         ident = threading.get_ident()
         use_signal = False
         if SIGNAL is not None and threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(SIGNAL)
-            if previous in (signal.SIG_DFL, signal.SIG_IGN, None, _signal_handler):
-                self._previous_handler = previous
-                signal.signal(SIGNAL, _signal_handler)
+            current = signal.getsignal(SIGNAL)
+            if current is _signal_handler:
                 use_signal = True
+            elif current in (signal.SIG_DFL, signal.SIG_IGN, None) and not self._installed:
+                self._previous_handler = current
+                signal.signal(SIGNAL, _signal_handler)
+                self._installed = use_signal = True
         job = _Job(nodeid, limit, covered_by_pytest_timeout, ident, use_signal)
         if covered_by_pytest_timeout:
             # pytest-timeout fires first and says so in its own words; this is the backstop
@@ -138,15 +145,21 @@ class Watchdog:
     def disarm(self) -> None:
         with self._cond:
             job, self._job = self._job, None
+            _pending["armed"] = False
             self._cond.notify_all()
-        if job is not None and job.use_signal:
-            signal.signal(SIGNAL, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+        if job is not None and job.strikes and not job.use_signal:
+            # withdraw an asynchronous exception not yet delivered: it must not land in pytest itself
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(job.ident), None)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._job = None
+            _pending["armed"] = False
             self._cond.notify_all()
+        if self._installed and threading.current_thread() is threading.main_thread():
+            signal.signal(SIGNAL, self._previous_handler if self._previous_handler is not None else signal.SIG_DFL)
+            self._installed = False
 
     # --- the watchdog thread -------------------------------------------------------------------
 
@@ -174,6 +187,7 @@ class Watchdog:
                     continue
                 job.deadline = time.monotonic() + self.grace
                 _pending["message"] = message
+                _pending["armed"] = True
                 self._interrupt(job)
 
     def _message(self, job: _Job) -> str:
