@@ -422,3 +422,37 @@ def test_mistaken_calls_name_what_the_user_wrote(pytester, run):
     """)
     result = run("-p", "no:randomly")
     result.assert_outcomes(passed=6)
+
+
+def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pytester, run):
+    # The last resort: the stuck teardown ignores the watchdog's interruptions, so the process ends
+    # with the stacks on stderr; pytest-xdist reports the crash and goes on with a new worker.
+    pytester.makepyfile("""
+        import threading
+        import pytest
+
+        def stop_app():
+            while True:
+                try:
+                    threading.Event().wait()
+                except BaseException:
+                    pass  # an app that swallows everything, even pytest's outcomes
+
+        @pytest.fixture
+        def app(iothub):
+            yield
+            stop_app()
+
+        @pytest.mark.failover(timeout=2)
+        def test_swallows(app):
+            assert False
+
+        def test_next(iothub):
+            pass
+    """)
+    result = run("-n", "1", "-p", "no:randomly")
+    out = result.stdout.str() + result.stderr.str()
+    assert "the test did not stop when interrupted 3 times; ending the process" in out
+    assert ", in stop_app" in out
+    assert "worker 'gw0' crashed while running" in out
+    assert result.parseoutcomes().get("passed") == 1

@@ -185,7 +185,8 @@ class Watchdog:
                     finally:
                         self._cond.acquire()
                     continue
-                job.deadline = time.monotonic() + self.grace
+                # a short limit gets a short grace too, else a 2 s test could linger for 30 s
+                job.deadline = time.monotonic() + min(self.grace, max(2.0, job.limit / 3))
                 _pending["message"] = message
                 _pending["armed"] = True
                 self._interrupt(job)
