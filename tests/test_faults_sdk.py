@@ -314,5 +314,12 @@ def test_overlapping_outages_are_refused(hub, device):
     with pytest.raises(ValueError, match=r"whole hub is already due in \d+\.\d s"):
         hub.faults.region_failover(outage=1, at=62)
     hub.faults.region_failover(outage=1, at=10).cancel()  # over before the pending one starts
+    with pytest.raises(ValueError, match="already due in"):
+        hub.faults.region_failover(outage=1, after_messages=5)  # may start at any moment
     later.cancel()
-    assert [h.state for h in hub.faults.history()] == ["ended", "cancelled", "cancelled"]
+    counting = hub.faults.region_failover(outage=1, after_messages=5)
+    with pytest.raises(ValueError, match=r"already waiting for messages \(after_messages=\)"):
+        hub.faults.region_failover(outage=1, at=100)
+    counting.cancel()
+    hub.faults.drop()  # other kinds are not outages
+    assert [h.state for h in hub.faults.history()] == ["ended", "cancelled", "cancelled", "cancelled", "ended"]

@@ -327,6 +327,29 @@ def test_pytest_timeout_setting_wins_over_the_plugin_default(pytester, run, how)
     assert "Timeout (>2.0s) from pytest-timeout" in result.stdout.str()
 
 
+def test_limit_precedence(pytester, run):
+    # failover(timeout=) > @pytest.mark.timeout > --iothub-timeout > --timeout > the default
+    pytester.makepyfile("""
+        import pytest
+
+        def limit(request):
+            return request.node.get_closest_marker("timeout").args[0]
+
+        @pytest.mark.failover(timeout=7)
+        @pytest.mark.timeout(8)
+        def test_marker_first(request, iothub):
+            assert limit(request) == 7
+
+        @pytest.mark.timeout(8)
+        def test_timeout_marker_next(request, iothub):
+            assert limit(request) == 8
+
+        def test_then_iothub_timeout(request, iothub):
+            assert limit(request) == 9
+    """)
+    run("--timeout", "30", "--iothub-timeout", "9", "-p", "no:randomly").assert_outcomes(passed=3)
+
+
 def test_faults_started_through_any_api_end_at_teardown(pytester, run):
     pytester.makepyfile("""
         seen = {}

@@ -154,23 +154,25 @@ class FaultEngine:
                 continue
             if not (other.device_id is None or fault.device_id is None or other.device_id == fault.device_id):
                 continue
+            scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
+            advice = ("outages must not overlap: wait for the first one (handle.wait()) or cancel it "
+                      "before starting another")
+            if other.state == "pending" and other.due_at is None:
+                # it waits for messages, so when it will start cannot be known: any other may overlap
+                raise ValueError(f"a region failover of {scope} is already waiting for messages "
+                                 f"(after_messages=); {advice}")
             if other.state == "active":
                 other_start, other_end = other.started_at, other.started_at + (other.duration or 0)
-            elif other.due_at is not None:
+            else:
                 other_start, other_end = other.due_at, other.due_at + (other.duration or 0)
-            else:
-                continue  # waits for messages: when it starts cannot be known yet
-            if start is None:
-                clash = other.state == "active"
-            else:
-                clash = start < other_end and other_start < start + (fault.duration or 0)
+            # a new one that waits for messages may start at any moment from now
+            clash = (other_end > now if start is None
+                     else start < other_end and other_start < start + (fault.duration or 0))
             if clash:
-                scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
                 when = ("running" if other.state == "active" else f"due in {max(other_start - now, 0):.1f} s")
                 raise ValueError(
                     f"a region failover of {scope} is already {when} (outage {other.duration:g} s, over in "
-                    f"{max(other_end - now, 0):.1f} s); outages must not overlap: wait for the first one "
-                    "(handle.wait()) or cancel it before starting another")
+                    f"{max(other_end - now, 0):.1f} s); {advice}")
 
     def start(self, fault: Fault) -> None:
         if fault.state != "pending":

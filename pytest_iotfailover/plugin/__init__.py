@@ -68,7 +68,7 @@ def _last_resort(config):
             if capman is not None:
                 capman.suspend_global_capture(in_=True)  # else the message goes to a capture file
         finally:
-            _exit_process(message)
+            _exit_process(redact(message))  # source lines in the stacks may hold a connection string
     return finish
 
 

@@ -72,6 +72,12 @@ class Failover:
                                 + ", ".join(f"{k}=" for k in allowed))
         if call == "outage":
             kwargs["outage"] = kwargs.pop("seconds")
+        device_id = kwargs.get("device_id")
+        if isinstance(device_id, str) and self.iothub.fake is None and device_id not in self.iothub.device_ids:
+            # a real hub injects a device's faults through the test's own client of it (the
+            # embedded hub checks its registry itself)
+            raise ValueError(f"{name}: device_id={device_id!r} is not one of this test's devices "
+                             f"({', '.join(self.iothub.device_ids) or 'none yet'})")
         try:
             handle = self.iothub.hub.start_fault(kind, **kwargs)
         except FaultNotSupported as exc:
