@@ -1,5 +1,8 @@
 """The pytest plugin, driven through pytester: options, fixtures, timeouts, failure text, summary."""
 
+import threading
+import time
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -479,3 +482,43 @@ def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pyt
     assert ", in stop_app" in out
     assert "worker 'gw0' crashed while running" in out
     assert result.parseoutcomes().get("passed") == 1
+
+
+def test_watchdog_interrupts_a_test_running_outside_the_main_thread():
+    # No signal can reach another thread: the watchdog raises into it asynchronously instead,
+    # which lands as soon as the thread runs Python again.
+    from pytest_iotfailover.watchdog import HubTestTimeout, Watchdog
+
+    outcome = {}
+    done = threading.Event()
+    ended = []
+    watchdog = Watchdog(grace=1, last_resort=ended.append)
+
+    def busy_teardown():
+        while not done.is_set():
+            time.sleep(0.01)  # stuck polling something that never comes
+
+    def runner():
+        watchdog.arm("t.py::test_in_a_thread", 0.5, covered_by_pytest_timeout=False)
+        watchdog.phase("teardown")
+        try:
+            busy_teardown()
+        except HubTestTimeout as exc:
+            outcome["message"] = str(exc)
+        finally:
+            watchdog.disarm()
+            done.set()
+
+    t = threading.Thread(target=runner, name="xdist-like-runner")
+    t.start()
+    try:
+        assert done.wait(30), "the watchdog never interrupted the thread"
+    finally:
+        done.set()
+        t.join(10)
+        watchdog.close()
+    text = outcome["message"]
+    assert text.startswith("Timeout (>0.5s): t.py::test_in_a_thread uses the IoT hub")
+    assert "it was stuck in teardown" in text
+    assert "Thread xdist-like-runner (running the test):" in text and ", in busy_teardown" in text
+    assert ended == []
