@@ -204,6 +204,7 @@ def test_failure_text_and_summary_and_junit(pytester, run):
                 device_client.send_message(Message(str(i), message_id=f"m{i}"))
             failover.drop_before_ack()
             device_client.send_message(Message("dup", message_id="dup"))
+            iothub.wait_for_telemetry(5)  # the re-sent copy too, however slow the machine
             assert_all_delivered(iothub, ["m0", "m1", "m2", "dup"] + [f"never-{i}" for i in range(12)], timeout=0.5)
 
         def test_dups(iothub, device_client, failover):
@@ -487,7 +488,7 @@ def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pyt
 def test_watchdog_interrupts_a_test_running_outside_the_main_thread():
     # No signal can reach another thread: the watchdog raises into it asynchronously instead,
     # which lands as soon as the thread runs Python again.
-    from pytest_iotfailover.watchdog import HubTestTimeout, Watchdog
+    from pytest_iotfailover.plugin.watchdog import HubTestTimeout, Watchdog
 
     outcome = {}
     done = threading.Event()
