@@ -294,3 +294,32 @@ def test_fault_ids_count_per_hub_and_cancelled_faults_never_start(hub):
     h.cancel()
     with pytest.raises(RuntimeError, match="cancelled before it started"):
         h.wait_started(1)
+
+
+def test_a_fault_on_an_unknown_device_is_refused(hub, device):
+    with pytest.raises(ValueError) as e:
+        hub.faults.drop(device_id="no-such-device")
+    assert str(e.value) == "device_id='no-such-device': no such device on this hub"
+    assert hub.faults.history() == []
+
+
+def test_overlapping_outages_are_refused(hub, device):
+    first = hub.faults.region_failover(outage=30)
+    with pytest.raises(ValueError, match="a region failover of the whole hub is already running"):
+        hub.faults.region_failover(outage=1)
+    with pytest.raises(ValueError, match="already running"):
+        hub.faults.region_failover(outage=1, device_id=device.device_id)  # inside the hub-wide one
+    first.cancel()
+    later = hub.faults.region_failover(outage=5, at=60)
+    with pytest.raises(ValueError, match=r"whole hub is already due in \d+\.\d s"):
+        hub.faults.region_failover(outage=1, at=62)
+    hub.faults.region_failover(outage=1, at=10).cancel()  # over before the pending one starts
+    with pytest.raises(ValueError, match="already due in"):
+        hub.faults.region_failover(outage=1, after_messages=5)  # may start at any moment
+    later.cancel()
+    counting = hub.faults.region_failover(outage=1, after_messages=5)
+    with pytest.raises(ValueError, match=r"already waiting for messages \(after_messages=\)"):
+        hub.faults.region_failover(outage=1, at=100)
+    counting.cancel()
+    hub.faults.drop()  # other kinds are not outages
+    assert [h.state for h in hub.faults.history()] == ["ended", "cancelled", "cancelled", "cancelled", "ended"]

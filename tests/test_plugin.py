@@ -1,5 +1,8 @@
 """The pytest plugin, driven through pytester: options, fixtures, timeouts, failure text, summary."""
 
+import threading
+import time
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -59,6 +62,14 @@ def test_precedence_cli_over_env_over_ini(pytester, run, monkeypatch):
     (["--iothub-allow-failover", "myhub", "--iothub-subscription", "s", "--iothub-resource-group", "g"], {},
      "apply to a real hub: give --iothub-connection too"),
     ([], {"IOTFAILOVER_FAILBACK": "perhaps"}, "IOTFAILOVER_FAILBACK (environment) must be true or false"),
+    # the whole sentence: redaction must not cut it, and it names the variable the user set
+    ([], {"IOTHUB_CONNECTION_STRING": "HostName=h.azure-devices.net;" + SECRET},
+     "IOTHUB_CONNECTION_STRING (environment) has neither SharedAccessKeyName nor DeviceId; give a service "
+     "connection string (HostName, SharedAccessKeyName and SharedAccessKey) or a device one "
+     "(HostName, DeviceId and SharedAccessKey)\n"),
+    (["--iothub-connection", "HostName=;DeviceId=d;" + SECRET], {}, "--iothub-connection: HostName is empty"),
+    (["--iothub-connection", "HostName=h.azure-devices.net;DeviceId=d;SharedAccessKey=c2VjcmV0*!"], {},
+     "--iothub-connection: its SharedAccessKey is not valid base64"),
     (["--iothub-resource-group", "bad/name"], {}, "--iothub-resource-group is not a valid Azure name"),
 ])
 def test_bad_values_are_usage_errors_naming_the_option(pytester, run, monkeypatch, args, env, message):
@@ -69,6 +80,30 @@ def test_bad_values_are_usage_errors_naming_the_option(pytester, run, monkeypatc
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert message in result.stderr.str()
     assert "c2VjcmV0" not in result.stdout.str() + result.stderr.str()
+    if not args:
+        assert "--iothub-" not in result.stderr.str(), "names an option the user did not give"
+
+
+def test_service_connection_string_without_the_real_extra_names_the_extra(pytester, run, monkeypatch):
+    # An environment where azure-iot-hub is not installed: a conftest hides it from imports.
+    pytester.makeconftest("""
+        import sys
+
+        class HideAzureIotHub:
+            def find_spec(self, name, path=None, target=None):
+                if name == "azure.iot.hub" or name.startswith("azure.iot.hub."):
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+
+        sys.meta_path.insert(0, HideAzureIotHub())
+    """)
+    pytester.makepyfile("def test_nothing(): pass")
+    monkeypatch.setenv("IOTHUB_CONNECTION_STRING", "HostName=h.azure-devices.net;SharedAccessKeyName=o;" + SECRET)
+    result = run()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    err = result.stderr.str()
+    assert "IOTHUB_CONNECTION_STRING (environment): running against a real IoT Hub needs the 'real' extra: " \
+           "pip install 'pytest-iotfailover[real]' (missing: azure-iot-hub)" in err
+    assert "c2VjcmV0" not in err + result.stdout.str()
 
 
 def test_unreachable_real_hub_fails_clearly_without_echoing_secrets(pytester, run, monkeypatch):
@@ -96,8 +131,9 @@ def test_fixtures_clean_up_devices_connections_and_threads(pytester, run):
         from azure.iot.device import Message
         seen = {}
 
-        # "pipeline" and "callback" are the SDK's process-wide executors, shared by every client
-        KEPT = ("FakeHub", "MainThread", "pipeline", "callback")
+        # "pipeline" and "callback" are the SDK's process-wide executors, shared by every client;
+        # the plugin's watchdog is one thread for the whole run
+        KEPT = ("FakeHub", "MainThread", "pipeline", "callback", "iotfailover-watchdog")
 
         def sdk_threads():
             return {t for t in threading.enumerate() if not t.name.startswith(KEPT)}
@@ -168,6 +204,7 @@ def test_failure_text_and_summary_and_junit(pytester, run):
                 device_client.send_message(Message(str(i), message_id=f"m{i}"))
             failover.drop_before_ack()
             device_client.send_message(Message("dup", message_id="dup"))
+            iothub.wait_for_telemetry(5)  # the re-sent copy too, however slow the machine
             assert_all_delivered(iothub, ["m0", "m1", "m2", "dup"] + [f"never-{i}" for i in range(12)], timeout=0.5)
 
         def test_dups(iothub, device_client, failover):
@@ -214,3 +251,275 @@ def test_secrets_never_reach_terminal_junit_or_logs(pytester, run):
     everything = result.stdout.str() + result.stderr.str() + (pytester.path / "out.xml").read_text()
     assert len(key) > 20 and key not in everything
     assert "SharedAccessKey=<redacted>" in everything and "sig=<redacted>" in everything
+
+
+# --- limits: pytest-timeout and the plugin's watchdog ----------------------------------------------
+
+def test_a_teardown_that_hangs_after_the_body_failed_ends_with_a_stack_dump(pytester, run):
+    # pytest-timeout stops its timer when the body fails; the watchdog still ends the stuck teardown
+    # at the test's limit, shows where it was stuck, and the run goes on.
+    pytester.makepyfile("""
+        import threading
+        import pytest
+
+        def stop_app():
+            threading.Event().wait()  # a shutdown that never completes
+
+        @pytest.fixture
+        def app(iothub):
+            yield
+            stop_app()
+
+        @pytest.mark.failover(timeout=3)
+        def test_fails_then_hangs(app):
+            assert False, "the body failed"
+
+        def test_next(iothub):
+            pass
+    """)
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(failed=1, errors=1, passed=1)
+    out = result.stdout.str()
+    assert "ERROR at teardown of test_fails_then_hangs" in out
+    assert "Timeout (>3s): test_a_teardown_that_hangs_after_the_body_failed_ends_with_a_stack_dump.py::" \
+           "test_fails_then_hangs uses the IoT hub" in out
+    assert "it was stuck in teardown" in out
+    assert "Thread MainThread (running the test):" in out
+    assert ", in stop_app" in out
+
+
+def test_watchdog_alone_with_pytest_timeout_disabled_and_strict_markers(pytester, run):
+    # -p no:timeout: @pytest.mark.timeout is still a known marker and the watchdog honours it
+    pytester.makepyfile("""
+        import threading
+        import pytest
+
+        def wait_for_completion():
+            threading.Event().wait()
+
+        @pytest.mark.timeout(2)
+        def test_hangs_in_body(iothub):
+            wait_for_completion()
+
+        def test_plain():
+            pass
+    """)
+    result = run("-p", "no:timeout", "--strict-markers", "-p", "no:randomly")
+    result.assert_outcomes(failed=1, passed=1)
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out + result.stderr.str()
+    assert "Timeout (>2s)" in out and "it was stuck in the test body" in out
+    assert ", in wait_for_completion" in out
+
+
+@pytest.mark.parametrize("how", ["command line", "ini"])
+def test_pytest_timeout_setting_wins_over_the_plugin_default(pytester, run, how):
+    # the plugin's default would be 60 s; the user's 2 s is what ends the test, in pytest-timeout's words
+    pytester.makepyfile("""
+        import threading
+
+        def test_hangs(request, iothub):
+            assert request.node.get_closest_marker("timeout") is None  # nothing overrides the user's
+            threading.Event().wait()
+    """)
+    if how == "ini":
+        pytester.makeini("[pytest]\ntimeout = 2\n")
+        result = run()
+    else:
+        result = run("--timeout", "2")
+    result.assert_outcomes(failed=1)
+    assert "Timeout (>2.0s) from pytest-timeout" in result.stdout.str()
+
+
+def test_limit_precedence(pytester, run):
+    # failover(timeout=) > @pytest.mark.timeout > --iothub-timeout > --timeout > the default
+    pytester.makepyfile("""
+        import pytest
+
+        def limit(request):
+            return request.node.get_closest_marker("timeout").args[0]
+
+        @pytest.mark.failover(timeout=7)
+        @pytest.mark.timeout(8)
+        def test_marker_first(request, iothub):
+            assert limit(request) == 7
+
+        @pytest.mark.timeout(8)
+        def test_timeout_marker_next(request, iothub):
+            assert limit(request) == 8
+
+        def test_then_iothub_timeout(request, iothub):
+            assert limit(request) == 9
+    """)
+    run("--timeout", "30", "--iothub-timeout", "9", "-p", "no:randomly").assert_outcomes(passed=3)
+
+
+def test_faults_started_through_any_api_end_at_teardown(pytester, run):
+    pytester.makepyfile("""
+        seen = {}
+
+        def test_a_leaves_faults_running(iothub, _iothub_backend):
+            seen["fake"] = iothub.fake.faults.blackhole()
+            seen["session"] = _iothub_backend.fakehub.faults.region_failover(outage=600)
+
+        def test_b_starts_on_a_healthy_hub(iothub, device_client):
+            assert seen["fake"].state == "ended" and seen["session"].state == "ended"
+            assert iothub.fake.faults.active() == []
+    """)
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+    assert "test_a_leaves_faults_running: blackhole" in result.stdout.str()
+
+
+@pytest.mark.parametrize("written, message", [
+    ("failover(5)", "@pytest.mark.failover(5): the failover marker takes keywords only: "
+                    "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)"),
+    ("failover(bogus=1)", "@pytest.mark.failover(bogus=1): unknown keyword 'bogus'"),
+    ("failover(timeout=-1)", "@pytest.mark.failover(timeout=-1): timeout must be a positive number of seconds"),
+    ("failover(outage=-3)", "@pytest.mark.failover(outage=-3): outage must be a non-negative number of "
+                            "seconds, got -3"),
+])
+def test_a_bad_failover_marker_is_a_collection_error_naming_it(pytester, run, written, message):
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.{written}
+        def test_marked(failover):
+            failover()
+    """)
+    result = run()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    out = result.stdout.str()
+    assert "ERROR collecting" in out
+    assert "::test_marked: " + message in out
+    assert "passed" not in out
+
+
+def test_mistaken_calls_name_what_the_user_wrote(pytester, run):
+    pytester.makepyfile("""
+        import pytest
+        from azure.iot.device import Message
+        from pytest_iotfailover import Outbox, assert_all_delivered
+
+        def test_unknown_device(failover, device_client):
+            with pytest.raises(ValueError) as e:
+                failover.outage(2, device_id="no-such-device")
+            assert str(e.value) == "failover.outage(): device_id='no-such-device': no such device on this hub"
+
+        def test_unknown_keyword(failover):
+            with pytest.raises(TypeError) as e:
+                failover.outage(2, bogus=1)
+            assert str(e.value).startswith("failover.outage() got an unexpected keyword argument 'bogus'")
+            assert "Faults" not in str(e.value)
+
+        def test_bad_value_names_the_call(failover):
+            with pytest.raises(ValueError) as e:
+                failover.outage(-3)
+            assert str(e.value) == "failover.outage(): seconds must be a non-negative number of seconds, got -3"
+
+        def test_overlapping_outages(failover, device_client):
+            first = failover.outage(30)
+            with pytest.raises(ValueError) as e:
+                failover()
+            assert str(e.value).startswith("failover(): a region failover of the whole hub is already running")
+            first.cancel()
+            failover(0.5).wait(10)  # one after the other is fine
+
+        def test_assert_all_delivered_given_a_client(iothub, device_client):
+            with pytest.raises(TypeError) as e:
+                assert_all_delivered(iothub, device_client)
+            assert "sent must be an Outbox or a list of message ids" in str(e.value)
+            assert "IoTHubDeviceClient" in str(e.value)
+
+        def test_pending_is_not_lost(iothub, device_client, failover):
+            outbox = Outbox(device_client, send_timeout=5)
+            try:
+                failover.outage(30)
+                ids = [outbox.send(Message(str(i))) for i in range(3)]
+                assert iothub.wait_until(lambda: outbox.failures, 20), "the SDK never reported a failure"
+                with pytest.raises(AssertionError) as e:
+                    assert_all_delivered(iothub, outbox, timeout=0.1)
+                text = str(e.value)
+                assert "3 of 3 sent messages were not delivered within 0.1 s (3 still pending in the Outbox, 0 lost)" in text
+                assert "pending, not yet acknowledged by the hub (3): " + ", ".join(ids) in text
+                assert "last send failure" in text
+                assert "missing (" not in text
+            finally:
+                outbox.close(timeout=1)
+    """)
+    result = run("-p", "no:randomly")
+    result.assert_outcomes(passed=6)
+
+
+def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pytester, run):
+    # The last resort: the stuck teardown ignores the watchdog's interruptions, so the process ends
+    # with the stacks on stderr; pytest-xdist reports the crash and goes on with a new worker.
+    pytester.makepyfile("""
+        import threading
+        import pytest
+
+        def stop_app():
+            while True:
+                try:
+                    threading.Event().wait()
+                except BaseException:
+                    pass  # an app that swallows everything, even pytest's outcomes
+
+        @pytest.fixture
+        def app(iothub):
+            yield
+            stop_app()
+
+        @pytest.mark.failover(timeout=2)
+        def test_swallows(app):
+            assert False
+
+        def test_next(iothub):
+            pass
+    """)
+    result = run("-n", "1", "-p", "no:randomly")
+    out = result.stdout.str() + result.stderr.str()
+    assert "the test did not stop when interrupted 3 times; ending the process" in out
+    assert ", in stop_app" in out
+    assert "worker 'gw0' crashed while running" in out
+    assert result.parseoutcomes().get("passed") == 1
+
+
+def test_watchdog_interrupts_a_test_running_outside_the_main_thread():
+    # No signal can reach another thread: the watchdog raises into it asynchronously instead,
+    # which lands as soon as the thread runs Python again.
+    from pytest_iotfailover.plugin.watchdog import HubTestTimeout, Watchdog
+
+    outcome = {}
+    done = threading.Event()
+    ended = []
+    watchdog = Watchdog(grace=1, last_resort=ended.append)
+
+    def busy_teardown():
+        while not done.is_set():
+            time.sleep(0.01)  # stuck polling something that never comes
+
+    def runner():
+        watchdog.arm("t.py::test_in_a_thread", 0.5, covered_by_pytest_timeout=False)
+        watchdog.phase("teardown")
+        try:
+            busy_teardown()
+        except HubTestTimeout as exc:
+            outcome["message"] = str(exc)
+        finally:
+            watchdog.disarm()
+            done.set()
+
+    t = threading.Thread(target=runner, name="xdist-like-runner")
+    t.start()
+    try:
+        assert done.wait(30), "the watchdog never interrupted the thread"
+    finally:
+        done.set()
+        t.join(10)
+        watchdog.close()
+    text = outcome["message"]
+    assert text.startswith("Timeout (>0.5s): t.py::test_in_a_thread uses the IoT hub")
+    assert "it was stuck in teardown" in text
+    assert "Thread xdist-like-runner (running the test):" in text and ", in busy_teardown" in text
+    assert ended == []

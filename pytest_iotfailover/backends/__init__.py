@@ -63,6 +63,15 @@ class Hub(abc.ABC):
     def unregister_client(self, device_id: str, client=None) -> None:
         """The client is gone."""
 
+    def fault_mark(self) -> Any:
+        """Where the hub's fault history stands now, for `end_faults_since`."""
+        return None
+
+    def end_faults_since(self, mark: Any) -> List:
+        """End every fault started since `mark` that is still pending or active, whichever API
+        started it; the handles of all faults started since then."""
+        return []
+
     def finish(self, failback: bool = False) -> None:
         """End of the session: undo what must not outlive it (a real hub fails back if asked)."""
 
@@ -82,6 +91,7 @@ class HubView:
         self.client_defaults = dict(client_defaults or {})
         self._devices: Dict[str, Device] = {}
         self._clients: List = []
+        self._fault_mark = hub.fault_mark() if hasattr(hub, "fault_mark") else None
 
     # --- identity ----------------------------------------------------------------------------
 
@@ -134,6 +144,11 @@ class HubView:
     def register_client(self, device_id: str, client) -> None:
         self.hub.register_client(device_id, client)
         self._clients.append((device_id, client))
+
+    def end_faults(self) -> List:
+        """End the faults started on the hub since this view was made (through `failover`,
+        `fake.faults` or anything else); their handles."""
+        return self.hub.end_faults_since(self._fault_mark) if hasattr(self.hub, "end_faults_since") else []
 
     def close(self) -> None:
         for device_id, client in self._clients:

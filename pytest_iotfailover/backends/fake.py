@@ -57,5 +57,17 @@ class FakeBackend(Hub):
             raise FaultNotSupported(f"unknown fault {kind!r}; the fake hub knows {', '.join(FAULT_KINDS)}")
         return getattr(self.fakehub.faults, kind)(**kwargs)
 
+    def fault_mark(self):
+        return len(self.fakehub.faults.history()) if self.fakehub.running else 0
+
+    def end_faults_since(self, mark):
+        if not self.fakehub.running:
+            return []
+        handles = self.fakehub.faults.history()[mark or 0:]
+        for h in handles:
+            if h.state in ("pending", "active"):
+                h.cancel()
+        return handles
+
     def close(self):
         self.fakehub.stop()

@@ -54,6 +54,7 @@ class Fault:
         self.countdown: Optional[int] = None
         self.remaining = params.pop("remaining", 0)
         self._timer = None
+        self.due_at: Optional[float] = None   # time.time() it is to start, if known
 
     def targets(self, device_id: Optional[str]) -> bool:
         return self.device_id is None or self.device_id == device_id
@@ -75,7 +76,10 @@ class FaultEngine:
     # --- scheduling ----------------------------------------------------------------------------
 
     def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+        if fault.kind == "region_failover":
+            self._refuse_overlap(fault, at, after_messages)
         fault.id = next(self._ids)
+        fault.due_at = None if after_messages else time.time() + (at or 0)
         self.history.append(fault)
         if after_messages:
             fault.countdown = after_messages
@@ -85,6 +89,36 @@ class FaultEngine:
         else:
             self.start(fault)
         return fault
+
+    def _refuse_overlap(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> None:
+        """A second outage inside the first would find no connected device to fail over (its report
+        would read 0/0 devices back) and end before or after the first one at random."""
+        now = time.time()
+        start = None if after_messages else now + (at or 0)
+        for other in self.history:
+            if other.kind != "region_failover" or other.state not in ("pending", "active"):
+                continue
+            if not (other.device_id is None or fault.device_id is None or other.device_id == fault.device_id):
+                continue
+            scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
+            advice = ("outages must not overlap: wait for the first one (handle.wait()) or cancel it "
+                      "before starting another")
+            if other.state == "pending" and other.due_at is None:
+                # it waits for messages, so when it will start cannot be known: any other may overlap
+                raise ValueError(f"a region failover of {scope} is already waiting for messages "
+                                 f"(after_messages=); {advice}")
+            if other.state == "active":
+                other_start, other_end = other.started_at, other.started_at + (other.duration or 0)
+            else:
+                other_start, other_end = other.due_at, other.due_at + (other.duration or 0)
+            # a new one that waits for messages may start at any moment from now
+            clash = (other_end > now if start is None
+                     else start < other_end and other_start < start + (fault.duration or 0))
+            if clash:
+                when = ("running" if other.state == "active" else f"due in {max(other_start - now, 0):.1f} s")
+                raise ValueError(
+                    f"a region failover of {scope} is already {when} (outage {other.duration:g} s, over in "
+                    f"{max(other_end - now, 0):.1f} s); {advice}")
 
     def start(self, fault: Fault) -> None:
         if fault.state != "pending":
@@ -409,6 +443,9 @@ class Faults:
 
     def _schedule(self, kind, device_id, at, after_messages, lasts, **params) -> FaultHandle:
         _check_target(device_id, at, after_messages)
+        if device_id is not None and self._hub.registry.get(device_id) is None:
+            # a fault on a device the hub does not know would affect nothing and pass silently
+            raise ValueError(f"device_id={device_id!r}: no such device on this hub")
         fault = Fault(kind, device_id, lasts, **params)
         engine = self._hub._faults_engine
         self._hub._call(engine.schedule, fault, at, after_messages)

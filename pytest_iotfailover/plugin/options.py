@@ -3,10 +3,13 @@
 Precedence: command line, then environment variable, then ini file, then the default — so a CI
 job can override what a repository commits to its ini file without editing it.
 """
+import base64
+import binascii
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 from ..iothub.auth import parse_connection_string
 
@@ -58,19 +61,65 @@ def _hub_name(flag: str, raw: str) -> str:
     return value
 
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
+
+
 def _connection_string(flag: str, raw: str) -> Optional[str]:
+    """Everything the real backend would only find out when the first test opens the hub.
+    Messages name keys, never values, and never write a key name followed by '=' (redaction would
+    take the rest of the sentence for a secret)."""
     value = str(raw).strip()
     if not value:
         return None
     try:
         parts = parse_connection_string(value)
     except ValueError as exc:
-        # the parser's messages name keys, never values
         raise SettingsError(f"{flag} is not an IoT Hub connection string: {exc}") from None
-    if "SharedAccessKey" not in parts and "SharedAccessSignature" not in parts:
-        raise SettingsError(f"{flag} has no SharedAccessKey: give a service (SharedAccessKeyName=…) "
-                            "or device (DeviceId=…) connection string")
+    shapes = ("give a service connection string (HostName, SharedAccessKeyName and SharedAccessKey) "
+              "or a device one (HostName, DeviceId and SharedAccessKey)")
+    host = parts.get("HostName", "").strip()
+    if not host:
+        raise SettingsError(f"{flag}: HostName is empty; {shapes}")
+    if not _HOSTNAME.fullmatch(host):
+        raise SettingsError(f"{flag}: HostName {host!r} is not a host name (like myhub.azure-devices.net)")
+    if "ModuleId" in parts:
+        raise SettingsError(f"{flag}: a module connection string (with ModuleId) is not supported; {shapes}")
+    service, device = "SharedAccessKeyName" in parts, "DeviceId" in parts
+    if service == device:
+        which = "both SharedAccessKeyName and DeviceId" if service else "neither SharedAccessKeyName nor DeviceId"
+        raise SettingsError(f"{flag} has {which}; {shapes}")
+    if "SharedAccessKey" not in parts:
+        raise SettingsError(f"{flag} has no SharedAccessKey (SAS-token and X.509 connection strings are not "
+                            f"supported); {shapes}")
+    key = parts["SharedAccessKey"].strip()
+    try:
+        if not key or not base64.b64decode(key, validate=True):
+            raise ValueError
+    except (ValueError, binascii.Error):
+        raise SettingsError(f"{flag}: its SharedAccessKey is not valid base64; copy the key again from the "
+                            "hub's shared access policy or the device's identity") from None
+    missing = _missing_real_extra(service)
+    if missing:
+        raise SettingsError(f"{flag}: running against a real IoT Hub needs the 'real' extra: "
+                            f"pip install 'pytest-iotfailover[real]' (missing: {', '.join(missing)})")
     return value
+
+
+def _missing_real_extra(service: bool) -> List[str]:
+    """Distributions of the 'real' extra this connection string needs that cannot be imported."""
+    needed = [("azure.eventhub", "azure-eventhub")]
+    if service:
+        # azure-iot-hub imports six without declaring it
+        needed += [("azure.iot.hub", "azure-iot-hub"), ("six", "six")]
+    missing = []
+    for module, dist in needed:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
 
 
 def _text(flag: str, raw: str) -> Optional[str]:

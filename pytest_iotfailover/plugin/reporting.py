@@ -16,7 +16,8 @@ class DeliveryFigures:
     sent: int
     delivered: int          # distinct sent ids the hub accepted
     duplicates: int         # extra copies of sent ids
-    lost: int               # sent ids never accepted
+    lost: int               # sent ids never accepted (and no longer pending in an Outbox)
+    pending: int = 0        # sent ids an Outbox still holds, not yet acknowledged
     latency_p50: Optional[float] = None
     latency_p99: Optional[float] = None
     latency_max: Optional[float] = None
@@ -104,6 +105,7 @@ def summary_lines(rows) -> List[str]:
             for f in faults) or "no fault"
         d = s.get("delivery")
         deliv = (f"sent {d['sent']} delivered {d['delivered']} duplicates {d['duplicates']} lost {d['lost']}"
+                 + (f" pending {d['pending']}" if d.get("pending") else "")
                  if d else "no delivery assertion")
         lines.append(f"{outcome.upper():7} {nodeid}: {fault_txt}; {deliv}")
     return lines

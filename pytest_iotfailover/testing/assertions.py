@@ -10,19 +10,31 @@ from ..plugin.reporting import DeliveryFigures
 _SHOW = 10  # ids listed in a failure before "... and N more"
 
 
-def _sent_ids(sent) -> List[str]:
+def _sent_ids(sent, call: str = "assert_all_delivered") -> List[str]:
     ids = getattr(sent, "message_ids", None)
     if ids is not None:
         return list(ids)
+    usage = (f"{call}(iothub, sent): sent must be an Outbox or a list of message ids (or of messages "
+             "carrying a message_id)")
     if isinstance(sent, (str, bytes)):
-        raise TypeError("pass an Outbox or a list of message ids, not a single string")
+        raise TypeError(f"{usage}, not a single string")
+    try:
+        items = list(sent)
+    except TypeError:
+        raise TypeError(f"{usage}; got {type(sent).__name__}") from None
     out = []
-    for item in sent:
+    for item in items:
         mid = item if isinstance(item, str) else getattr(item, "message_id", None)
         if mid is None:
-            raise TypeError(f"cannot tell the message id of {item!r}")
+            raise TypeError(f"{usage}; cannot tell the message id of {item!r}")
         out.append(mid)
     return out
+
+
+def _check_hub(iothub, call: str) -> None:
+    if not (callable(getattr(iothub, "telemetry", None)) and callable(getattr(iothub, "wait_until", None))):
+        raise TypeError(f"{call}(iothub, sent): iothub must be the iothub fixture or a FakeHub, "
+                        f"got {type(iothub).__name__}")
 
 
 def _submitted_at(sent):
@@ -58,11 +70,17 @@ def _fault_text() -> List[str]:
 
 
 class DeliveryReport:
-    def __init__(self, sent_ids, telemetry, submitted_at):
+    def __init__(self, sent_ids, telemetry, submitted_at, sent=None):
         self.sent_ids = sent_ids
         wanted = set(sent_ids)
         self.copies = Counter(t.message_id for t in telemetry if t.message_id in wanted)
         self.missing = [m for m in dict.fromkeys(sent_ids) if m not in self.copies]
+        # an Outbox still holding a message has not given up on it: that is not a loss (yet)
+        pending = set(getattr(sent, "pending_ids", None) or ())
+        self.pending = [m for m in self.missing if m in pending]
+        self.lost = [m for m in self.missing if m not in pending]
+        failures = getattr(sent, "failures", None) or []
+        self.last_failure = failures[-1] if failures else None
         self.duplicated = {m: n for m, n in self.copies.items() if n > 1}
         first = {}
         for t in telemetry:
@@ -71,15 +89,23 @@ class DeliveryReport:
         lat = sorted(first[m] - submitted_at[m] for m in first if m in submitted_at)
         self.figures = DeliveryFigures(
             sent=len(wanted), delivered=len(self.copies),
-            duplicates=sum(n - 1 for n in self.copies.values()), lost=len(self.missing),
+            duplicates=sum(n - 1 for n in self.copies.values()), lost=len(self.lost), pending=len(self.pending),
             latency_p50=_percentile(lat, 0.5), latency_p99=_percentile(lat, 0.99),
             latency_max=lat[-1] if lat else None)
 
     def describe(self) -> List[str]:
         f = self.figures
-        lines = [f"  sent: {f.sent}, delivered: {f.delivered}, lost: {f.lost}, duplicate copies: {f.duplicates}"]
-        if self.missing:
-            lines.append(f"  missing ({len(self.missing)}): {_listing(self.missing)}")
+        lines = [f"  sent: {f.sent}, delivered: {f.delivered}, "
+                 + (f"still pending in the Outbox: {f.pending}, " if f.pending else "")
+                 + f"lost: {f.lost}, duplicate copies: {f.duplicates}"]
+        if self.pending:
+            lines.append(f"  pending, not yet acknowledged by the hub ({len(self.pending)}): "
+                         f"{_listing(self.pending)}")
+        if self.lost:
+            lines.append(f"  missing ({len(self.lost)}): {_listing(self.lost)}")
+        if self.last_failure is not None:
+            mid, error, at = self.last_failure
+            lines.append(f"  last send failure, {time.time() - at:.1f} s ago, for {mid}: {error}")
         if self.duplicated:
             items = [f"{m} x{n}" for m, n in sorted(self.duplicated.items(), key=lambda kv: -kv[1])]
             lines.append(f"  duplicated ({len(items)}): {_listing(items)}")
@@ -98,25 +124,29 @@ def _record(report: DeliveryReport) -> None:
 def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: Optional[str] = None) -> DeliveryReport:
     """Wait up to `timeout` s until the hub accepted every message id in `sent` (an Outbox or a list
     of ids); fail with what is missing otherwise. Returns the DeliveryReport."""
+    _check_hub(iothub, "assert_all_delivered")
     ids = _sent_ids(sent)
     wanted = set(ids)
 
     def all_there():
         return wanted <= {t.message_id for t in _telemetry(iothub, device_id)}
     iothub.wait_until(all_there, timeout)
-    report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent))
+    report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent), sent)
     _record(report)
     if report.missing:
+        why = (f" ({len(report.pending)} still pending in the Outbox, {len(report.lost)} lost)"
+               if report.pending else "")
         raise AssertionError("\n".join(
-            [f"{len(report.missing)} of {len(wanted)} sent messages were not delivered within {timeout:g} s"]
+            [f"{len(report.missing)} of {len(wanted)} sent messages were not delivered within {timeout:g} s{why}"]
             + report.describe()))
     return report
 
 
 def assert_no_duplicates(iothub, sent=None, device_id: Optional[str] = None) -> DeliveryReport:
     """No message id (of `sent`, or of everything this test's devices sent) was accepted twice."""
+    _check_hub(iothub, "assert_no_duplicates")
     telemetry = _telemetry(iothub, device_id)
-    ids = _sent_ids(sent) if sent is not None else [t.message_id for t in telemetry if t.message_id]
+    ids = _sent_ids(sent, "assert_no_duplicates") if sent is not None else [t.message_id for t in telemetry if t.message_id]
     report = DeliveryReport(ids, telemetry, _submitted_at(sent) if sent is not None else {})
     if report.duplicated:
         raise AssertionError("\n".join(
@@ -138,7 +168,8 @@ def _first_out_of_order(order: Sequence[str], delivered: Iterable[Tuple[str, str
 
 def assert_in_order(iothub, sent, device_id: Optional[str] = None) -> None:
     """Per device, first deliveries came in the order the ids were sent (re-sent copies ignored)."""
-    ids = _sent_ids(sent)
+    _check_hub(iothub, "assert_in_order")
+    ids = _sent_ids(sent, "assert_in_order")
     wanted = set(ids)
     seen = set()
     delivered = []

@@ -1,9 +1,51 @@
 """The backend-neutral fault trigger behind the `failover` fixture."""
+import math
 from typing import List, Optional
 
 import pytest
 
 from ..backends import FaultNotSupported, HubView
+
+
+_TARGETING = ("device_id", "at", "after_messages")
+# what each call takes besides _TARGETING: checked here so a mistake names the user's call, not
+# the hub method it lands on
+_CALLS = {
+    "failover": ("outage", "keep_sessions", "refuse"),
+    "region_failover": ("outage", "keep_sessions", "refuse"),
+    "outage": ("seconds", "keep_sessions", "refuse"),
+    "drop": ("graceful",),
+    "blackhole": ("seconds",),
+    "refuse": ("code", "seconds"),
+    "drop_before_ack": ("count",),
+    "delay_acks": ("seconds", "duration"),
+    "throttle": ("rate", "seconds", "burst", "max_delay"),
+    "expire_tokens": (),
+}
+MARKER_KEYWORDS = ("outage", "timeout")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_marker(marker) -> Optional[str]:
+    """What is wrong with a `@pytest.mark.failover(...)` as written, or None."""
+    written = "@pytest.mark.failover(" + ", ".join(
+        [repr(a) for a in marker.args] + [f"{k}={v!r}" for k, v in marker.kwargs.items()]) + ")"
+    usage = "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)"
+    if marker.args:
+        return f"{written}: the failover marker takes keywords only: {usage}"
+    unknown = [k for k in marker.kwargs if k not in MARKER_KEYWORDS]
+    if unknown:
+        return f"{written}: unknown keyword {unknown[0]!r}; the failover marker takes {usage}"
+    outage = marker.kwargs.get("outage")
+    if outage is not None and not (_number(outage) and outage >= 0):
+        return f"{written}: outage must be a non-negative number of seconds, got {outage!r}"
+    timeout = marker.kwargs.get("timeout")
+    if timeout is not None and not (_number(timeout) and timeout > 0):
+        return f"{written}: timeout must be a positive number of seconds (the test's limit), got {timeout!r}"
+    return None
 
 
 class Failover:
@@ -20,22 +62,43 @@ class Failover:
         self.default_outage = default_outage
         self.handles: List = record.handles if record is not None else []
 
-    def _start(self, kind: str, **kwargs):
+    def _start(self, kind: str, call: Optional[str] = None, **kwargs):
+        call = call or kind
+        name = "failover()" if call == "failover" else f"failover.{call}()"
+        allowed = _CALLS[call] + _TARGETING
+        for key in kwargs:
+            if key not in allowed:
+                raise TypeError(f"{name} got an unexpected keyword argument {key!r}; it takes "
+                                + ", ".join(f"{k}=" for k in allowed))
+        if call == "outage":
+            kwargs["outage"] = kwargs.pop("seconds")
+        device_id = kwargs.get("device_id")
+        if isinstance(device_id, str) and self.iothub.fake is None and device_id not in self.iothub.device_ids:
+            # a real hub injects a device's faults through the test's own client of it (the
+            # embedded hub checks its registry itself)
+            raise ValueError(f"{name}: device_id={device_id!r} is not one of this test's devices "
+                             f"({', '.join(self.iothub.device_ids) or 'none yet'})")
         try:
             handle = self.iothub.hub.start_fault(kind, **kwargs)
         except FaultNotSupported as exc:
             pytest.skip(f"{kind} is not available on this hub: {exc}")
+        except (TypeError, ValueError) as exc:
+            text = str(exc)
+            if call == "outage":
+                text = text.replace("outage must", "seconds must")
+            raise type(exc)(f"{name}: {text}") from None
         self.handles.append(handle)
         return handle
 
     def __call__(self, outage: Optional[float] = None, **kwargs):
-        return self.region_failover(outage=outage, **kwargs)
+        return self._start("region_failover", "failover",
+                           outage=self.default_outage if outage is None else outage, **kwargs)
 
     def region_failover(self, outage: Optional[float] = None, **kwargs):
         return self._start("region_failover", outage=self.default_outage if outage is None else outage, **kwargs)
 
     def outage(self, seconds: float, **kwargs):
-        return self.region_failover(outage=seconds, **kwargs)
+        return self._start("region_failover", "outage", seconds=seconds, **kwargs)
 
     def drop(self, **kwargs):
         return self._start("drop", **kwargs)
@@ -59,8 +122,12 @@ class Failover:
         return self._start("expire_tokens", **kwargs)
 
     def reports(self):
+        return self.reports_of(self.handles)
+
+    @staticmethod
+    def reports_of(handles):
         out = []
-        for h in self.handles:
+        for h in handles:
             try:
                 out.append(h.report())
             except RuntimeError:
