@@ -6,12 +6,13 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from .certs import HubCertificates
-from ..iothub.events import EventLog, HubEvent
+from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
 from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.ledger import Ledger, Telemetry
 from ..iothub.registry import Device, Registry
-from .server import HubServer, is_loopback
+from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
+                     is_loopback)
 
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
            "HubInternalError", "FaultHandle", "RecoveryReport"]
@@ -32,7 +33,10 @@ class FakeHub:
 
     def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
                  token_grace: float = 300.0, connect_timeout: float = 30.0,
-                 allow_remote: bool = False, raise_errors: bool = True):
+                 allow_remote: bool = False, raise_errors: bool = True,
+                 max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
         if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
             raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
                              "digits and hyphens, starting and ending with a letter or digit")
@@ -43,6 +47,18 @@ class FakeHub:
         for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
+                                   ("max_unauthenticated", max_unauthenticated, 1),
+                                   ("send_buffer_pause", send_buffer_pause, 1024)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+        # one packet's output (a C2D message, a twin document) must fit between the two marks
+        if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
+                send_buffer_limit < send_buffer_pause + 256 * 1024:
+            raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
+                             f"({send_buffer_pause}), got {send_buffer_limit!r}")
+        self._limits = dict(max_connect_size=max_connect_size, max_unauthenticated=max_unauthenticated,
+                            send_buffer_pause=send_buffer_pause, send_buffer_limit=send_buffer_limit)
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -54,7 +70,7 @@ class FakeHub:
         self.port: Optional[int] = None
         self.ca_pem: Optional[str] = None
         self.ledger = Ledger()
-        self.event_log = EventLog()
+        self.event_log = EventLog(max_events)
         self.registry = Registry(self.hostname)
         self._core: Optional[IoTHubCore] = None
         self._server: Optional[HubServer] = None
@@ -109,7 +125,7 @@ class FakeHub:
             self._core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                                     self._loop, token_grace=self._token_grace)
             self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
-                                     connect_timeout=self._connect_timeout)
+                                     connect_timeout=self._connect_timeout, **self._limits)
             self._faults_engine = self._core.faults = FaultEngine(self._core, self._server)
             await self._server.serve(sock)
         except BaseException:
@@ -263,7 +279,8 @@ class FakeHub:
 
     @property
     def errors(self) -> List[HubEvent]:
-        return self.event_log.list("error")
+        """Internal errors of the hub thread; kept even when the event ring has let them go."""
+        return self.event_log.errors()
 
     def wait_for_event(self, kind: str, device_id: Optional[str] = None, timeout: float = 10.0,
                        where=None, after: float = 0.0) -> HubEvent:
