@@ -254,7 +254,14 @@ class FakeHub:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
                    lambda r: fut.done() or fut.set_result(r))
-        return fut.result(timeout + 30)
+        try:
+            return fut.result(timeout + 30)
+        except concurrent.futures.TimeoutError:
+            # the hub answers every call by `timeout` (504 at the latest); only a stopped or
+            # stuck hub thread gets here
+            state = "was stopped" if not self.running else "did not answer"
+            raise TimeoutError(f"method {method_name!r} on device {device_id!r}: the hub {state} "
+                               f"within {timeout + 30:g} s of the call") from None
 
     async def invoke_method_async(self, device_id: str, method_name: str, payload: Any = None,
                                   timeout: float = 30.0) -> MethodResponse:

@@ -34,8 +34,8 @@ MAX_CONNECT_SIZE = 64 * 1024
 MAX_UNAUTHENTICATED = 1000
 # Unsent output per connection: past the first the hub stops reading that peer (its requests
 # are what make output), past the second it closes the connection.
-SEND_BUFFER_PAUSE = 1 << 20
-SEND_BUFFER_LIMIT = 8 << 20
+SEND_BUFFER_PAUSE = 256 * 1024
+SEND_BUFFER_LIMIT = 4 << 20  # over a full C2D queue (50 x 64 KB) on top of the pause mark
 
 
 class MqttTlsProtocol(asyncio.Protocol):

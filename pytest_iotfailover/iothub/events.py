@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional
 
-DEFAULT_MAX_EVENTS = 100_000
+DEFAULT_MAX_EVENTS = 50_000  # at most ~35 MB even when every event carries clipped peer text
 MAX_DETAIL_CHARS = 256   # longest string kept per detail value or device id
 MAX_ERRORS = 100         # internal errors kept in full (tracebacks); more are only counted
 _UNCLIPPED = ("traceback",)
