@@ -743,6 +743,21 @@ def test_password_not_utf8_is_refused(hub, dev):
     assert_hub_healthy(hub)
 
 
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",
+                                  bytes(range(256)) * 4, b"\x16\x03\x01\xff\xff" + b"\x00" * 2000],
+                         ids=["http", "plain-mqtt", "bytes", "bad-tls-record"])
+def test_non_tls_bytes_close_the_connection(hub, data):
+    with socket.create_connection((hub.gateway_host, hub.port), timeout=5) as raw:
+        try:
+            raw.sendall(data)
+            while raw.recv(65536):
+                pass  # whatever TLS alert comes back, then the close
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+    hub.wait_for_event("tls_error", timeout=5)
+    assert_hub_healthy(hub)
+
+
 def _nested(depth: int, leaf=1) -> dict:
     """A JSON object `depth` levels deep: {"l1": {"l2": ... leaf}}."""
     obj = leaf
