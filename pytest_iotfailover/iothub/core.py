@@ -774,7 +774,8 @@ class IoTHubCore:
             subs[topic_filter] = min(qos, 1)
             codes.append(min(qos, 1))
         conn.send(p.Suback(pkt.packet_id, codes))
-        self.events.add("subscribe", conn.device_id, topics=[t for t, _ in pkt.topics])
+        # once each: a SUBSCRIBE may repeat one allowed filter thousands of times
+        self.events.add("subscribe", conn.device_id, topics=list(dict.fromkeys(t for t, _ in pkt.topics)))
         self._pump_c2d(conn.device_id)
 
     def on_unsubscribe(self, conn: Connection, pkt: p.Unsubscribe) -> None:

@@ -28,10 +28,8 @@ def clip(value: Any, limit: int = MAX_DETAIL_CHARS) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value[:limit])
     if isinstance(value, (list, tuple)):
-        items = [clip(v, limit) for v in value[:32]]
-        if len(value) > 32:
-            items.append(f"...(+{len(value) - 32} items)")
-        return items
+        # every item is kept: lists in events are the hub's own (affected devices, topic filters)
+        return [clip(v, limit) for v in value]
     return value
 
 
