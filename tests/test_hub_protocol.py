@@ -837,7 +837,7 @@ def test_reported_patch_that_would_overflow_the_document_changes_nothing(hub, de
 
 
 def test_desired_patch_breaking_twin_limits_is_refused(hub, dev):
-    from pytest_iotfailover.hub import HubOperationError
+    from pytest_iotfailover.fakehub.hub import HubOperationError
     for patch in (_nested(11), {"s": "x" * 5000}, {"n": float("nan")}):
         with pytest.raises(HubOperationError, match="desired") as info:
             hub.update_desired(dev.device_id, patch)
@@ -1002,7 +1002,7 @@ class _Flood:
         self.stop = threading.Event()
         self.sent = 0
         get = p.Publish("$iothub/twin/GET/?$rid=1", b"", 0)
-        from pytest_iotfailover.mqtt import encode
+        from pytest_iotfailover.iothub.mqtt import encode
         self.batch = encode(get) * 100
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -1074,7 +1074,7 @@ def test_paused_peer_resumes_when_it_reads_again(make_hub):
     client = connected(hub, dev, rcvbuf=4096)
     _big_reported(client)
     get = p.Publish("$iothub/twin/GET/?$rid=1", b"", 0)
-    from pytest_iotfailover.mqtt import encode
+    from pytest_iotfailover.iothub.mqtt import encode
     client.send_raw(encode(get) * 200)  # about 6 MB of answers for a peer not yet reading
     hub.wait_for_event("send_paused", dev.device_id, timeout=10)
     client.send(p.Pingreq())
@@ -1094,7 +1094,7 @@ def test_paused_peer_resumes_when_it_reads_again(make_hub):
 # ------------------------------------------------------------------------------ event ring
 
 def test_event_log_is_a_ring_with_a_dropped_count():
-    from pytest_iotfailover.hub.events import EventLog
+    from pytest_iotfailover.iothub.events import EventLog
     log = EventLog(max_events=5)
     log.add("error", None, message="boom", traceback="tb")
     for i in range(12):
@@ -1109,7 +1109,7 @@ def test_event_log_is_a_ring_with_a_dropped_count():
 
 
 def test_event_log_clips_what_a_peer_chose():
-    from pytest_iotfailover.hub.events import MAX_DETAIL_CHARS, EventLog
+    from pytest_iotfailover.iothub.events import MAX_DETAIL_CHARS, EventLog
     log = EventLog()
     ev = log.add("auth_failure", "d" * 10_000, reason="r" * 10_000, topics=["t" * 10_000] * 100,
                  traceback="kept " * 1000)
@@ -1143,7 +1143,7 @@ def test_fuzzed_packets_never_cause_an_internal_error(hub):
     Derandomized and bounded in examples, so every run tries the same cases.
     """
     from hypothesis import HealthCheck, given, settings, strategies as st
-    from pytest_iotfailover.mqtt import encode
+    from pytest_iotfailover.iothub.mqtt import encode
 
     dev = hub.add_device("dev1")
     hub.add_device("dev2")
