@@ -687,6 +687,17 @@ def test_method_round_trip(hub, dev):
     assert (result.status, result.payload) == (201, {"t": 21})
 
 
+def test_pending_method_call_fails_when_the_hub_stops(hub, dev):
+    client = connected(hub, dev)
+    client.subscribe("$iothub/methods/POST/#")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(hub.invoke_method, dev.device_id, "never", None, 300.0)
+        client.expect(p.PUBLISH)  # the device has the request and never answers
+        hub.stop()
+        with pytest.raises(RuntimeError, match="stopped while this method call was pending"):
+            call.result(timeout=10)
+
+
 @pytest.mark.parametrize("state", ["connected-unsubscribed", "subscribed-elsewhere", "offline"])
 def test_method_404_when_not_subscribed(hub, dev, state):
     if state != "offline":

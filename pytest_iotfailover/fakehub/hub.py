@@ -20,6 +20,13 @@ __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubO
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 
 
+def _set_result_once(fut: concurrent.futures.Future, result) -> None:
+    try:
+        fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class HubInternalError(RuntimeError):
     """The hub thread hit an unexpected error; the text carries the hub's own traceback."""
 
@@ -80,6 +87,7 @@ class FakeHub:
         self._startup_error: Optional[BaseException] = None
         self._stopping = False
         self._faults_engine: Optional[FaultEngine] = None
+        self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
 
     # --- life cycle ------------------------------------------------------------------------
@@ -148,6 +156,12 @@ class FakeHub:
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
+        # calls the stopped hub will never answer fail now, not after their timeout + 30 s
+        for fut in list(self._method_futures):
+            try:
+                fut.set_exception(RuntimeError("the FakeHub was stopped while this method call was pending"))
+            except concurrent.futures.InvalidStateError:
+                pass  # answered after all
         if self._thread.is_alive():
             raise HubInternalError("the hub thread did not stop within 30 s")
         if self._raise_errors and self.errors:
@@ -252,9 +266,11 @@ class FakeHub:
         if self._thread is not None and threading.get_ident() == self._thread.ident:
             raise RuntimeError("invoke_method blocks; it cannot be called from the hub thread")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
-                   lambda r: fut.done() or fut.set_result(r))
+        self._method_futures.add(fut)
         try:
+            # set_result races stop()'s set_exception: whichever comes first wins
+            self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
+                       lambda r: fut.done() or _set_result_once(fut, r))
             return fut.result(timeout + 30)
         except concurrent.futures.TimeoutError:
             # the hub answers every call by `timeout` (504 at the latest); only a stopped or
@@ -262,6 +278,8 @@ class FakeHub:
             state = "was stopped" if not self.running else "did not answer"
             raise TimeoutError(f"method {method_name!r} on device {device_id!r}: the hub {state} "
                                f"within {timeout + 30:g} s of the call") from None
+        finally:
+            self._method_futures.discard(fut)
 
     async def invoke_method_async(self, device_id: str, method_name: str, payload: Any = None,
                                   timeout: float = 30.0) -> MethodResponse:
