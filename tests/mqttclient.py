@@ -62,10 +62,24 @@ class MqttClient:
         _open_clients.add(self)
 
     @classmethod
-    def open(cls, hub: FakeHub, timeout: float = DEFAULT_TIMEOUT) -> "MqttClient":
-        """TLS handshake done, nothing sent: for tests that misbehave before CONNECT."""
+    def open(cls, hub: FakeHub, timeout: float = DEFAULT_TIMEOUT, *,
+             rcvbuf: Optional[int] = None) -> "MqttClient":
+        """TLS handshake done, nothing sent: for tests that misbehave before CONNECT.
+
+        `rcvbuf` shrinks the socket's receive buffer (SO_RCVBUF, set before connecting), for
+        tests of a device that does not read: the hub's output then backs up sooner.
+        """
         ctx = hub.certificates.client_context()
-        raw = socket.create_connection((hub.gateway_host, hub.port), timeout=timeout)
+        family = socket.AF_INET6 if ":" in hub.gateway_host else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if rcvbuf is not None:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            raw.settimeout(timeout)
+            raw.connect((hub.gateway_host, hub.port))
+        except BaseException:
+            raw.close()
+            raise
         try:
             sock = ctx.wrap_socket(raw, server_hostname=hub.hostname)
         except BaseException:
@@ -80,6 +94,36 @@ class MqttClient:
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_and_hang_up(self, data: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Send `data`, end the TCP stream (FIN) and wait until the hub closes its side.
+
+        The hub handles every byte that came before the FIN before it sees the end of the
+        stream, so when this returns the hub has dealt with all of `data`, whatever it was.
+        """
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass  # the hub closed first: it has already made up its mind
+        raw = socket.socket(fileno=self.sock.detach())  # plain TCP from here: no TLS close_notify
+        self.sock = raw
+        try:
+            raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"the hub did not close the connection within {timeout:g} s")
+            raw.settimeout(remaining)
+            try:
+                if not raw.recv(65536):
+                    return
+            except socket.timeout:
+                continue
+            except OSError:
+                return
 
     def packet_id(self) -> int:
         self._next_id = self._next_id % 65535 + 1
@@ -213,7 +257,7 @@ def connect(hub: FakeHub, device: Union[Device, str], *, clean_session: bool = F
             keep_alive: int = 60, username: Optional[str] = None,
             password: Optional[Union[str, bytes]] = None, client_id: Optional[str] = None,
             will: Optional[p.Will] = None, protocol_level: int = 4,
-            timeout: float = DEFAULT_TIMEOUT) -> MqttClient:
+            timeout: float = DEFAULT_TIMEOUT, rcvbuf: Optional[int] = None) -> MqttClient:
     """Open a connection, send CONNECT and wait for CONNACK (kept in `client.connack`).
 
     Returns the client whatever the return code, so refusals can be asserted. `username` and
@@ -226,7 +270,7 @@ def connect(hub: FakeHub, device: Union[Device, str], *, clean_session: bool = F
         password = sas_token(hub, device_id)
     if isinstance(password, str):
         password = password.encode("utf-8")
-    client = MqttClient.open(hub, timeout)
+    client = MqttClient.open(hub, timeout, rcvbuf=rcvbuf)
     try:
         client.send(p.Connect(client_id if client_id is not None else device_id, keep_alive,
                               clean_session, username, password, will, "MQTT", protocol_level))

@@ -82,3 +82,25 @@ def test_malformed_segment_error_does_not_quote_the_key():
         with pytest.raises(ValueError, match=message) as info:
             parse_connection_string(f"HostName={HOST};DeviceId=d;{mangled}")
         assert "MDEy" not in str(info.value)
+
+
+@pytest.mark.parametrize("se", ["9" * 400, "1_700_000_000", "+1700000000", " 1700000000", "1e9", "", "1" * 13,
+                                "١٧٠٠٠٠٠٠٠٠"])
+def test_expiry_that_is_not_plain_digits_is_an_auth_error(se):
+    # int() accepts all but the last two of these; a 400-digit expiry then overflowed the clock check
+    token = f"SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fdev1&sig=x&se={se}"
+    with pytest.raises(AuthError, match="'se'"):
+        verify_sas_token(token, hostname=HOST, device_id="dev1", keys=[KEY], now=1700000000)
+
+
+@pytest.mark.parametrize("sig", ["%C3%A9t%C3%A9", "%FF%FE", "\u00e9", "", "A" * 60000])
+def test_any_signature_text_is_a_plain_mismatch(sig):
+    # hmac.compare_digest raises TypeError on non-ASCII str; the token's text is the peer's choice
+    token = f"SharedAccessSignature sr=myhub.azure-devices.net%2Fdevices%2Fdev1&sig={sig}&se=1700000000"
+    with pytest.raises(AuthError, match="signature does not match"):
+        verify_sas_token(token, hostname=HOST, device_id="dev1", keys=[KEY], now=1700000000)
+
+
+def test_far_future_expiry_within_twelve_digits_is_accepted():
+    token = make_sas_token(f"{HOST}/devices/dev1", KEY, expiry=999999999999)
+    assert verify_sas_token(token, hostname=HOST, device_id="dev1", keys=[KEY], now=1700000000).expiry == 999999999999

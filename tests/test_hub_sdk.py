@@ -73,6 +73,38 @@ def test_twin_get_reported_patch_and_desired_push(hub, device, client):
     assert bounded(client.get_twin)["desired"] == {"interval": 5, "$version": 2}
 
 
+def _nested(depth):
+    obj = 1
+    for level in range(depth, 0, -1):
+        obj = {f"l{level}": obj}
+    return obj
+
+
+@pytest.mark.parametrize("patch", [_nested(11), {f"k{i}": "v" * 4000 for i in range(9)}],
+                         ids=["11-levels", "over-32KB"])
+def test_reported_patch_over_twin_limits_fails_the_call_only(hub, device, client, patch):
+    # IoT Hub rejects twin updates that break its limits with status 400 (iothub-mqtt.md §5.2);
+    # the SDK turns any status >= 300 into ServiceError, which its sync client re-raises as
+    # ClientError("Unexpected failure") from it
+    with pytest.raises((exceptions.ServiceError, exceptions.ClientError)) as info:
+        bounded(client.patch_twin_reported_properties, patch)
+    cause = info.value if isinstance(info.value, exceptions.ServiceError) else info.value.__cause__
+    assert isinstance(cause, exceptions.ServiceError) and "status 400" in str(cause)
+    bounded(client.patch_twin_reported_properties, _nested(10))
+    assert hub.get_twin(device.device_id)["reported"] == dict(_nested(10), **{"$version": 2})
+    assert hub.errors == []
+
+
+def test_method_response_over_128KB_answers_the_caller(hub, device, client):
+    def handler(request):
+        client.send_method_response(MethodResponse.create_from_method_request(request, 200, "x" * 200_000))
+    client.on_method_request_received = handler
+    r = hub.invoke_method(device.device_id, "dump", timeout=10)
+    assert r.status == 502 and r.payload["errorCode"] == "InvalidResponseWhileProxying"
+    assert "131072" in r.payload["message"]
+    assert hub.errors == []
+
+
 def test_c2d_with_properties(hub, device, client):
     inbox = Inbox()
     client.on_message_received = inbox

@@ -6,17 +6,25 @@ import threading
 from typing import Any, Dict, List, Optional, Union
 
 from .certs import HubCertificates
-from ..iothub.events import EventLog, HubEvent
+from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
 from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.ledger import Ledger, Telemetry
 from ..iothub.registry import Device, Registry
-from .server import HubServer, is_loopback
+from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
+                     is_loopback)
 
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
            "HubInternalError", "FaultHandle", "RecoveryReport"]
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
+
+
+def _set_result_once(fut: concurrent.futures.Future, result) -> None:
+    try:
+        fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class HubInternalError(RuntimeError):
@@ -32,7 +40,10 @@ class FakeHub:
 
     def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
                  token_grace: float = 300.0, connect_timeout: float = 30.0,
-                 allow_remote: bool = False, raise_errors: bool = True):
+                 allow_remote: bool = False, raise_errors: bool = True,
+                 max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
+                 max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
         if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
             raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
                              "digits and hyphens, starting and ending with a letter or digit")
@@ -43,6 +54,18 @@ class FakeHub:
         for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
+                                   ("max_unauthenticated", max_unauthenticated, 1),
+                                   ("send_buffer_pause", send_buffer_pause, 1024)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+        # one packet's output (a C2D message, a twin document) must fit between the two marks
+        if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
+                send_buffer_limit < send_buffer_pause + 256 * 1024:
+            raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
+                             f"({send_buffer_pause}), got {send_buffer_limit!r}")
+        self._limits = dict(max_connect_size=max_connect_size, max_unauthenticated=max_unauthenticated,
+                            send_buffer_pause=send_buffer_pause, send_buffer_limit=send_buffer_limit)
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -54,7 +77,7 @@ class FakeHub:
         self.port: Optional[int] = None
         self.ca_pem: Optional[str] = None
         self.ledger = Ledger()
-        self.event_log = EventLog()
+        self.event_log = EventLog(max_events)
         self.registry = Registry(self.hostname)
         self._core: Optional[IoTHubCore] = None
         self._server: Optional[HubServer] = None
@@ -64,6 +87,7 @@ class FakeHub:
         self._startup_error: Optional[BaseException] = None
         self._stopping = False
         self._faults_engine: Optional[FaultEngine] = None
+        self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
 
     # --- life cycle ------------------------------------------------------------------------
@@ -109,7 +133,7 @@ class FakeHub:
             self._core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                                     self._loop, token_grace=self._token_grace)
             self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
-                                     connect_timeout=self._connect_timeout)
+                                     connect_timeout=self._connect_timeout, **self._limits)
             self._faults_engine = self._core.faults = FaultEngine(self._core, self._server)
             await self._server.serve(sock)
         except BaseException:
@@ -132,6 +156,12 @@ class FakeHub:
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
+        # calls the stopped hub will never answer fail now, not after their timeout + 30 s
+        for fut in list(self._method_futures):
+            try:
+                fut.set_exception(RuntimeError("the FakeHub was stopped while this method call was pending"))
+            except concurrent.futures.InvalidStateError:
+                pass  # answered after all
         if self._thread.is_alive():
             raise HubInternalError("the hub thread did not stop within 30 s")
         if self._raise_errors and self.errors:
@@ -236,9 +266,20 @@ class FakeHub:
         if self._thread is not None and threading.get_ident() == self._thread.ident:
             raise RuntimeError("invoke_method blocks; it cannot be called from the hub thread")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
-                   lambda r: fut.done() or fut.set_result(r))
-        return fut.result(timeout + 30)
+        self._method_futures.add(fut)
+        try:
+            # set_result races stop()'s set_exception: whichever comes first wins
+            self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
+                       lambda r: fut.done() or _set_result_once(fut, r))
+            return fut.result(timeout + 30)
+        except concurrent.futures.TimeoutError:
+            # the hub answers every call by `timeout` (504 at the latest); only a stopped or
+            # stuck hub thread gets here
+            state = "was stopped" if not self.running else "did not answer"
+            raise TimeoutError(f"method {method_name!r} on device {device_id!r}: the hub {state} "
+                               f"within {timeout + 30:g} s of the call") from None
+        finally:
+            self._method_futures.discard(fut)
 
     async def invoke_method_async(self, device_id: str, method_name: str, payload: Any = None,
                                   timeout: float = 30.0) -> MethodResponse:
@@ -263,7 +304,8 @@ class FakeHub:
 
     @property
     def errors(self) -> List[HubEvent]:
-        return self.event_log.list("error")
+        """Internal errors of the hub thread; kept even when the event ring has let them go."""
+        return self.event_log.errors()
 
     def wait_for_event(self, kind: str, device_id: Optional[str] = None, timeout: float = 10.0,
                        where=None, after: float = 0.0) -> HubEvent:

@@ -11,6 +11,7 @@ import ipaddress
 import socket
 import ssl
 import struct
+from collections import deque
 from typing import Iterable, Optional
 
 from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
@@ -18,9 +19,23 @@ from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
 _MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over
+_CLOSE_GRACE = 10.0  # how long a closed connection may take to deliver its last output
+_FLUSH_AT = 64 * 1024  # hand output to the transport mid-batch, so its back-pressure can act
 # Over IoT Hub's 256 KB message limit plus a full topic, so an oversized message is still parsed
 # and refused by the hub's own size rule; anything larger is refused unread.
 MAX_PACKET_SIZE = MAX_D2C_SIZE + 70_000
+
+# Limits on what a peer can make the hub hold (README "Limits and memory bounds"); FakeHub
+# takes each as a keyword argument of the same name in lower case.
+# A CONNECT carries ids, a SAS token and at most a will message; 64 KiB is far more than any
+# SDK sends and bounds what an unauthenticated peer can park in the hub.
+MAX_CONNECT_SIZE = 64 * 1024
+# TCP connections that have not (yet) authenticated; a storm of SDK reconnects stays far below.
+MAX_UNAUTHENTICATED = 1000
+# Unsent output per connection: past the first the hub stops reading that peer (its requests
+# are what make output), past the second it closes the connection.
+SEND_BUFFER_PAUSE = 256 * 1024
+SEND_BUFFER_LIMIT = 4 << 20  # over a full C2D queue (50 x 64 KB) on top of the pause mark
 
 
 class MqttTlsProtocol(asyncio.Protocol):
@@ -34,29 +49,46 @@ class MqttTlsProtocol(asyncio.Protocol):
         self.closing = False
         self.blackholed = False
         self._pending = []
+        self._pending_size = 0
         self._in_batch = False
+        self._processing = False
         self._handshaken = False
         self._timer = None
         self._keep_alive = None
         self._last_rx = 0.0
         self._held = []
         self._held_size = 0
+        self._held_over = False      # a silenced peer sent more than _MAX_HELD
+        self._write_paused = False   # the transport's unsent output is over send_buffer_pause
         self._reading_paused = False
+        self._backlog = deque()      # packets decoded but not yet handled (handling was paused)
+        self._unauthenticated = False
+        self._pause_logged = False
 
     # --- asyncio side ----------------------------------------------------------------------
 
     def connection_made(self, transport):
         self.transport = transport
+        server = self.server
         peer = transport.get_extra_info("peername") or ("?", 0)
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._tls = self.server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
-        self._decoder = Decoder(MAX_PACKET_SIZE)
+        self._tls = server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+        self._decoder = Decoder(MAX_PACKET_SIZE, first_packet_max=server.max_connect_size)
         self._last_rx = self.loop.time()
-        self.conn = self.server.core.open(self, f"{peer[0]}:{peer[1]}")
-        self.server.protocols.add(self)
-        self._timer = self.loop.call_later(self.server.connect_timeout, self._connect_timeout)
-        faults = self.server.core.faults
+        self.conn = server.core.open(self, f"{peer[0]}:{peer[1]}")
+        server.protocols.add(self)
+        # the transport calls pause_writing()/resume_writing() around this mark
+        transport.set_write_buffer_limits(high=server.send_buffer_pause)
+        if server.unauthenticated >= server.max_unauthenticated:
+            server.core.events.add("connect_refused", None, reason="too many unauthenticated connections",
+                                   limit=server.max_unauthenticated, peer=self.conn.peer)
+            self.close(abort=True)
+            return
+        server.unauthenticated += 1
+        self._unauthenticated = True
+        self._timer = self.loop.call_later(server.connect_timeout, self._connect_timeout)
+        faults = server.core.faults
         if faults is not None:
             faults.on_socket(self)
 
@@ -67,9 +99,9 @@ class MqttTlsProtocol(asyncio.Protocol):
             # held, not read: the hub "hears nothing", yet still notices the client hanging up
             self._held.append(data)
             self._held_size += len(data)
-            if self._held_size > _MAX_HELD and not self._reading_paused:
-                self._reading_paused = True
-                self.transport.pause_reading()
+            if self._held_size > _MAX_HELD:
+                self._held_over = True
+                self._update_reading()
             return
         self._last_rx = self.loop.time()
         self._in.write(data)
@@ -85,10 +117,31 @@ class MqttTlsProtocol(asyncio.Protocol):
                 self.close(abort=True)
                 return
             self._handshaken = True
+        self._process()
+
+    def _process(self) -> None:
+        """Handle what the peer sent, in order, until it runs out or output must drain first."""
+        if self._processing:
+            return  # resume_writing() can fire from inside a flush of this very loop
+        self._processing = True
         self._in_batch = True
         conn = self.conn
         try:
-            while not self.closing:
+            while not self.closing and not self.blackholed and not self._write_paused:
+                if self._backlog:
+                    packet = self._backlog.popleft()
+                    try:
+                        conn.received(packet)
+                    except Exception as exc:  # a hub bug must not take the hub thread down
+                        self.server.core.internal_error(conn, exc)
+                    if self._unauthenticated and conn.connected:
+                        self._leave_unauthenticated()
+                    if self._pending_size >= _FLUSH_AT:
+                        self._flush()
+                    continue
+                if self._decoder.error is not None:
+                    conn.protocol_violation(f"malformed MQTT: {self._decoder.error}")
+                    break
                 try:
                     chunk = self._tls.read(_TLS_READ)
                 except ssl.SSLWantReadError:
@@ -104,26 +157,35 @@ class MqttTlsProtocol(asyncio.Protocol):
                     self.close()
                     break
                 try:
-                    packets = self._decoder.feed(chunk)
+                    self._backlog.extend(self._decoder.feed(chunk))
                 except PacketTooLarge as exc:
                     conn.protocol_violation(f"packet too large: {exc}")
                     break
                 except ProtocolError as exc:
                     conn.protocol_violation(f"malformed MQTT: {exc}")
                     break
-                for packet in packets:
-                    try:
-                        conn.received(packet)
-                    except Exception as exc:  # a hub bug must not take the hub thread down
-                        self.server.core.internal_error(conn, exc)
-                    if self.closing or self.blackholed:
-                        break
-                if self._decoder.error is not None and not self.closing:
-                    conn.protocol_violation(f"malformed MQTT: {self._decoder.error}")
-                    break
         finally:
             self._in_batch = False
+            self._processing = False
             self._flush()
+            self._update_reading()
+
+    def pause_writing(self):
+        # the peer does not read what it asked for: stop reading its requests until it does
+        self._write_paused = True
+        self._update_reading()
+        if not self._pause_logged and not self.closing:
+            self._pause_logged = True
+            self.server.core.events.add("send_paused", self.conn.device_id, peer=self.conn.peer,
+                                        buffered=self.transport.get_write_buffer_size())
+
+    def resume_writing(self):
+        self._write_paused = False
+        if self.closing:
+            return
+        self._update_reading()
+        if self._handshaken and not self.blackholed:
+            self._process()
 
     def eof_received(self):
         return None  # close our side too
@@ -132,6 +194,8 @@ class MqttTlsProtocol(asyncio.Protocol):
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
+        self._leave_unauthenticated()
+        self._backlog.clear()
         self.server.protocols.discard(self)
         try:
             self.conn.connection_lost()
@@ -144,6 +208,14 @@ class MqttTlsProtocol(asyncio.Protocol):
         if self.closing or self.blackholed:
             return
         self._pending.append(data)
+        self._pending_size += len(data)
+        buffered = self._pending_size + self.transport.get_write_buffer_size()
+        if buffered > self.server.send_buffer_limit:
+            # reading is already paused, so this is service-side output piling up (C2D, desired
+            # patches, method calls) for a peer that reads nothing: give up on it
+            self.conn.close("send_buffer_full", abort=True, buffered=buffered,
+                            limit=self.server.send_buffer_limit)
+            return
         if not self._in_batch:
             self._flush()
 
@@ -163,6 +235,9 @@ class MqttTlsProtocol(asyncio.Protocol):
         else:
             self._flush(force=True)
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                # asyncio keeps the socket until its output drains: not for ever
+                self.loop.call_later(_CLOSE_GRACE, self._abort_if_open)
 
     def set_keep_alive(self, seconds: float) -> None:
         self._keep_alive = seconds
@@ -178,21 +253,45 @@ class MqttTlsProtocol(asyncio.Protocol):
         self.blackholed = on
         if on:
             self._pending.clear()
+            self._pending_size = 0
             return
-        if self._reading_paused and not self.closing:
-            self._reading_paused = False
-            self.transport.resume_reading()
+        self._held_over = False
+        self._update_reading()
         held, self._held, self._held_size = b"".join(self._held), [], 0
         self._last_rx = self.loop.time()
-        if held and not self.closing:
+        if self.closing:
+            return
+        if held:
             self.data_received(held)
+        elif self._handshaken:
+            self._process()  # packets decoded before the silence began
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _abort_if_open(self) -> None:
+        if self in self.server.protocols:  # connection_lost() has not run yet
+            self.transport.abort()
+
+    def _leave_unauthenticated(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.server.unauthenticated -= 1
+
+    def _update_reading(self) -> None:
+        want = self._write_paused or self._held_over
+        if want == self._reading_paused or self.closing or self.transport.is_closing():
+            return
+        self._reading_paused = want
+        if want:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     def _flush(self, force: bool = False) -> None:
         if self._pending and (force or not self.closing):
             data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_size = 0
             try:
                 self._tls.write(data)
             except ssl.SSLError:
@@ -226,12 +325,19 @@ def loopback_candidates(count: int = 254) -> Iterable[str]:
 
 
 class HubServer:
-    def __init__(self, core: IoTHubCore, ssl_context: ssl.SSLContext, loop, *, connect_timeout: float = 30.0):
+    def __init__(self, core: IoTHubCore, ssl_context: ssl.SSLContext, loop, *, connect_timeout: float = 30.0,
+                 max_connect_size: int = MAX_CONNECT_SIZE, max_unauthenticated: int = MAX_UNAUTHENTICATED,
+                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
         self.core = core
         self.ssl_context = ssl_context
         self.loop = loop
         self.connect_timeout = connect_timeout
+        self.max_connect_size = max_connect_size
+        self.max_unauthenticated = max_unauthenticated
+        self.send_buffer_pause = send_buffer_pause
+        self.send_buffer_limit = send_buffer_limit
         self.protocols = set()
+        self.unauthenticated = 0
         self._server = None
 
     @staticmethod
@@ -264,6 +370,10 @@ class HubServer:
             self._server.close()
         for proto in list(self.protocols):
             proto.conn.close("hub_stopped")
+            if proto.transport.get_write_buffer_size():
+                # a graceful close waits for unsent output to drain, which a peer that never
+                # reads would make last for ever
+                proto.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
         # let connection_lost callbacks run so every disconnect is logged

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 from urllib.parse import quote, unquote
 
 DEFAULT_CLOCK_SKEW = 300.0  # IoT Hub accepts tokens up to five minutes past their expiry
+_EXPIRY = re.compile(r"[0-9]{1,12}")
 
 
 class AuthError(Exception):
@@ -104,10 +105,11 @@ def parse_sas_token(token: str) -> SasToken:
     missing = [f for f in ("sr", "sig", "se") if f not in fields]
     if missing:
         raise AuthError(f"SAS token lacks {', '.join(missing)}")
-    try:
-        expiry = int(fields["se"])
-    except ValueError:
-        raise AuthError("SAS token expiry 'se' is not an integer") from None
+    # Whole seconds since 1970 as plain ASCII digits. int() alone would also take '+1', ' 1',
+    # '1_0' or a 400-digit number that no float comparison survives; 12 digits reach year 33658.
+    if not _EXPIRY.fullmatch(fields["se"]):
+        raise AuthError("SAS token expiry 'se' is not a number of seconds (1 to 12 digits)")
+    expiry = int(fields["se"])
     # tolerate the double encoding some SDKs apply to special characters in ids
     audience = unquote(unquote(fields["sr"]))
     return SasToken(fields["sr"], audience, unquote(fields["sig"]), expiry,
@@ -133,8 +135,10 @@ def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
     target = f"{hostname}/devices/{device_id}"
     if not audience_covers(t.audience, target):
         raise AuthError(f"SAS token audience {t.audience!r} does not cover {target!r}")
+    # compare_digest refuses str with non-ASCII characters, and a peer chooses the signature
+    presented = t.signature.encode("utf-8", "replace")
     for key in keys:
-        if key and hmac.compare_digest(_sign(key, t.sr_raw, str(t.expiry)), t.signature):
+        if key and hmac.compare_digest(_sign(key, t.sr_raw, str(t.expiry)).encode("ascii"), presented):
             return t
     raise AuthError("SAS token signature does not match the device key")
 

@@ -11,6 +11,7 @@ comments refer to it.
 import functools
 import itertools
 import json
+import re
 import time
 import traceback
 from collections import deque
@@ -47,6 +48,17 @@ SYSTEM_PROPERTY_NAMES = {
     "$.cmid": "edge_connection_module_id",
 }
 AUTH_METHOD = '{"scope":"device","type":"sas","issuer":"iothub"}'
+
+# Twin limits (failover-facts.md "Limits", from iot-hub-devguide-device-twins.md); operations
+# that break them are rejected with status 400 (iothub-mqtt.md §5.2).
+MAX_TWIN_DEPTH = 10            # the desired or reported object itself is level 1 (assumption)
+MAX_TWIN_SECTION = 32 * 1024   # desired and reported each, measured here as compact JSON
+MAX_TWIN_KEY = 1024
+MAX_TWIN_STRING = 4 * 1024
+MAX_TWIN_INT = 4503599627370495
+MAX_METHOD_PAYLOAD = 128 * 1024  # direct method request and response (failover-facts.md "Limits")
+
+_METHOD_STATUS = re.compile(r"-?[0-9]{1,9}")
 
 TWIN_RES_FILTER = "$iothub/twin/res/#"
 TWIN_DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
@@ -127,8 +139,58 @@ def merge_patch(target: Dict[str, Any], patch: Dict[str, Any]) -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def _unquote_key(k: str) -> str:
+def _unquote_short_key(k: str) -> str:
     return unquote(k)
+
+
+def _unquote_key(k: str) -> str:
+    # the same few keys recur in every message; a peer's long one-off keys must not sit in a cache
+    return _unquote_short_key(k) if len(k) <= 64 else unquote(k)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json(payload: bytes) -> Any:
+    """Strict JSON from a peer: ValueError for bad UTF-8, bad JSON, NaN/Infinity, too deep."""
+    try:
+        return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON is nested too deeply") from None
+
+
+def twin_problem(section: Any) -> Optional[str]:
+    """Why `section` breaks IoT Hub's twin limits, or None. Iterative: depth is the peer's choice."""
+    if not isinstance(section, dict):
+        return "twin properties must be a JSON object"
+    stack = [(section, 1)]
+    while stack:
+        node, depth = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            if isinstance(key, str) and len(key.encode("utf-8", "replace")) > MAX_TWIN_KEY:
+                return f"a property name is longer than {MAX_TWIN_KEY} bytes"
+            if isinstance(value, (dict, list)):
+                # arrays count as a level too (assumption: the docs speak of objects only)
+                if depth + 1 > MAX_TWIN_DEPTH:
+                    return f"twin properties are nested deeper than {MAX_TWIN_DEPTH} levels"
+                stack.append((value, depth + 1))
+            elif isinstance(value, str):
+                if len(value.encode("utf-8", "replace")) > MAX_TWIN_STRING:
+                    return f"a string value is longer than {MAX_TWIN_STRING} bytes"
+            elif isinstance(value, int) and not isinstance(value, bool):
+                if abs(value) > MAX_TWIN_INT:
+                    return f"integer {clip_text(str(value), 40)} is outside +-{MAX_TWIN_INT}"
+    return None
+
+
+def twin_section_size(section: Dict[str, Any]) -> int:
+    return len(json.dumps(section, separators=(",", ":")).encode("utf-8"))
+
+
+def clip_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_query(query: str) -> Dict[str, Optional[str]]:
@@ -351,6 +413,11 @@ class IoTHubCore:
         self.events.add("connect", device_id, session_present=session_present,
                         clean_session=pkt.clean_session, keep_alive=pkt.keep_alive,
                         api_version=user.api_version, peer=conn.peer, region=self.region)
+        if conn.will is not None:
+            problem = self._will_problem(conn, conn.will)
+            if problem is not None:
+                conn.will = None
+                self.events.add("will_rejected", device_id, reason=problem, peer=conn.peer)
         # §1.3: queued C2D is pushed straight after CONNACK when the session holds the subscription
         self._pump_c2d(device_id, redeliver=True)
 
@@ -378,14 +445,29 @@ class IoTHubCore:
             if conn.session is not None and conn.session.clean:
                 self.sessions.pop(conn.device_id, None)
 
+    def _will_problem(self, conn: Connection, will: p.Will) -> Optional[str]:
+        """Why IoT Hub would not take this will as the device's telemetry, or None.
+
+        D-MQTT: the will topic must be the device's own telemetry topic (iothub-mqtt.md §1.2,
+        §1.5). What the real hub does with another topic is not documented; the fake accepts
+        the connection and drops the will (assumption), so that nothing the hub would not have
+        accepted as telemetry reaches the ledger.
+        """
+        if not will.topic.startswith(conn._events_prefix):
+            return f"will topic {will.topic!r} is not devices/{conn.device_id}/messages/events/"
+        try:
+            self._parse_d2c_topic(conn, will.topic)
+        except ProtocolViolation as exc:
+            return f"will topic: {exc}"
+        return None
+
     def _record_will(self, conn: Connection) -> None:
         will = conn.will
-        try:
-            props, sysprops = self._parse_d2c_topic(conn, will.topic)
-        except ProtocolViolation:
-            return
+        props, sysprops = self._parse_d2c_topic(conn, will.topic)  # checked at CONNECT
         props["iothub-MessageType"] = "Will"
-        self._accept_d2c(conn, will.message, props, sysprops, dup=False, qos=will.qos)
+        if will.retain:
+            props[self.retain_property] = "true"
+        self._accept_d2c(conn, will.message, props, sysprops, dup=False, qos=min(will.qos, 1))
 
     # --- device-to-cloud ---------------------------------------------------------------------
 
@@ -503,13 +585,24 @@ class IoTHubCore:
 
     def _twin_patch(self, conn: Connection, rid: Optional[str], payload: bytes) -> None:
         try:
-            patch = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return self._twin_reply(conn, 400, rid, _error_body(400004, "reported properties are not valid JSON"))
+            patch = load_json(payload)
+        except ValueError as exc:
+            return self._twin_reply(conn, 400, rid, _error_body(
+                400004, f"reported properties are not valid JSON: {clip_text(str(exc), 120)}"))
         if not isinstance(patch, dict):
             return self._twin_reply(conn, 400, rid, _error_body(400004, "reported properties must be a JSON object"))
+        problem = twin_problem(patch)
+        if problem is not None:
+            return self._twin_reply(conn, 400, rid, _error_body(400004, f"reported properties rejected: {problem}"))
         twin = self.twin(conn.device_id)
-        merge_patch(twin.reported, patch)
+        # merged on a copy: a patch that would make the document too large changes nothing
+        merged = json.loads(json.dumps(twin.reported))
+        merge_patch(merged, patch)
+        size = twin_section_size(merged)
+        if size > MAX_TWIN_SECTION:
+            return self._twin_reply(conn, 400, rid, _error_body(
+                400004, f"reported properties would be {size} bytes, over IoT Hub's {MAX_TWIN_SECTION} limit"))
+        twin.reported = merged
         twin.reported_version += 1
         self.events.add("twin_reported", conn.device_id, version=twin.reported_version)
         self._twin_reply(conn, 204, rid, b"", twin.reported_version)
@@ -520,11 +613,20 @@ class IoTHubCore:
         if not isinstance(patch, dict):
             raise HubOperationError("desired patch must be a JSON object (dict)", 400004)
         try:
-            body_obj = json.loads(json.dumps(patch))
-        except (TypeError, ValueError) as exc:
+            body_obj = json.loads(json.dumps(patch, allow_nan=False))
+        except (TypeError, ValueError, RecursionError) as exc:
             raise HubOperationError(f"desired patch is not JSON-serialisable: {exc}", 400004) from None
+        problem = twin_problem(body_obj)
+        if problem is not None:
+            raise HubOperationError(f"desired patch rejected: {problem}", 400004)
         twin = self.twin(device_id)
-        merge_patch(twin.desired, body_obj)
+        merged = json.loads(json.dumps(twin.desired))
+        merge_patch(merged, body_obj)
+        size = twin_section_size(merged)
+        if size > MAX_TWIN_SECTION:
+            raise HubOperationError(
+                f"desired properties would be {size} bytes, over IoT Hub's {MAX_TWIN_SECTION} limit", 400004)
+        twin.desired = merged
         twin.desired_version += 1
         conn = self.connections.get(device_id)
         if conn is not None and TWIN_DESIRED_FILTER in conn.session.subscriptions:
@@ -568,17 +670,31 @@ class IoTHubCore:
         call = self._method_calls.get(rid or "")
         if call is None or call[0] != conn.device_id:
             return  # late or unknown response: discarded, as the real hub does
-        try:
-            status = int(status_text)
-        except ValueError:
-            raise ProtocolViolation(f"method response status {status_text!r} is not an integer") from None
         del self._method_calls[rid]
         call[2].cancel()
+        on_done = call[1]
+        # the status "is validated as an integer" (iothub-mqtt.md §5.1, §6.1); plain ASCII digits
+        # here, since int() would also take '+1', ' 1', '1_0' or a thousand digits
+        if not _METHOD_STATUS.fullmatch(status_text):
+            on_done(self._invalid_method_response(call[0], f"status {clip_text(status_text, 40)!r} is not an integer"))
+            raise ProtocolViolation(f"method response status {status_text!r} is not an integer")
+        status = int(status_text)
+        if len(payload) > MAX_METHOD_PAYLOAD:
+            return on_done(self._invalid_method_response(
+                call[0], f"payload of {len(payload)} bytes is over IoT Hub's {MAX_METHOD_PAYLOAD} limit"))
         try:
-            result = json.loads(payload.decode("utf-8")) if payload.strip() else None
-        except (UnicodeDecodeError, ValueError):
-            result = payload.decode("utf-8", "replace")
-        call[1](MethodResponse(status, result))
+            result = load_json(payload) if payload.strip() else None
+        except ValueError as exc:
+            return on_done(self._invalid_method_response(
+                call[0], f"payload is not valid JSON: {clip_text(str(exc), 120)}"))
+        on_done(MethodResponse(status, result))
+
+    @staticmethod
+    def _invalid_method_response(device_id: str, why: str) -> MethodResponse:
+        # IoT Hub fails such a call with InvalidResponseWhileProxying (azure-iot-sdk-c PR #6);
+        # the status and body shape used here are an assumption
+        return MethodResponse(502, {"errorCode": "InvalidResponseWhileProxying",
+                                    "message": f"device {device_id!r} answered with an invalid response: {why}"})
 
     # --- cloud-to-device ---------------------------------------------------------------------
 
@@ -658,7 +774,8 @@ class IoTHubCore:
             subs[topic_filter] = min(qos, 1)
             codes.append(min(qos, 1))
         conn.send(p.Suback(pkt.packet_id, codes))
-        self.events.add("subscribe", conn.device_id, topics=[t for t, _ in pkt.topics])
+        # once each: a SUBSCRIBE may repeat one allowed filter thousands of times
+        self.events.add("subscribe", conn.device_id, topics=list(dict.fromkeys(t for t, _ in pkt.topics)))
         self._pump_c2d(conn.device_id)
 
     def on_unsubscribe(self, conn: Connection, pkt: p.Unsubscribe) -> None:

@@ -323,8 +323,13 @@ class Decoder:
     feed, they are returned and `error` is set; callers must check it.
     """
 
-    def __init__(self, max_packet_size: Optional[int] = None):
+    def __init__(self, max_packet_size: Optional[int] = None, first_packet_max: Optional[int] = None):
+        """`first_packet_max`, when given, is a tighter limit for the first packet only: a server
+        can keep what an unauthenticated peer makes it buffer small (the first packet must be
+        CONNECT) while still taking large packets once the peer has authenticated."""
         self.max_packet_size = max_packet_size
+        self.first_packet_max = first_packet_max
+        self._first = first_packet_max is not None
         self._buf = bytearray()
         self._error: Optional[ProtocolError] = None
 
@@ -367,12 +372,14 @@ class Decoder:
                     pass
                 if i >= n and (i == pos + 1 or buf[i - 1] & 0x80):
                     break  # length bytes incomplete
-                if self.max_packet_size is not None and length > self.max_packet_size:
-                    raise PacketTooLarge(length, self.max_packet_size)
+                limit = self.first_packet_max if self._first else self.max_packet_size
+                if limit is not None and length > limit:
+                    raise PacketTooLarge(length, limit)
                 end = i + length
                 if end > n:
                     break
                 out.append(self._decode_one(first, buf, i, end))
+                self._first = False
                 pos = end
         except ProtocolError as exc:
             self._error = exc
