@@ -98,6 +98,8 @@ def test_deep_json_text_is_refused_before_parsing():
         assert value is None and code(err) == 400004
     assert L.json_nesting_depth("[" * 100_000, stop_after=11) == 12
     assert L.json_nesting_depth("[" * 100_000) == 100_000
+    assert L.json_nesting_depth(b'[["a\\\\"], "\\"[[[", {"b": "]]]"}]') == 2   # escapes and strings
+    assert L.json_nesting_depth('["unterminated [[[') == 1
 
 
 def test_loads_json():

@@ -103,7 +103,7 @@ def test_connects_beyond_the_queue_cap_get_connack_3():
     reject = verdicts[-1]
     assert isinstance(reject, Reject)
     assert reject.error.code == 429001 and reject.error.name == "ThrottlingException"
-    assert reject.error.status == 429
+    assert reject.error.status == 429 and reject.error_code == 429001
     assert reject.mqtt is MqttAction.CONNACK_3                        # never 4 or 5
     assert throttle.stats("d299").rejected == 1
 

@@ -307,6 +307,10 @@ def twin_section_size(doc: Mapping[str, Any], *, section: str = "reported", allo
     return size
 
 
+# a JSON string (possibly unterminated, to the end of the text) or one bracket
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?|[\[\]{}]', re.DOTALL)
+
+
 def json_nesting_depth(text: str | bytes, *, stop_after: int | None = None) -> int:
     """The deepest bracket nesting (`{` and `[`) in JSON text, found by scanning, not parsing.
 
@@ -316,24 +320,15 @@ def json_nesting_depth(text: str | bytes, *, stop_after: int | None = None) -> i
     """
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
     depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:      # backslash
-                escaped = True
-            elif byte == 0x22:      # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x7B, 0x5B):  # { [
+    for match in _JSON_TOKEN.finditer(data):
+        token = match.group()
+        if token in (b"{", b"["):
             depth += 1
             if depth > deepest:
                 deepest = depth
                 if stop_after is not None and deepest > stop_after:
                     return deepest
-        elif byte in (0x7D, 0x5D):  # } ]
+        elif token in (b"}", b"]"):
             depth -= 1
     return deepest
 

@@ -227,6 +227,10 @@ class Reject:
     error: IotHubError
     mqtt: MqttAction
 
+    @property
+    def error_code(self) -> int:
+        return self.error.code
+
 
 Verdict = Admit | Delay | Reject
 ADMIT = Admit()
