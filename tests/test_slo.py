@@ -3,6 +3,8 @@
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_iotfailover.testing.slo import (
     FIGURES,
@@ -276,3 +278,33 @@ def test_every_figure_maps_onto_a_report_key():
     delivery_keys = {"lost", "lost_in_failover", "duplicates", "latency_p99"}
     assert {f.key for f in FIGURES.values() if f.scope == "fault"} == fault_keys
     assert {f.key for f in FIGURES.values() if f.scope == "delivery"} == delivery_keys
+
+
+# --- any input: a usage error or objectives, never another exception; shown values agree with verdicts
+
+_TERM_PARTS = st.sampled_from([*FIGURES, "recovr", "duplicates%", "", " "])
+_OPS = st.sampled_from(["<=", "<", "==", ">=", ">", "=", "!=", "=<", ""])
+_VALUES = st.one_of(st.sampled_from(["30s", "500ms", "1%", "0", "1.5", "-1s", ".5s", "x", "", "3 s", "2min"]),
+                    st.text(max_size=6))
+
+
+@given(st.lists(st.tuples(_TERM_PARTS, _OPS, _VALUES), max_size=4), st.sampled_from([",", "\n", ", "]))
+def test_any_text_parses_or_is_a_usage_error(terms, sep):
+    text = sep.join(f"{n}{o}{v}" for n, o, v in terms)
+    try:
+        objs = parse_objectives(text)
+    except SloSyntaxError as e:
+        assert str(e).startswith("--iothub-slo: bad objective ")
+    else:
+        assert parse_objectives(str(objs)) == objs
+
+
+@given(st.sampled_from(["<=", "<", "==", ">=", ">"]), st.integers(0, 100_000), st.sampled_from(["s", "ms"]),
+       st.floats(0, 200, allow_nan=False))
+def test_the_value_shown_never_contradicts_the_verdict(op, threshold, unit, measured):
+    objs = parse_objectives(f"recover{op}{threshold / 1000 if unit == 's' else threshold}{unit}")
+    [v] = evaluate(objs, {"recover": measured}, {})
+    shown = v.message.split(" ")[3]
+    number = float(shown[:-len(unit)])
+    seconds = number / 1000 if unit == "ms" else number
+    assert objs["recover"].holds(seconds) is v.ok
