@@ -4,6 +4,8 @@ Skipped with the reason when Chromium, chromedriver or selenium is missing; unde
 (IOTFAILOVER_REQUIRE_BROWSER=1, set by .ci/run) that is a failure instead.
 """
 import json
+import subprocess
+import sys
 
 import browser_support as chromium
 import pytest
@@ -178,4 +180,55 @@ def test_fragment_inserted_like_pytest_html_extras(browser, tmp_path):
     mid, tip = _hover_first_message(browser, lane_index=5)
     assert tip.splitlines()[0] == mid
     _screenshot(browser, tmp_path / "fragment.png")
+    assert chromium.console_errors(browser) == []
+
+
+INNER_CONFTEST = '''
+import json, pathlib
+import pytest
+import pytest_html
+from pytest_iotfailover.plugin import timeline
+
+TEST = json.loads((pathlib.Path(__file__).parent / "test_record.json").read_text())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        report.extras = getattr(report, "extras", []) + [pytest_html.extras.html(timeline.render_fragment(TEST))]
+'''
+
+
+def test_inside_a_pytest_html_report(browser, tmp_path):
+    """The fragment as a real pytest-html 4 report shows it: an `extras.html` entry per test."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        import pytest_html  # noqa: F401
+    except ImportError:
+        if chromium.required():
+            pytest.fail(f"{chromium.REQUIRE_ENV} is set but pytest-html is not installed")
+        pytest.skip("pytest-html is not installed")
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    report = make_report(devices=8, messages=200)
+    (inner / "test_record.json").write_text(json.dumps(report["tests"][1]))
+    (inner / "conftest.py").write_text(INNER_CONFTEST)
+    (inner / "test_inner.py").write_text("def test_one():\n    pass\n")
+    out = tmp_path / "pytest-html.html"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           f"--html={out}", "--self-contained-html", "-o", "render_collapsed=", str(inner)],
+                          check=False, cwd=inner, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    browser.get(out.as_uri())
+    WebDriverWait(browser, 30).until(
+        lambda d: d.execute_script("return document.querySelectorAll('.extraHTML svg.iotf-timeline').length") == 1)
+    assert _drawn(browser, ".extraHTML g.iotf-lane") == 8
+    assert _drawn(browser, ".extraHTML rect.iotf-fault-window") == 2
+    assert _drawn(browser, '.extraHTML td[data-figure="time_to_recover"]') == 2
+    mid, tip = _hover_first_message(browser, lane_index=3)
+    assert tip.splitlines()[0] == mid
+    _screenshot(browser, tmp_path / "pytest-html.png")
     assert chromium.console_errors(browser) == []
