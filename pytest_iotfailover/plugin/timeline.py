@@ -81,8 +81,11 @@ _HOVER_JS = (
     "t.textContent=b[1]+'\\n'+D[b[7]]+'\\n'+(F[b[2]]||'?')+'; sent +'+(b[3]/1000).toFixed(3)+'s'"
     "+(b[4]>1?' ('+b[4]+' attempts)':'')+(b[5]>=0?', acked +'+(b[5]/1000).toFixed(3)+'s':'')"
     "+(b[6]?', '+b[6]+' duplicate(s)':'');"
-    "var r=s.parentNode.getBoundingClientRect();t.style.left=(event.clientX-r.left+s.parentNode.scrollLeft+12)+'px';"
-    "t.style.top=(event.clientY-r.top+12)+'px';t.style.display='block'"
+    # placed below-right of the pointer, or above / left of it where it would leave the plot (and scroll it)
+    "t.style.display='block';var c=s.parentNode,r=c.getBoundingClientRect(),"
+    "x=event.clientX-r.left+c.scrollLeft+12,y=event.clientY-r.top+12;"
+    "if(x+t.offsetWidth>c.scrollWidth)x-=t.offsetWidth+24;if(y+t.offsetHeight>c.clientHeight)y-=t.offsetHeight+24;"
+    "t.style.left=Math.max(0,x)+'px';t.style.top=Math.max(0,y)+'px'"
 )
 
 
