@@ -231,6 +231,9 @@ def test_inside_a_pytest_html_report(browser, tmp_path):
     assert _drawn(browser, ".extraHTML g.iotf-lane") == 8
     assert _drawn(browser, ".extraHTML rect.iotf-fault-window") == 2
     assert _drawn(browser, '.extraHTML td[data-figure="time_to_recover"]') == 2
+    # pytest-html's own table style does not re-align the figures
+    assert browser.execute_script(
+        "return getComputedStyle(document.querySelector('.extraHTML td[data-figure]')).textAlign") == "right"
     mid, tip = _hover_first_message(browser, lane_index=3)
     assert tip.splitlines()[0] == mid
     _screenshot(browser, tmp_path / "pytest-html.png")

@@ -46,6 +46,7 @@ TICKS = (("send", "#1f5fa8", 0.0, 0.34, 1),
 FATES = ("delivered", "lost", "lost_in_failover", "in_flight")
 _FATE_TEXT = ["delivered", "lost (never acknowledged)", "acknowledged, then lost in the failover", "in flight"]
 
+# !important on cell layout: a host page (pytest-html styles `#results-table td`) must not re-align the figures
 _CSS = """
 .iotf{font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f}
 .iotf h2{font-size:15px;margin:18px 0 6px;word-break:break-all}
@@ -55,9 +56,10 @@ _CSS = """
 .iotf .iotf-tip{position:absolute;display:none;pointer-events:none;background:#222;color:#fff;
  padding:3px 6px;border-radius:3px;font-size:12px;white-space:pre;z-index:5}
 .iotf table{border-collapse:collapse;margin:0 0 10px;font-size:12px}
-.iotf th,.iotf td{border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top}
+.iotf th,.iotf td{border:1px solid #ddd!important;padding:2px 6px!important;text-align:left!important;
+ vertical-align:top}
 .iotf th{background:#f4f4f6;font-weight:600}
-.iotf td.num{text-align:right;font-variant-numeric:tabular-nums}
+.iotf td.num{text-align:right!important;font-variant-numeric:tabular-nums}
 .iotf .ok{color:#1b6e3a;font-weight:600}.iotf .bad{color:#c00018;font-weight:600}
 .iotf .muted{color:#777}
 .iotf .iotf-legend span{display:inline-block;margin-right:12px;font-size:12px}
@@ -229,9 +231,9 @@ def _band_states(devices: Sequence[dict[str, Any]], sc: _Scale, y: float, h: flo
     out = []
     for s in STATES:
         if shapes[s]:
-            d = "".join(f"M{LABEL_W + a * bin_w:.1f} {y0:.2f}H{LABEL_W + (b + 1) * bin_w:.1f}V{y1:.2f}"
-                        f"H{LABEL_W + a * bin_w:.1f}Z" for a, b, y0, y1 in shapes[s])
-            out.append(f'<path class="iotf-state iotf-state-{s}" fill="{STATE_COLOURS[s]}" d="{d}"/>')
+            path = "".join(f"M{LABEL_W + a * bin_w:.1f} {y0:.2f}H{LABEL_W + (b + 1) * bin_w:.1f}V{y1:.2f}"
+                           f"H{LABEL_W + a * bin_w:.1f}Z" for a, b, y0, y1 in shapes[s])
+            out.append(f'<path class="iotf-state iotf-state-{s}" fill="{STATE_COLOURS[s]}" d="{path}"/>')
     return out
 
 
@@ -290,7 +292,7 @@ def _svg(test: dict[str, Any]) -> str:
         devs = _attr_json([redact(str(d.get("device_id", ""))) for d in group])
         parts = [f'<g {attrs} data-d="{devs}" data-m="{_hover_data(group, sc)}"><title>{_s(tip)}</title>',
                  f'<rect x="{LABEL_W}" y="{y}" width="{PLOT_W}" height="{lane_h}" fill="#fafafa"/>']
-        tick_y, tick_h = y, lane_h
+        tick_y, tick_h = float(y), float(lane_h)
         if banded:
             parts += _band_states(group, sc, y, lane_h * BAND_STATE_SHARE, end)
             tick_y, tick_h = y + lane_h * BAND_STATE_SHARE + 1, lane_h * (1 - BAND_STATE_SHARE) - 1
@@ -311,7 +313,7 @@ def _svg(test: dict[str, Any]) -> str:
     for n, f in enumerate(f for f in test.get("faults") or [] if f.get("started_at") is not None):
         x0 = sc.x(f["started_at"])
         x1 = sc.x(f["ended_at"] if f.get("ended_at") is not None else t1)
-        y0, y1 = AXIS_H - 4, height - 4
+        y0, y1 = float(AXIS_H - 4), float(height - 4)
         target = f.get("target")
         if target is not None and str(target) in lane_of:  # a one-device fault shades that device's lane
             y0 = lane_of[str(target)] - 1
@@ -322,10 +324,10 @@ def _svg(test: dict[str, Any]) -> str:
         chars = len(str(f.get("kind", ""))) + len(str(target or "")) + 18
         anchor = ' text-anchor="end" dx="-6"' if x0 + chars * 6.2 > width else ""
         out.append(f'<g class="iotf-fault" data-fault-id="{_s(f.get("id", ""))}" pointer-events="none">'
-                   f'<rect class="iotf-fault-window" x="{x0:.1f}" y="{y0}" width="{max(x1 - x0, 1):.1f}" '
-                   f'height="{y1 - y0}" fill="#d0021b" fill-opacity="0.10" stroke="#d0021b" '
+                   f'<rect class="iotf-fault-window" x="{x0:.1f}" y="{y0:g}" width="{max(x1 - x0, 1):.1f}" '
+                   f'height="{y1 - y0:g}" fill="#d0021b" fill-opacity="0.10" stroke="#d0021b" '
                    f'stroke-opacity="0.7" stroke-dasharray="4 3"/>'
-                   f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{6 + 12 * (n % 2)}" y2="{y0}" stroke="#d0021b" '
+                   f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{6 + 12 * (n % 2)}" y2="{y0:g}" stroke="#d0021b" '
                    f'stroke-opacity="0.5"/>'
                    f'<text x="{x0 + 3:.1f}" y="{10 + 12 * (n % 2)}" fill="#a00015" font-weight="600"{anchor}>{label} '
                    f'<tspan font-weight="400">{_num(f["started_at"] - t0, "s", 2)} – {until}</tspan></text></g>')
