@@ -4,8 +4,9 @@ Drawn as plain server-side SVG rather than with a charting library: the picture 
 tick marks, which SVG expresses directly, the page then needs no JavaScript to render (pytest-html inserts
 extras with innerHTML, which does not run <script> elements), and there is nothing to inline or keep
 up to date. Ticks of one kind in one lane are a single <path>, so 10,000 messages are a few hundred
-elements, not tens of thousands. Beyond MAX_LANES devices, lanes become density bands: each band stacks
-the share of its devices in each connection state over time.
+elements, not tens of thousands. Beyond MAX_LANES devices, lanes become about BANDS density bands: the
+top of a band stacks the share of its devices in each connection state over time, the bottom carries
+the band's message ticks.
 
 Hovering a lane shows the nearest message's id; that small handler sits in an attribute of the <svg>
 (inline handlers still run where inserted <script> elements do not) and reads per-lane data attributes.
