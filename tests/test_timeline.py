@@ -83,3 +83,17 @@ def test_sparse_test_records_still_render():
     assert 'class="iotf-fault-window"' in frag and 'data-device="dev-1"' in frag
     page = timeline.render_html({"schema_version": 1, "run": {}, "tests": [test]})
     assert "FAILED" in page
+
+
+@pytest.mark.parametrize(("where", "value"), [("started_at", "soon"), ("devices", [{"states": [{"state": "connected", "from": "x"}]}]),
+                                              ("faults", [None])])
+def test_a_malformed_record_is_named_in_a_clear_error(where, value):
+    test = make_report(devices=2, messages=10)["tests"][1]
+    test[where] = value
+    with pytest.raises(ValueError, match=r"test_region_failover\[2-devices\].*does not follow the report schema"):
+        timeline.render_fragment(test)
+
+
+def test_a_record_that_is_not_an_object_is_refused():
+    with pytest.raises(ValueError, match="must be an object, not list"):
+        timeline.render_fragment([])

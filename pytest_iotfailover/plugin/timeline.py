@@ -439,6 +439,17 @@ def _baseline_table(b: dict[str, Any] | None) -> str:
 
 
 def _section(test: dict[str, Any]) -> str:
+    if not isinstance(test, dict):
+        raise ValueError(f"a test record must be an object, not {type(test).__name__}")
+    try:
+        return _draw_section(test)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        # a report that does not follow report_schema.json: name the test rather than fail deep inside
+        raise ValueError(f"test {redact(str(test.get('nodeid', '?')))!r} does not follow the report schema "
+                         f"({type(e).__name__}: {redact(str(e))})") from None
+
+
+def _draw_section(test: dict[str, Any]) -> str:
     faults = [f for f in test.get("faults") or [] if f.get("started_at") is not None]
     side = ("".join(_fault_table(f) for f in faults) + _delivery_table(test.get("delivery"))
             + _slo_table(test.get("slos") or []) + _baseline_table(test.get("baseline")))
