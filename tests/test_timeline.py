@@ -95,5 +95,5 @@ def test_a_malformed_record_is_named_in_a_clear_error(where, value):
 
 
 def test_a_record_that_is_not_an_object_is_refused():
-    with pytest.raises(ValueError, match="must be an object, not list"):
+    with pytest.raises(TypeError, match="must be an object, not list"):
         timeline.render_fragment([])

@@ -440,7 +440,7 @@ def _baseline_table(b: dict[str, Any] | None) -> str:
 
 def _section(test: dict[str, Any]) -> str:
     if not isinstance(test, dict):
-        raise ValueError(f"a test record must be an object, not {type(test).__name__}")
+        raise TypeError(f"a test record must be an object, not {type(test).__name__}")
     try:
         return _draw_section(test)
     except (TypeError, KeyError, ValueError, AttributeError) as e:
