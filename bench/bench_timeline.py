@@ -5,7 +5,8 @@ For each (devices, messages) case, a synthetic report (tests/report_samples.py) 
 in headless Chromium (Debian's `chromium` and `chromium-driver`) with a fresh profile per load. The
 browser figures come from the page's own Performance API: `domContentLoadedEventEnd` and `loadEventEnd`
 of the navigation entry, the first contentful paint, and the page's `iotf-rendered` mark, set in the
-first animation frame after the document was parsed. This is a script that prints figures, not a test.
+first animation frame after the document was parsed (FCP is "-" when Chromium had not reported it by
+then). This is a script that prints figures, not a test.
 
     python bench/bench_timeline.py                  # 20/200 devices x 1k/10k messages, 3 loads each
     python bench/bench_timeline.py --no-browser     # Python side only
@@ -67,11 +68,9 @@ def main(argv=None):
     ap.add_argument("--loads", type=int, default=3, help="browser loads per case (median is printed)")
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args(argv)
-    why = None if not args.no_browser else "--no-browser"
-    if why is None:
-        why = browser_support.missing()
-        if why:
-            print(f"browser figures skipped: {why}")
+    why = "--no-browser" if args.no_browser else browser_support.missing()
+    if why:
+        print(f"browser figures skipped: {why}")
     ms = lambda v: "-" if v is None else f"{v:7.0f}"
     print(f"{'devices':>7} {'messages':>8} {'lanes':>5} {'render ms':>9} {'page KiB':>8} "
           f"{'DOM nodes':>9} {'DCL ms':>7} {'load ms':>7} {'FCP ms':>7} {'ready ms':>8}")
