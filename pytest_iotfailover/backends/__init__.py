@@ -10,10 +10,10 @@ from typing import Any, Callable, Collection, Dict, List, Optional
 
 from ..fakehub.hub import Device, HubEvent, MethodResponse, Telemetry
 from ..redaction import forget_device, remember_device
+from ..errors import FaultNotSupported, RealHubUnavailable
 
 
-class FaultNotSupported(Exception):
-    """The backend cannot produce this fault (e.g. a blackhole on a real hub)."""
+
 
 
 class Hub(abc.ABC):
@@ -227,8 +227,6 @@ def open_backend(settings, state_store=None, progress=None) -> Hub:
                        arm=arm)
 
 
-class RealHubUnavailable(Exception):
-    """The real-hub backend cannot start (a missing package or setting); the text says which."""
 
 
 def _hostname_of(connection_string: str) -> str:

@@ -13,6 +13,7 @@ from ..iothub.ledger import Ledger, Telemetry
 from ..iothub.registry import Device, Registry
 from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
                      is_loopback)
+from ..errors import HubInternalError
 
 __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
            "HubInternalError", "FaultHandle", "RecoveryReport"]
@@ -27,8 +28,6 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
         pass
 
 
-class HubInternalError(RuntimeError):
-    """The hub thread hit an unexpected error; the text carries the hub's own traceback."""
 
 
 class FakeHub:

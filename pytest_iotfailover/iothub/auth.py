@@ -10,13 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 from urllib.parse import quote, unquote
+from ..errors import AuthError
 
 DEFAULT_CLOCK_SKEW = 300.0  # IoT Hub accepts tokens up to five minutes past their expiry
 _EXPIRY = re.compile(r"[0-9]{1,12}")
 
 
-class AuthError(Exception):
-    """A credential was rejected. The message never contains the secret itself."""
 
 
 _CS_KEYS = {"HostName", "DeviceId", "ModuleId", "SharedAccessKey", "SharedAccessKeyName",

@@ -24,6 +24,7 @@ from .auth import AuthError, parse_username, verify_sas_token
 from .events import EventLog
 from .ledger import Ledger, Telemetry
 from .registry import Registry
+from ..errors import HubOperationError, ProtocolViolation
 
 MAX_D2C_SIZE = 256 * 1024
 MAX_SUBSCRIPTIONS = 5
@@ -65,16 +66,6 @@ TWIN_DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
 METHODS_FILTER = "$iothub/methods/POST/#"
 
 
-class ProtocolViolation(Exception):
-    """The device did something IoT Hub answers by closing the connection."""
-
-
-class HubOperationError(Exception):
-    """A service-side call (send_c2d, invoke_method, ...) the hub refuses, with IoT Hub's error code."""
-
-    def __init__(self, message: str, error_code: int):
-        super().__init__(message)
-        self.error_code = error_code
 
 
 @dataclass

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
 from ..iothub.auth import parse_connection_string
+from ..errors import SettingsError
 
 
-class SettingsError(ValueError):
-    """A setting has an unusable value; the message names the option."""
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,11 @@ from typing import Any, TypeVar
 
 from ...iothub.core import HubOperationError
 from ...redaction import redact
+from ...errors import RealBackendError
 
 _T = TypeVar("_T")
 
 
-class RealBackendError(Exception):
-    """The real-hub backend cannot do what was asked with the credentials it was
-    given."""
 
 
 def text_of(value: Any) -> str:

@@ -8,22 +8,10 @@ import struct
 from typing import List, Optional
 
 from . import packets as p
+from ...errors import PacketTooLarge, ProtocolError
 
 _U16 = struct.Struct("!H")
 MAX_REMAINING_LENGTH = 268_435_455  # four length bytes, 3.1.1 section 2.2.3
-
-
-class ProtocolError(Exception):
-    """The bytes received are not valid MQTT 3.1.1."""
-
-
-class PacketTooLarge(ProtocolError):
-    """A packet's announced length is over the decoder's limit."""
-
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"packet of {size} bytes exceeds the limit of {limit} bytes")
-        self.size = size
-        self.limit = limit
 
 
 # --------------------------------------------------------------------------- encoding
