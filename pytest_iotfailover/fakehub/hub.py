@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from .certs import HubCertificates
 from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
-from .faults import FaultEngine, FaultHandle, Faults, RecoveryReport
+from ..iothub.faults import FaultEngine
+from .faults import FaultHandle, Faults, RecoveryReport
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.ledger import Ledger, Telemetry
 from ..iothub.registry import Device, Registry
