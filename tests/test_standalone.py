@@ -879,3 +879,14 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
         assert hub.stop() == 0, hub.stderr()
     finally:
         hub.kill()
+
+
+def test_the_former_module_path_still_starts_the_hub():
+    # `python -m pytest_iotfailover.hub` is what earlier releases documented
+    result = subprocess.run([sys.executable, "-m", "pytest_iotfailover.hub", "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "iotfailover-hub" in result.stdout
+    from pytest_iotfailover.fakehub import FakeHub
+    from pytest_iotfailover.hub import FakeHub as Former
+    assert Former is FakeHub

@@ -1,0 +1,3 @@
+from ..fakehub.cli import main
+
+raise SystemExit(main())
