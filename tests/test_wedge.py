@@ -21,10 +21,7 @@ from azure.iot.device import IoTHubDeviceClient, Message
 
 from pytest_iotfailover import DevicePool, FakeHub, Outbox
 from pytest_iotfailover import wedge
-from pytest_iotfailover.plugin.factory import make_client, shutdown_quietly, wedges_of
-from pytest_iotfailover.fakehub.server import HubServer
-from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
-from pytest_iotfailover.plugin.reporting import TestRecord, summary_lines
+from pytest_iotfailover.plugin import reporting
 
 from sdk_support import bounded
 
@@ -246,7 +243,10 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
         # nothing can answer this call now: no thread reads the socket
         done, errors = _send_in_background(client, Message("stuck", message_id="stuck-1"))
 
+        paho = wedge.paho_of(client)
+        dead = [paho._sock, paho._sockpairR, paho._sockpairW]
         assert wedge.revive(client)
+        assert [x.fileno() for x in dead] == [-1, -1, -1], "the dead connection's sockets stay open"
         # the call returns: acknowledged after the reconnect, or (the SDK's race again) failed with
         # NoConnectionError while paho re-sends the publish anyway
         assert done.wait(_IO_TIMEOUT)
@@ -339,9 +339,9 @@ def test_plugin_client_is_revived_and_named(iothub, failover, session_proxy):
         report = handle.report()
         assert report.wedged[device.device_id] == found.text
         assert f"wedged: {found.text}" in str(report)
-        record = TestRecord("t")
+        record = reporting.TestRecord("t")
         record.faults = [report]
-        [line] = summary_lines([("t", "passed", record.summary())])
+        [line] = reporting.summary_lines([("t", "passed", record.summary())])
         assert f"WEDGED {found.text}" in line
     finally:
         with pytest.warns(pytest.PytestWarning, match=f"{device.device_id}: the SDK's network thread died"):
