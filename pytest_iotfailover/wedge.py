@@ -353,10 +353,14 @@ class WedgeMonitor:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._stopped:
+                # with nothing to watch the thread ends (add() starts another): none lingers
+                # after the tests' clients are shut down
+                if self._stopped or not self._clients:
+                    self._thread = None
                     return
                 self._cond.wait(self.interval)
                 if self._stopped:
+                    self._thread = None
                     return
             try:
                 self.check()

@@ -21,7 +21,10 @@ from azure.iot.device import IoTHubDeviceClient, Message
 
 from pytest_iotfailover import DevicePool, FakeHub, Outbox
 from pytest_iotfailover import wedge
+from pytest_iotfailover.fakehub.server import HubServer
+from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
 from pytest_iotfailover.plugin import reporting
+from pytest_iotfailover.plugin.factory import make_client, shutdown_quietly, wedges_of
 
 from sdk_support import bounded
 
