@@ -305,6 +305,8 @@ class RecoveryReport:
     # fault start -> the last affected device noticed; fault end -> the last one back
     time_to_detect: float | None = None
     time_to_recover: float | None = None
+    # device id -> why its client counts as wedged (it died silently while claiming to be connected)
+    wedged: dict[str, str] = field(default_factory=dict)
 
     @property
     def recovered(self) -> bool:
@@ -326,7 +328,8 @@ class RecoveryReport:
                 f"{s(self.time_to_detect)}, recover {s(self.time_to_recover)}, "
                 f"{back}/{len(self.devices)} devices back, messages "
                 f"{self.messages_before} before / {self.messages_during} during / "
-                f"{self.messages_after} after, {self.duplicates} duplicates")
+                f"{self.messages_after} after, {self.duplicates} duplicates"
+                + (f"; wedged: {'; '.join(self.wedged.values())}" if self.wedged else ""))
 
 
 def tally_messages(rep: RecoveryReport,

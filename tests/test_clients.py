@@ -297,6 +297,46 @@ def test_a_pool_of_twenty_survives_a_region_failover(hub, make_pool):
     assert rep.recovered and len(rep.devices) == 20
 
 
+def test_a_client_the_hub_does_not_see_is_replaced_although_it_says_connected(hub, make_pool):
+    """The liveness probe: the hub's word against the client's. Here the probe lies for a while,
+    which stands in for a connection the hub lost without the client noticing."""
+    devs = add_devices(hub, 2)
+    hidden = set()
+    pool = make_pool(devs, liveness_probe=lambda: set(hub.connected_devices()) - hidden, probe_grace=0.5)
+    pool.connect(timeout=5)
+    old = pool.clients["dev1"]
+    hidden.add("dev1")
+    wait_until(lambda: pool.wedges, 10, "the pool to find dev1 missing on the hub")
+    hidden.clear()
+    pool.wait_connected(timeout=10)
+    [found] = pool.wedges
+    assert found.device_id == "dev1"
+    assert found.text.startswith("dev1: the hub has had no connection from it for ")
+    assert found.text.endswith("s; it still reports connected")
+    assert pool.clients["dev1"] is not old and pool.clients["dev0"] is not None
+    assert [r.device_id for r in pool.recreations] == ["dev1"]
+    pool.send("dev1", "after", timeout=5)
+    assert hub.wait_for_telemetry(1, device_id="dev1", timeout=5)[0].body == b"after"
+
+
+def test_a_send_without_acknowledgement_past_ack_timeout_replaces_the_client(hub, make_pool):
+    [dev] = add_devices(hub, 1)
+    pool = make_pool([dev], ack_timeout=1.0)
+    pool.connect(timeout=5)
+    old = pool.clients["dev0"]
+    delay = hub.faults.delay_acks(30, device_id="dev0")
+    sender = threading.Thread(target=pool.send, args=("dev0", Message("late", message_id="late-1")),
+                              kwargs={"timeout": 15}, daemon=True)
+    sender.start()
+    wait_until(lambda: pool.wedges, 10, "the pool to give up on the silent client")
+    delay.cancel()
+    sender.join(15)
+    assert not sender.is_alive()
+    assert "dev0: send_message got no acknowledgement within 1 s; it still reports connected" in pool.wedges[0].text
+    assert pool.clients["dev0"] is not old
+    assert "late-1" in {t.message_id for t in hub.telemetry("dev0")}
+
+
 # --- arguments -----------------------------------------------------------------------------------
 
 CS = device_connection_string("h.azure-devices.net", "d1", "a2V5a2V5a2V5a2V5", "127.0.0.1")
@@ -319,6 +359,10 @@ CS = device_connection_string("h.azure-devices.net", "d1", "a2V5a2V5a2V5a2V5", "
     ({"connection_retry": True}, "connection_retry"),
     ({"auto_connect": True}, "auto_connect"),
     ({"server_verification_cert": b"pem"}, "server_verification_cert"),
+    ({"ack_timeout": 0}, "ack_timeout"),
+    ({"liveness_probe": "hub"}, "liveness_probe must be callable"),
+    ({"probe_grace": -1}, "probe_grace"),
+    ({"watch_interval": 0}, "watch_interval"),
 ])
 def test_bad_pool_arguments_are_named(kwargs, message):
     kwargs = dict(kwargs)

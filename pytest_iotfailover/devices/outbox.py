@@ -29,6 +29,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from azure.iot.device import Message
 
+from .. import wedge as _wedge
+
 __all__ = ["Outbox", "AsyncOutbox", "OutboxFull", "OutboxClosed"]
 
 # the SDK refuses bigger payloads on every attempt; caught in send() so it is not retried forever
@@ -37,6 +39,8 @@ _OVERFLOW_POLICIES = ("block", "drop_oldest", "raise")
 # enough to explain a failure; a long outage with fast retries must not grow memory without end
 _FAILURES_KEPT = 1000
 _IDS_SHOWN = 5
+# how often a worker waiting for an acknowledgement looks at whether its client died silently
+_WEDGE_CHECK = 0.25
 
 _names = itertools.count(1)
 
@@ -165,6 +169,9 @@ class Outbox:
         self._failures: Deque[Tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
         self._closed = False
         self._last_progress = time.monotonic()
+        self._wedges: List[_wedge.Wedge] = []
+        if not self._is_pool:
+            _wedge.watch(target)
 
     def _check_target(self, target) -> None:
         if self._is_pool:
@@ -310,7 +317,9 @@ class Outbox:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    cond.wait(left)
+                    cond.wait(min(left, _WEDGE_CHECK))
+                    if not (attempt.finished or entry.state == "acked" or self._closed):
+                        self._revive_if_wedged()
                 lane.current = None
                 if self._closed:
                     return
@@ -333,6 +342,21 @@ class Outbox:
                     return
                 if entry.state == "acked":
                     failures_in_a_row = 0
+
+    def _revive_if_wedged(self) -> None:
+        """A plain client that says it is connected while its network thread is dead never
+        acknowledges anything again: make the SDK see the loss (caller holds the lock; a pool
+        watches its own clients)."""
+        if self._is_pool:
+            return
+        found = _wedge.diagnose(self.target)
+        if found is None:
+            return
+        if not any(w.text == found.text for w in self._wedges):
+            self._wedges.append(found)
+            self._failures.append(("", f"wedged client: {found.text}", time.time()))
+        # a no-op if someone (the fixtures' monitor) revived it already
+        _wedge.revive(self.target, timeout=0)
 
     def _backoff(self, failures_in_a_row: int) -> float:
         ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures_in_a_row - 1, 62))
@@ -423,6 +447,12 @@ class Outbox:
         """(message_id, exception repr, time.time()) of failed attempts, the latest 1000."""
         with self._cond:
             return list(self._failures)
+
+    @property
+    def wedges(self) -> List["_wedge.Wedge"]:
+        """Times this outbox found its client dead while it claimed to be connected, and revived it."""
+        with self._cond:
+            return list(self._wedges)
 
     @property
     def closed(self) -> bool:

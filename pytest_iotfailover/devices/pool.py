@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device import exceptions as sdk_errors
 
+from .. import wedge
 from ..iothub.auth import parse_connection_string, redact
 
 __all__ = ["create_client", "DevicePool", "Recreation", "DeviceConnectionError", "DeviceTimeoutError"]
@@ -201,13 +202,26 @@ class DevicePool:
     unlike the bare SDK, which stops reconnecting for good after one, the pool keeps trying, and
     it keeps trying a failed device too (every `max_backoff`), which rejoins when it gets back.
 
+    Silent deaths: the SDK's network thread can die while the client still reports connected
+    (see wedge.py); such a client never acknowledges anything again. A watchdog thread checks every
+    connected client every `watch_interval` s and treats it as lost, like a dropped connection,
+    when its network thread is dead, when a send on it got no acknowledgement within
+    `ack_timeout` s (None: never), or when `liveness_probe()` (optional: returns the device ids the
+    hub sees connected, or None when it cannot tell) has not listed it for `probe_grace` s. The
+    client is then shut down on a daemon thread with a deadline, its sockets closed, a new one
+    created with the handlers registered again, and sends in flight go out again on it. Each case
+    is listed in `wedges` and in the recreation's reason.
+
     Thread-safe: every method may be called from any thread, and `send` and
     `send_method_response` also from inside the pool's handlers.
     """
 
     def __init__(self, devices: Iterable[Any], *, server_verification_cert: Optional[str] = None,
                  min_backoff: float = 0.1, max_backoff: float = 10.0, delta_backoff: float = 0.1,
-                 operation_timeout: float = 240.0, connect_timeout: float = 30.0, **sdk_kwargs):
+                 operation_timeout: float = 240.0, connect_timeout: float = 30.0,
+                 ack_timeout: Optional[float] = 60.0,
+                 liveness_probe: Optional[Callable[[], Optional[Iterable[str]]]] = None,
+                 probe_grace: float = 10.0, watch_interval: float = 0.25, **sdk_kwargs):
         self._min_backoff = _seconds("min_backoff", min_backoff, positive=False)
         self._max_backoff = _seconds("max_backoff", max_backoff, positive=False)
         if self._max_backoff < self._min_backoff:
@@ -215,6 +229,13 @@ class DevicePool:
         self._delta_backoff = _seconds("delta_backoff", delta_backoff, positive=False)
         self._operation_timeout = _seconds("operation_timeout", operation_timeout)
         self._connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self._ack_timeout = None if ack_timeout is None else _seconds("ack_timeout", ack_timeout)
+        if liveness_probe is not None and not callable(liveness_probe):
+            raise ValueError("liveness_probe must be callable with no arguments (returning the device "
+                             "ids the hub sees connected), or None")
+        self._liveness_probe = liveness_probe
+        self._probe_grace = _seconds("probe_grace", probe_grace, positive=False)
+        self._watch_interval = _seconds("watch_interval", watch_interval)
         for name in _POOL_OWNED_KWARGS:
             if name in sdk_kwargs:
                 raise ValueError(f"{name} is set by the pool (it recovers clients itself); do not pass it")
@@ -241,6 +262,9 @@ class DevicePool:
         self._attempt_threads: set = set()
         self._shut_down: "weakref.WeakSet" = weakref.WeakSet()
         self._supervisor: Optional[threading.Thread] = None
+        self._watchdog: Optional[threading.Thread] = None
+        self._stop_watching = threading.Event()
+        self._wedges: List[wedge.Wedge] = []
         self._closing = False
         self._closed = threading.Event()
         self._name = f"DevicePool-{id(self):x}"
@@ -283,6 +307,12 @@ class DevicePool:
     def recreations(self) -> List[Recreation]:
         with self._cond:
             return list(self._recreations)
+
+    @property
+    def wedges(self) -> List[wedge.Wedge]:
+        """Clients found dead while they claimed to be connected (and replaced), oldest first."""
+        with self._cond:
+            return list(self._wedges)
 
     @property
     def failed(self) -> Dict[str, str]:
@@ -382,6 +412,7 @@ class DevicePool:
     def _create(self, slot: _Slot):
         client = IoTHubDeviceClient.create_from_connection_string(slot.connection_string, **self._sdk_kwargs)
         client.on_connection_state_change = self._state_watcher(slot, client)
+        wedge.watch(client, slot.device_id)
         return client
 
     def _state_watcher(self, slot: _Slot, client) -> Callable[[], None]:
@@ -416,6 +447,53 @@ class DevicePool:
             self._supervisor = threading.Thread(target=self._supervise, name=f"{self._name}-supervisor",
                                                 daemon=True)
             self._supervisor.start()
+            self._watchdog = threading.Thread(target=self._watch, name=f"{self._name}-watchdog", daemon=True)
+            self._watchdog.start()
+
+    # --- the watchdog: clients that died without telling the SDK -------------------------------
+
+    def _watch(self) -> None:
+        absent_since: Dict[str, float] = {}
+        while not self._stop_watching.wait(self._watch_interval):
+            try:
+                self._watch_once(absent_since)
+            except Exception as exc:  # keep watching the others
+                log.debug("%s: watchdog: %s", self._name, _describe(exc))
+
+    def _watch_once(self, absent_since: Dict[str, float]) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            live = [(s, s.client) for s in self._slots.values()
+                    if s.state == "connected" and s.client is not None]
+        on_hub = None
+        if self._liveness_probe is not None:
+            try:
+                ids = self._liveness_probe()
+                on_hub = None if ids is None else set(ids)
+            except Exception:
+                on_hub = None  # the hub cannot say right now: no opinion
+        now = time.monotonic()
+        for slot, client in live:
+            found = wedge.diagnose(client)
+            if found is None and on_hub is not None:
+                if slot.device_id not in on_hub and client.connected:
+                    since = absent_since.setdefault(slot.device_id, now)
+                    if now - since >= self._probe_grace:
+                        found = wedge.hub_disagrees(client, slot.device_id, since)
+                else:
+                    absent_since.pop(slot.device_id, None)
+            if found is not None:
+                absent_since.pop(slot.device_id, None)
+                self._wedged(slot, client, found)
+
+    def _wedged(self, slot: _Slot, client, found: wedge.Wedge) -> None:
+        with self._cond:
+            if slot.client is not client or slot.state != "connected":
+                return
+            self._wedges.append(found)
+        log.warning("%s: %s; replacing the client", self._name, found.text)
+        self._lost(slot, client, f"wedged: {found.text}", force=True)
 
     def _supervise(self) -> None:
         with self._cond:
@@ -458,6 +536,7 @@ class DevicePool:
                     self._resume(slot, old)
                     return
                 self._shutdown(old)
+                wedge.release(old)
                 with self._cond:
                     if slot.client is old:
                         slot.client, slot.installed = None, set()
@@ -618,14 +697,25 @@ class DevicePool:
             with self._cond:
                 client, generation = self._usable(slot, deadline, limit, method, last_error)
             call = _Call(lambda: getattr(client, method)(arg), f"{self._name}-{method}:{device_id}", self._cond)
+            ack_by = None if self._ack_timeout is None else time.monotonic() + self._ack_timeout
             with self._cond:
                 while (not call.done.is_set() and slot.generation == generation
                        and slot.state == "connected" and not self._closing):
-                    left = deadline - time.monotonic()
+                    now = time.monotonic()
+                    left = deadline - now
                     if left <= 0:
                         raise DeviceTimeoutError(
                             f"{method} to device {device_id!r} not acknowledged within {limit:g} s", device_id)
-                    self._cond.wait(left)
+                    if ack_by is not None and now >= ack_by:
+                        # connected, yet nothing acknowledged: a client that will never answer
+                        found = wedge.Wedge(device_id, time.time(), None, None,
+                                            f"{device_id}: {method} got no acknowledgement within "
+                                            f"{self._ack_timeout:g} s; it still reports connected")
+                        wedge.record(found)
+                        self._wedges.append(found)
+                        self._lost(slot, client, f"wedged: {found.text}", force=True)
+                        break
+                    self._cond.wait(left if ack_by is None else min(left, max(ack_by - now, 0.001)))
             if call.done.is_set():
                 if call.error is None:
                     return
@@ -689,6 +779,7 @@ class DevicePool:
             first = not self._closing
             self._closing = True
             self._cond.notify_all()
+        self._stop_watching.set()
         if not first:
             self._closed.wait(limit)
             return

@@ -1,10 +1,12 @@
 """Device clients for fixtures: created on the test's hub, always shut down afterwards."""
 import threading
 import warnings
-from typing import Any, Dict, List
+import weakref
+from typing import Any, Dict, List, Optional
 
 import pytest
 
+from .. import wedge
 from ..backends import HubView
 
 SHUTDOWN_TIMEOUT = 10.0
@@ -30,7 +32,46 @@ def run_bounded(fn, timeout: float, what: str):
     return result[0] if result else None
 
 
+# One wedge monitor per embedded hub (its liveness probe asks that hub), one for real hubs.
+_monitors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_real_hub_monitor: Optional[wedge.WedgeMonitor] = None
+_monitor_of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_monitors_lock = threading.Lock()
+
+
+def _monitor_for(iothub: HubView) -> wedge.WedgeMonitor:
+    global _real_hub_monitor
+    fake = getattr(iothub, "fake", None)
+    with _monitors_lock:
+        if fake is None:
+            if _real_hub_monitor is None:
+                _real_hub_monitor = wedge.WedgeMonitor()
+            return _real_hub_monitor
+        monitor = _monitors.get(fake)
+        if monitor is None:
+            monitor = _monitors[fake] = wedge.WedgeMonitor(liveness_probe=_probe(fake))
+        return monitor
+
+
+def _probe(fake):
+    ref = weakref.ref(fake)
+
+    def connected_devices():
+        hub = ref()
+        return hub.connected_devices() if hub is not None and hub.running else None
+    return connected_devices
+
+
+def hub_liveness_probe(iothub: HubView):
+    """What the embedded hub says is connected, for DevicePool's `liveness_probe`; None on a real hub."""
+    fake = getattr(iothub, "fake", None)
+    return None if fake is None else _probe(fake)
+
+
 def shutdown_quietly(client, what: str = "device client") -> None:
+    with _monitors_lock:
+        monitor = _monitor_of.pop(client, None)
+    wedges = monitor.remove(client) if monitor is not None else []
     try:
         run_bounded(client.shutdown, SHUTDOWN_TIMEOUT, f"{what} shutdown")
     except TimeoutError:
@@ -38,15 +79,36 @@ def shutdown_quietly(client, what: str = "device client") -> None:
                                            "its threads are left to die with the process"))
     except Exception:
         pass  # a client the hub already dropped may complain; it is closed either way
+    if wedges:
+        wedge.release(client)
+        for w in wedges:
+            warnings.warn(pytest.PytestWarning(
+                f"{what} {w.text}: the plugin revived it, but production code on this SDK has the "
+                "same hazard (README: \"When the SDK client dies silently\")"))
+
+
+def wedges_of(client) -> List[wedge.Wedge]:
+    """The wedges the fixtures' monitor found on `client` so far."""
+    with _monitors_lock:
+        monitor = _monitor_of.get(client)
+    return monitor.found(client) if monitor is not None else []
 
 
 def make_client(iothub: HubView, device, aio: bool = False, **sdk_kwargs):
+    """A client for `device` that the fixtures' wedge monitor watches: a client whose network
+    thread died while it still reports connected is named in the test's report and warnings and
+    revived through the SDK's own reconnect (see wedge.py)."""
     if aio:
         from azure.iot.device.aio import IoTHubDeviceClient
     else:
         from azure.iot.device import IoTHubDeviceClient
-    return IoTHubDeviceClient.create_from_connection_string(device.connection_string,
-                                                            **iothub.client_kwargs(**sdk_kwargs))
+    client = IoTHubDeviceClient.create_from_connection_string(device.connection_string,
+                                                              **iothub.client_kwargs(**sdk_kwargs))
+    monitor = _monitor_for(iothub)
+    monitor.add(client, device.device_id)
+    with _monitors_lock:
+        _monitor_of[client] = monitor
+    return client
 
 
 class DeviceClientFactory:
@@ -66,6 +128,9 @@ class DeviceClientFactory:
             from ..devices.pool import DevicePool
             kwargs: Dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
             kwargs.pop("connection_retry_interval", None)  # the pool does its own retrying
+            probe = hub_liveness_probe(self.iothub)
+            if probe is not None:
+                kwargs.setdefault("liveness_probe", probe)
             pool = DevicePool(devices, **kwargs)
             self._pools.append(pool)
             for dev in devices:

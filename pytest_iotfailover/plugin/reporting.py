@@ -42,7 +42,8 @@ class TestRecord:
                 continue  # cancelled before it began
             out["faults"].append({"fault": r.fault, "target": r.target, "outage": r.outage,
                                   "time_to_detect": r.time_to_detect, "time_to_recover": r.time_to_recover,
-                                  "devices": len(r.devices), "recovered": r.recovered})
+                                  "devices": len(r.devices), "recovered": r.recovered,
+                                  "wedged": dict(getattr(r, "wedged", None) or {})})
         if self.deliveries:
             last = self.deliveries[-1]
             out["delivery"] = asdict(last)
@@ -102,6 +103,7 @@ def summary_lines(rows) -> List[str]:
             f"{f['fault']}{'@' + f['target'] if f.get('target') else ''} outage {_fmt(f['outage'])} "
             f"detect {_fmt(f['time_to_detect'])} recover {_fmt(f['time_to_recover'])}"
             + ("" if f.get("recovered", True) else " NOT RECOVERED")
+            + (f" WEDGED {'; '.join(f['wedged'].values())}" if f.get("wedged") else "")
             for f in faults) or "no fault"
         d = s.get("delivery")
         deliv = (f"sent {d['sent']} delivered {d['delivered']} duplicates {d['duplicates']} lost {d['lost']}"

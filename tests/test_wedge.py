@@ -1,0 +1,351 @@
+"""Clients that die silently: paho's network thread ends with ssl.SSLEOFError, the SDK still says
+it is connected, and nothing it sends is acknowledged again.
+
+The death is produced on purpose, with the real SDK client, by the reset timing that triggers it:
+a man-in-the-middle proxy between the client and the FakeHub answers a connection with CONNACK and
+resets it at once, while the client holds an unacknowledged QoS 1 publish. paho re-sends that
+publish from inside its CONNACK handler, the write fails with SSLEOFError, which paho does not
+catch, and its network thread ends (pytest_iotfailover/wedge.py explains the path).
+"""
+import collections
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from typing import Deque, List, NamedTuple
+
+import pytest
+from azure.iot.device import IoTHubDeviceClient, Message
+
+from pytest_iotfailover import DevicePool, FakeHub, Outbox
+from pytest_iotfailover import wedge
+from pytest_iotfailover.fakehub.server import HubServer
+from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
+from pytest_iotfailover.plugin import reporting
+from pytest_iotfailover.plugin.factory import make_client, shutdown_quietly, wedges_of
+
+from sdk_support import bounded
+
+# the deliberate deaths of paho's thread are reported by threading.excepthook; expected here
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+# Unthreaded TLS reads need an upper bound; a healthy SDK client answers within milliseconds.
+_IO_TIMEOUT = 30.0
+
+
+class ProxiedDevice(NamedTuple):
+    device_id: str
+    connection_string: str
+
+
+class HostileProxy:
+    """A TLS-terminating proxy on its own loopback address (port 8883) in front of a FakeHub.
+
+    Each new client connection takes the next step of `plan` (then "forward"):
+    * "forward": relay bytes both ways to the hub;
+    * "swallow": answer CONNECT with CONNACK itself, read (never acknowledge) until the first
+      PUBLISH, then reset the connection: the client is left with an unacknowledged publish;
+    * "connack_reset": answer CONNECT with CONNACK (session present) and reset at once: the client
+      is writing its re-sent publishes when the reset hits it.
+    """
+
+    def __init__(self, hub: FakeHub):
+        self.hub = hub
+        self._listener = HubServer.bind(None, 8883)
+        self._listener.setblocking(True)
+        self.address = self._listener.getsockname()[0]
+        cert = hub.certificates.ca.issue_cert(self.address, hub.hostname)
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        cert.configure_cert(self._ctx)
+        self.plan: Deque[str] = collections.deque()
+        self.steps: List[str] = []          # the step each connection took, in order
+        self._cond = threading.Condition()
+        self._live: List[socket.socket] = []
+        self._stopped = False
+        threading.Thread(target=self._accept, name="hostile-proxy", daemon=True).start()
+
+    def device(self, device) -> ProxiedDevice:
+        cs = device.connection_string.replace(f"GatewayHostName={self.hub.gateway_host}",
+                                              f"GatewayHostName={self.address}")
+        assert cs != device.connection_string
+        return ProxiedDevice(device.device_id, cs)
+
+    def wait_steps(self, count: int, timeout: float = _IO_TIMEOUT) -> List[str]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.steps) >= count, timeout):
+                raise TimeoutError(f"expected {count} connections to the proxy, saw {self.steps}")
+            return list(self.steps)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            live = list(self._live)
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        for s in live:
+            _close(s)
+
+    # --- the connections ---------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # stopped
+            with self._cond:
+                if self._stopped:
+                    raw.close()
+                    return
+                step = self.plan.popleft() if self.plan else "forward"
+            threading.Thread(target=self._serve, args=(raw, step), daemon=True,
+                             name=f"hostile-proxy:{step}").start()
+
+    def _track(self, s: socket.socket) -> None:
+        with self._cond:
+            self._live.append(s)
+
+    def _serve(self, raw: socket.socket, step: str) -> None:
+        self._track(raw)
+        raw.settimeout(_IO_TIMEOUT)
+        try:
+            client = self._ctx.wrap_socket(raw, server_side=True)
+        except OSError:
+            _close(raw)
+            return
+        self._track(client)
+        with self._cond:
+            self.steps.append(step)
+            self._cond.notify_all()
+        try:
+            if step == "forward":
+                self._forward(client)
+                return
+            decoder = Decoder()
+            packets: list = []
+            while not any(x.type == p.CONNECT for x in packets):
+                packets += decoder.feed(_recv(client))
+            client.sendall(encode(p.Connack(0, True)))
+            if step == "swallow":
+                while not any(x.type == p.PUBLISH for x in packets):
+                    packets += decoder.feed(_recv(client))
+            _reset(client)
+        except (OSError, EOFError):
+            _close(client)
+
+    def _forward(self, client: ssl.SSLSocket) -> None:
+        ctx = self.hub.certificates.client_context()
+        upstream_raw = socket.create_connection((self.hub.gateway_host, self.hub.port), timeout=_IO_TIMEOUT)
+        self._track(upstream_raw)
+        upstream = ctx.wrap_socket(upstream_raw, server_hostname=self.hub.hostname)
+        self._track(upstream)
+        # one thread for both directions: an SSL socket must not be read and written concurrently
+        peer = {client: upstream, upstream: client}
+        try:
+            while True:
+                ready = [x for x in peer if x.pending()]
+                if not ready:
+                    ready, _, _ = select.select(list(peer), [], [], _IO_TIMEOUT)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    peer[src].sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(client)
+            _close(upstream)
+
+
+def _recv(s: ssl.SSLSocket) -> bytes:
+    data = s.recv(65536)
+    if not data:
+        raise EOFError("the client closed the connection")
+    return data
+
+
+def _reset(s: socket.socket) -> None:
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    _close(s)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.close()
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def proxy(hub):
+    prox = HostileProxy(hub)
+    yield prox
+    prox.stop()
+
+
+def _client(hub, device, **kwargs):
+    options = dict(server_verification_cert=hub.ca_pem, keep_alive=60, connection_retry_interval=1)
+    options.update(kwargs)
+    return IoTHubDeviceClient.create_from_connection_string(device.connection_string, **options)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    """Poll a condition of the SDK's that no event reports (that is the whole problem)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
+def _send_in_background(client, message):
+    done = threading.Event()
+    errors = []
+
+    def run():
+        try:
+            client.send_message(message)
+        except Exception as exc:  # reported to the test through `errors`
+            errors.append(exc)
+        finally:
+            done.set()
+    threading.Thread(target=run, daemon=True).start()
+    return done, errors
+
+
+def _delivered(hub, device_id):
+    return {t.message_id for t in hub.telemetry(device_id)}
+
+
+def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_client_back(hub, proxy):
+    """The reproduction itself, and the cure: the SDK's own disconnect path, then its own retry."""
+    dev = proxy.device(hub.add_device("wedge-bare"))
+    client = _client(hub, dev)
+    try:
+        assert wedge.watch(client, dev.device_id), "the SDK's paho client was not found"
+        proxy.plan.extend(["swallow", "connack_reset"])
+        bounded(client.connect)
+        # the SDK may fail this call (NoConnectionError) while its retry races the reset; paho
+        # keeps the publish regardless and re-sends it from its CONNACK handler, which is the point
+        _send_in_background(client, Message("held", message_id="held-1"))
+        assert proxy.wait_steps(2) == ["swallow", "connack_reset"]
+        _wait(lambda: wedge.diagnose(client) is not None, _IO_TIMEOUT, "the network thread to die")
+        found = wedge.diagnose(client)
+        assert client.connected, "the SDK should still claim to be connected: that is the hazard"
+        assert found.error == "SSLEOFError", found
+        assert "wedge-bare: the SDK's network thread died at" in found.text
+        assert found.text.endswith("(SSLEOFError); it still reports connected")
+        # nothing can answer this call now: no thread reads the socket
+        done, errors = _send_in_background(client, Message("stuck", message_id="stuck-1"))
+
+        paho = wedge.paho_of(client)
+        dead = [paho._sock, paho._sockpairR, paho._sockpairW]
+        assert wedge.revive(client)
+        assert [x.fileno() for x in dead] == [-1, -1, -1], "the dead connection's sockets stay open"
+        # the call returns: acknowledged after the reconnect, or (the SDK's race again) failed with
+        # NoConnectionError while paho re-sends the publish anyway
+        assert done.wait(_IO_TIMEOUT)
+        hub.wait_for_telemetry(2, device_id=dev.device_id, timeout=_IO_TIMEOUT)
+        assert {"held-1", "stuck-1"} <= _delivered(hub, dev.device_id)
+        assert proxy.wait_steps(3)[2] == "forward"
+        assert wedge.diagnose(client) is None and client.connected
+        assert not wedge.revive(client), "a second revive of a healthy client must do nothing"
+    finally:
+        bounded(client.shutdown, timeout=15)
+
+
+def test_outbox_over_a_bare_client_survives_a_wedge(hub, proxy):
+    """The README headline, `Outbox(device_client)`, across a silent death: nothing is lost."""
+    dev = proxy.device(hub.add_device("wedge-outbox"))
+    client = _client(hub, dev)
+    proxy.plan.extend(["swallow", "connack_reset"])
+    try:
+        bounded(client.connect)
+        with Outbox(client, send_timeout=60) as outbox:
+            ids = [outbox.send({"seq": i}) for i in range(20)]
+            outbox.flush(timeout=60)
+            assert [w.error for w in outbox.wedges] == ["SSLEOFError"], outbox.wedges
+            assert "wedge-outbox: the SDK's network thread died at" in outbox.wedges[0].text
+        assert set(ids) <= _delivered(hub, dev.device_id)
+        assert proxy.steps[:2] == ["swallow", "connack_reset"]
+    finally:
+        bounded(client.shutdown, timeout=15)
+
+
+def test_pool_replaces_a_wedged_client_and_resends(hub, proxy):
+    """A pool's client that reconnects by itself (as the SDK does to renew its token) and dies on
+    the way: the pool takes it back as healthy, the watchdog sees the dead thread and replaces it,
+    and the send waiting on it goes out again on the new client."""
+    dev = proxy.device(hub.add_device("wedge-pool"))
+    # a long first backoff keeps the pool from replacing the client before it reconnects itself
+    pool = DevicePool([dev], server_verification_cert=hub.ca_pem, keep_alive=60,
+                      min_backoff=2.0, delta_backoff=0.1, connect_timeout=30)
+    proxy.plan.append("swallow")
+    try:
+        pool.connect()
+        old = pool.clients[dev.device_id]
+        outbox = Outbox(pool, send_timeout=60)
+        first = outbox.send("first")
+        proxy.wait_steps(1)
+        # the swallowed publish stays in paho's store; the reset leaves the client disconnected
+        _wait(lambda: not old.connected, _IO_TIMEOUT, "the client to notice the reset")
+        proxy.plan.append("connack_reset")
+        bounded(old.connect, timeout=30)
+        _wait(lambda: wedge.diagnose(old) is not None, _IO_TIMEOUT, "the network thread to die")
+        more = [outbox.send(f"after {i}") for i in range(5)]
+        outbox.flush(timeout=90)
+        outbox.close()
+        assert set([first] + more) <= _delivered(hub, dev.device_id)
+        assert [w.device_id for w in pool.wedges] == [dev.device_id], pool.wedges
+        assert "SSLEOFError" in pool.wedges[0].text
+        assert pool.clients[dev.device_id] is not old
+        assert any("wedged: wedge-pool: the SDK's network thread died" in r.reason for r in pool.recreations)
+        assert old._mqtt_pipeline is not None and wedge.paho_of(old)._sock is None, "its socket was not closed"
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def session_proxy(iothub):
+    if iothub.fake is None:
+        pytest.skip("needs the embedded hub")
+    prox = HostileProxy(iothub.fake)
+    yield prox
+    prox.stop()
+
+
+def test_plugin_client_is_revived_and_named(iothub, failover, session_proxy):
+    proxy = session_proxy
+    device = iothub.add_device()
+    dev = proxy.device(device)
+    client = make_client(iothub, dev, keep_alive=60)
+    try:
+        bounded(client.connect, timeout=30)
+        with Outbox(client, send_timeout=60) as outbox:
+            outbox.send("before")
+            outbox.flush(timeout=30)
+            proxy.plan.extend(["swallow", "connack_reset"])
+            handle = failover.drop(device_id=device.device_id)
+            ids = [outbox.send(f"m{i}") for i in range(10)]
+            outbox.flush(timeout=60)
+        assert set(ids) <= {t.message_id for t in iothub.telemetry(device.device_id)}
+        [found] = wedges_of(client)
+        assert found.error == "SSLEOFError"
+        report = handle.report()
+        assert report.wedged[device.device_id] == found.text
+        assert f"wedged: {found.text}" in str(report)
+        record = reporting.TestRecord("t")
+        record.faults = [report]
+        [line] = reporting.summary_lines([("t", "passed", record.summary())])
+        assert f"WEDGED {found.text}" in line
+    finally:
+        with pytest.warns(pytest.PytestWarning, match=f"{device.device_id}: the SDK's network thread died"):
+            shutdown_quietly(client, "device_client")
