@@ -23,7 +23,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .redact import redact
+from ..redaction import redact
 
 MAX_LANES = 50          # above this many devices, lanes are grouped into density bands ...
 BANDS = 25              # ... about this many
