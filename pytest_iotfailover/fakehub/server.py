@@ -88,7 +88,11 @@ class MqttTlsProtocol(asyncio.Protocol):
         self._in_batch = True
         conn = self.conn
         try:
-            while not self.closing:
+            # Read only while the TLS layer has bytes: once a wake-up's records are consumed, one
+            # more read would only raise SSLWantReadError, an exception per wake-up for nothing.
+            # Without read-ahead (Python never enables it) OpenSSL takes no more from the BIO than
+            # the record it is decrypting, so nothing complete can hide behind these two counts.
+            while not self.closing and (self._in.pending or self._tls.pending()):
                 try:
                     chunk = self._tls.read(_TLS_READ)
                 except ssl.SSLWantReadError:
