@@ -303,6 +303,8 @@ class MosquittoProcess(ServerProcess):
             "per_listener_settings false",
             "allow_anonymous true",
             "persistence false",
+            # the hub (asyncio, uvloop) sets TCP_NODELAY; without it mosquitto's PUBACKs wait on Nagle
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
