@@ -589,6 +589,10 @@ def fmt(x: Optional[float], spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def fx(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
 def scenario_label(s: dict) -> str:
     if s["mode"] == "paced":
         return f"paced {s['rate']:,} msg/s, {s['conns']} conns"
@@ -646,8 +650,7 @@ def print_summary(scenarios: List[dict], results: Dict[Tuple[int, str], List[dic
             target = PACED_TARGET if s["mode"] == "paced" else BATCHED_TARGET
             hm, hf, fm = ratio(hub, mosq), ratio(hub, floor), ratio(floor, mosq)
             verdict = "-" if hm is None else ("met" if hm <= target else "MISSED")
-            print(f"  {scenario_label(s):<34} {lp:<8} {fmt(hm, '.2f') + 'x':>13} {fmt(hf, '.2f') + 'x':>9} "
-                  f"{fmt(fm, '.2f') + 'x':>15}  {verdict}")
+            print(f"  {scenario_label(s):<34} {lp:<8} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
 
 
 def parse_args(argv=None):
