@@ -17,13 +17,14 @@ from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
+_READ_SIZE = 256 * 1024  # what asyncio reads at once for a plain Protocol
 _MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over
 # Over IoT Hub's 256 KB message limit plus a full topic, so an oversized message is still parsed
 # and refused by the hub's own size rule; anything larger is refused unread.
 MAX_PACKET_SIZE = MAX_D2C_SIZE + 70_000
 
 
-class MqttTlsProtocol(asyncio.Protocol):
+class MqttTlsProtocol(asyncio.BufferedProtocol):
     """One device socket. Also the `link` the hub core writes to and closes."""
 
     def __init__(self, server: "HubServer"):
@@ -59,6 +60,18 @@ class MqttTlsProtocol(asyncio.Protocol):
         faults = self.server.core.faults
         if faults is not None:
             faults.on_socket(self)
+
+    def get_buffer(self, sizehint):
+        # One read buffer per server, shared by its connections: each read is consumed by
+        # buffer_updated before the loop reads again. As a plain Protocol, asyncio would allocate
+        # 256 KiB per read, which glibc serves with mmap, mremap and munmap on every wake-up.
+        view = getattr(self.server, "_read_view", None)
+        if view is None:
+            view = self.server._read_view = memoryview(bytearray(_READ_SIZE))
+        return view
+
+    def buffer_updated(self, nbytes):
+        self.data_received(bytes(self.server._read_view[:nbytes]))
 
     def data_received(self, data):
         if self.closing:
