@@ -68,17 +68,25 @@ def machine_busy_seconds() -> float:
 
 # =============================================================================== floor server
 
-class FloorProtocol(asyncio.Protocol):
+class FloorProtocol(asyncio.BufferedProtocol):
     """Just enough MQTT to CONNACK a CONNECT and PUBACK a QoS 1 PUBLISH, on the hub's TLS setup.
 
-    It mirrors the hub's I/O shape (ssl.MemoryBIO on a plain Protocol, every reply of one wake-up
-    in one TLS write), so the difference to the hub is the hub's own MQTT and IoT Hub work.
+    It mirrors the hub's I/O shape (ssl.MemoryBIO on a BufferedProtocol reading into one shared
+    buffer, reading TLS only while bytes are pending, every reply of one wake-up in one TLS write),
+    so the difference to the hub is the hub's own MQTT and IoT Hub work.
     """
+    read_view = memoryview(bytearray(256 * 1024))  # one loop per floor process
 
     def __init__(self, ctx: ssl.SSLContext):
         self.ctx = ctx
         self.buf = bytearray()
         self.handshaken = False
+
+    def get_buffer(self, sizehint):
+        return self.read_view
+
+    def buffer_updated(self, nbytes):
+        self.data_received(bytes(self.read_view[:nbytes]))
 
     def connection_made(self, transport):
         self.transport = transport
@@ -97,7 +105,7 @@ class FloorProtocol(asyncio.Protocol):
                 self.transport.abort()
                 return
             self.handshaken = True
-        while True:
+        while self.inbio.pending or self.tls.pending():
             try:
                 chunk = self.tls.read(16384)
             except ssl.SSLWantReadError:
