@@ -23,7 +23,6 @@ import shutil
 import signal
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
