@@ -123,19 +123,20 @@ def _die_with_parent() -> None:
 
 # =============================================================================== hub child
 
-def hub_child_main(devices: int, profile_path: Optional[str]) -> int:
+def hub_child_main(devices: int, profile_path: Optional[str], loop: Optional[str] = None) -> int:
     """Runs in the child: a FakeHub, driven by one-line commands on stdin, answering on stdout."""
     from pytest_iotfailover.fakehub.hub import FakeHub
 
     raise_nofile(devices + 1024)
     out = sys.stdout
-    hub = FakeHub("benchhub", port=0)
+    hub = FakeHub("benchhub", port=0, loop=loop)
     hub.start()
     profiler = None
     try:
         keys = [[f"dev{i}", hub.add_device(f"dev{i}").primary_key] for i in range(devices)]
         out.write(json.dumps({"pid": os.getpid(), "host": hub.gateway_host, "port": hub.port,
-                              "hostname": hub.hostname, "ca_pem": hub.ca_pem, "devices": keys}) + "\n")
+                              "hostname": hub.hostname, "ca_pem": hub.ca_pem, "devices": keys,
+                              "loop": hub.loop_name}) + "\n")
         out.flush()
         for line in sys.stdin:
             cmd = line.strip()
@@ -206,15 +207,19 @@ class ServerProcess(abc.ABC):
 class HubProcess(ServerProcess):
     name = "hub"
 
-    def __init__(self, devices: int, profile_path: Optional[str] = None, timeout: float = 60.0):
+    def __init__(self, devices: int, profile_path: Optional[str] = None, timeout: float = 60.0,
+                 loop: Optional[str] = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--hub-child", "--devices", str(devices)]
         if profile_path:
             cmd += ["--profile-out", profile_path]
+        if loop:
+            cmd += ["--loop", loop]
         self.proc = spawn_child(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         info = self._read(timeout)
         self.host, self.port = info["host"], info["port"]
         self.hostname, self.ca_pem = info["hostname"], info["ca_pem"]
         self.devices = info["devices"]
+        self.loop = info.get("loop", "asyncio")
         self._tokens: Dict[int, bytes] = {}
 
     def _read(self, timeout: float) -> dict:
@@ -298,6 +303,8 @@ class MosquittoProcess(ServerProcess):
             "per_listener_settings false",
             "allow_anonymous true",
             "persistence false",
+            # the hub (asyncio, uvloop) sets TCP_NODELAY; without it mosquitto's PUBACKs wait on Nagle
+            "set_tcp_nodelay true",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -305,6 +312,8 @@ class MosquittoProcess(ServerProcess):
             f"cafile {paths['ca.pem']}",
             f"certfile {paths['cert.pem']}",
             f"keyfile {paths['key.pem']}",
+            # the hub (asyncio, uvloop) sets TCP_NODELAY; without it mosquitto's PUBACKs wait on Nagle
+            "set_tcp_nodelay true",
         ]
         if os.geteuid() == 0:
             # as root mosquitto would switch to user "mosquitto", who cannot read our private temp dir
@@ -662,6 +671,8 @@ def parse_args(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="also print the hub's top costs per message (cProfile, largest connection count)")
     ap.add_argument("--timeout", type=float, default=600.0, help="limit for the whole run, seconds")
+    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="asyncio",
+                    help="event loop of the hub process (bench_fair.py compares both)")
     ap.add_argument("--hub-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
@@ -689,7 +700,9 @@ async def bench(args, workdir: str) -> int:
     binary = None if args.no_mosquitto else shutil.which(args.mosquitto)
 
     def spawn(kind: str, devices: int = 0, profile_path: Optional[str] = None) -> ServerProcess:
-        return HubProcess(devices, profile_path) if kind == "hub" else MosquittoProcess(binary, workdir)
+        if kind == "hub":
+            return HubProcess(devices, profile_path, loop=args.loop)
+        return MosquittoProcess(binary, workdir)
 
     def retire(server: ServerProcess) -> None:
         errors = server.stop()
@@ -764,7 +777,7 @@ async def bench(args, workdir: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.hub_child:
-        return hub_child_main(args.devices, args.profile_out)
+        return hub_child_main(args.devices, args.profile_out, args.loop)
     check_encoder()
     raise_nofile(max(args.idle, max(args.connection_counts)) + 1024)
     # SIGTERM takes the same clean-up path as an exception

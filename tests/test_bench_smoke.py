@@ -1,4 +1,4 @@
-"""bench/bench_hub.py --quick still runs end to end and prints its figures.
+"""bench/bench_hub.py and bench/bench_fair.py --quick still run end to end and print their figures.
 
 Only that the figures exist is checked, not their values: they depend on the machine.
 """
@@ -26,3 +26,22 @@ def test_quick_bench_prints_figures():
     # server, idle connections, RSS before MB, RSS after MB, KB per connection
     assert re.search(rf"^hub\s+200\s+{number}\s+{number}\s+-?{number}\b", out, re.M), out
     assert "mosquitto: skipped (--no-mosquitto)" in out
+
+
+BENCH_FAIR = os.path.join(os.path.dirname(BENCH), "bench_fair.py")
+
+
+@pytest.mark.timeout(90)
+def test_quick_fair_bench_prints_figures():
+    # hub and floor on plain asyncio only: neither mosquitto nor uvloop need be installed
+    proc = subprocess.run([sys.executable, BENCH_FAIR, "--quick", "--servers", "hub/asyncio,floor/asyncio",
+                           "--timeout", "60"], capture_output=True, text=True, timeout=80)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
+    number = r"\d+(?:\.\d+)?"
+    # server, msgs/s, µs CPU/msg, server CPU %, generators' CPU %, generator µs/msg, others %
+    for kind in ("hub/asyncio", "floor/asyncio"):
+        rows = re.findall(rf"^  {kind}\s+{number}\s+{number}\s+{number}%\s+[\d+]+%\s+{number}\s+{number}%",
+                          out, re.M)
+        assert len(rows) == 2, out  # one paced, one batched
+    assert re.search(r"^  paced 200 msg/s, 10 conns\s+asyncio\s+-\s+\d+\.\d+x", out, re.M), out

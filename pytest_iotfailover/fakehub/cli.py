@@ -26,7 +26,7 @@ except ImportError:  # Windows
 from ..iothub.auth import redact
 from ..iothub.registry import check_device_id
 from .control_api import REQUEST_TIMEOUT, ControlServer
-from .hub import FakeHub, HubInternalError
+from .hub import LOOP_CHOICES, LOOP_ENV, FakeHub, HubInternalError
 
 PROG = "iotfailover-hub"
 EXIT_USAGE = 2
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-request-timeout", type=_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
                    help="time a control API client has from a request's first byte to the end of its body "
                         "(default: %(default)g)")
+    p.add_argument("--loop", choices=LOOP_CHOICES, default=None,
+                   help=f"event loop of the hub: uvloop (installed by the [fast] extra) or plain asyncio; "
+                        f"auto takes uvloop when it is installed (default: ${LOOP_ENV}, else auto)")
     p.add_argument("-v", "--verbose", action="store_true", help="log control API requests to stderr")
     return p
 
@@ -286,7 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
     try:
         _check_args(args)
-        hub = FakeHub(args.hub_name, host=args.host, port=args.port)
+        hub = FakeHub(args.hub_name, host=args.host, port=args.port, loop=args.loop)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     fd_limit = _raise_fd_limit()
@@ -326,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.info_file is None:
             print(info_path, flush=True)
         print(f"{PROG}: {hub.hostname} listening on {_hostport(hub.gateway_host, hub.port)}; "
-              f"control API {control.url}; {where}", file=sys.stderr, flush=True)
+              f"control API {control.url}; {where}; {hub.loop_name} loop", file=sys.stderr, flush=True)
 
         signum = stop.wait()
         logging.getLogger(__name__).debug("stopping on signal %d", signum)

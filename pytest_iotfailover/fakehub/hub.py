@@ -1,9 +1,10 @@
 """The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
 import asyncio
 import concurrent.futures
+import os
 import re
 import threading
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .certs import HubCertificates
 from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
@@ -21,6 +22,36 @@ __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubO
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 
+LOOP_ENV = "IOTFAILOVER_LOOP"
+LOOP_CHOICES = ("auto", "asyncio", "uvloop")
+
+
+def select_loop(loop: Optional[str] = None) -> Tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """(name, factory) of the event loop a hub should run on.
+
+    `loop` is "asyncio", "uvloop" or "auto" (uvloop when it is importable, else asyncio); None
+    means the IOTFAILOVER_LOOP environment variable, or "auto" when it is unset or empty. The
+    choice is resolved at once, so a bad value or a missing uvloop fails where it was given,
+    not later on the hub thread.
+    """
+    source = "loop"
+    if loop is None:
+        loop = os.environ.get(LOOP_ENV, "").strip() or "auto"
+        source = f"environment variable {LOOP_ENV}"
+    if not isinstance(loop, str) or loop.lower() not in LOOP_CHOICES:
+        raise ValueError(f"invalid {source} {loop!r}: expected one of {', '.join(LOOP_CHOICES)}")
+    loop = loop.lower()
+    if loop == "asyncio":
+        return "asyncio", asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise ValueError(f"{source} is 'uvloop' but uvloop is not installed "
+                             "(pip install 'pytest-iotfailover[fast]'; it has no Windows build)") from None
+        return "asyncio", asyncio.new_event_loop
+    return "uvloop", uvloop.new_event_loop
+
 
 def _set_result_once(fut: concurrent.futures.Future, result) -> None:
     try:
@@ -36,6 +67,8 @@ class FakeHub:
 
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
+    `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
@@ -43,7 +76,8 @@ class FakeHub:
                  allow_remote: bool = False, raise_errors: bool = True,
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
-                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
+                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
+                 loop: Optional[str] = None):
         if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
             raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
                              "digits and hyphens, starting and ending with a letter or digit")
@@ -66,6 +100,8 @@ class FakeHub:
                              f"({send_buffer_pause}), got {send_buffer_limit!r}")
         self._limits = dict(max_connect_size=max_connect_size, max_unauthenticated=max_unauthenticated,
                             send_buffer_pause=send_buffer_pause, send_buffer_limit=send_buffer_limit)
+        # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
+        self.loop_name, self._new_loop = select_loop(loop)
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -105,7 +141,7 @@ class FakeHub:
         return self
 
     def _run(self) -> None:
-        loop = self._loop = asyncio.new_event_loop()
+        loop = self._loop = self._new_loop()
         loop.set_exception_handler(self._on_loop_error)
         try:
             try:

@@ -18,6 +18,7 @@ from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
+_READ_SIZE = 256 * 1024  # what asyncio reads at once for a plain Protocol
 _MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over
 _CLOSE_GRACE = 10.0  # how long a closed connection may take to deliver its last output
 _FLUSH_AT = 64 * 1024  # hand output to the transport mid-batch, so its back-pressure can act
@@ -38,7 +39,7 @@ SEND_BUFFER_PAUSE = 256 * 1024
 SEND_BUFFER_LIMIT = 4 << 20  # over a full C2D queue (50 x 64 KB) on top of the pause mark
 
 
-class MqttTlsProtocol(asyncio.Protocol):
+class MqttTlsProtocol(asyncio.BufferedProtocol):
     """One device socket. Also the `link` the hub core writes to and closes."""
 
     def __init__(self, server: "HubServer"):
@@ -92,6 +93,18 @@ class MqttTlsProtocol(asyncio.Protocol):
         if faults is not None:
             faults.on_socket(self)
 
+    def get_buffer(self, sizehint):
+        # One read buffer per server, shared by its connections: each read is consumed by
+        # buffer_updated before the loop reads again. As a plain Protocol, asyncio would allocate
+        # 256 KiB per read, which glibc serves with mmap, mremap and munmap on every wake-up.
+        view = getattr(self.server, "_read_view", None)
+        if view is None:
+            view = self.server._read_view = memoryview(bytearray(_READ_SIZE))
+        return view
+
+    def buffer_updated(self, nbytes):
+        self.data_received(bytes(self.server._read_view[:nbytes]))
+
     def data_received(self, data):
         if self.closing:
             return
@@ -141,6 +154,12 @@ class MqttTlsProtocol(asyncio.Protocol):
                     continue
                 if self._decoder.error is not None:
                     conn.protocol_violation(f"malformed MQTT: {self._decoder.error}")
+                    break
+                # Read only while the TLS layer has bytes: once a wake-up's records are consumed, one
+                # more read would only raise SSLWantReadError, an exception per wake-up for nothing.
+                # Without read-ahead (Python never enables it) OpenSSL takes no more from the BIO than
+                # the record it is decrypting, so nothing complete can hide behind these two counts.
+                if not (self._in.pending or self._tls.pending()):
                     break
                 try:
                     chunk = self._tls.read(_TLS_READ)
