@@ -1111,8 +1111,8 @@ def test_paused_peer_resumes_when_it_reads_again(make_hub):
 # ------------------------------------------------------------------------------ event ring
 
 def test_event_log_is_a_ring_with_a_dropped_count():
-    from pytest_iotfailover.iothub.events import EventLog
-    log = EventLog(max_events=5)
+    from pytest_iotfailover.waiting import WaitingEventLog
+    log = WaitingEventLog(max_events=5)
     log.add("error", None, message="boom", traceback="tb")
     for i in range(12):
         log.add("connect", f"d{i}")

@@ -1,17 +1,21 @@
 """The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
 import asyncio
 import concurrent.futures
+import errno
 import re
 import threading
-from typing import Any, Dict, List, Optional, Union
+import time
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from .certs import HubCertificates
-from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
-from ..iothub.faults import FaultEngine
+from ..iothub.actions import Action
+from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
+from ..iothub.faults import Fault
 from .faults import FaultHandle, Faults, RecoveryReport
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
-from ..iothub.ledger import Ledger, Telemetry
+from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
+from ..waiting import WaitingEventLog, WaitingLedger
 from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
                      is_loopback)
 from ..errors import HubInternalError
@@ -20,6 +24,10 @@ __all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubO
            "HubInternalError", "FaultHandle", "RecoveryReport"]
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
+# asyncio retries a failed accept() itself (after a second) and tells the loop's exception
+# handler each time: one warning per this many seconds is enough to see a descriptor shortage
+_ACCEPT_WARNING_EVERY = 10.0
+_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _set_result_once(fut: concurrent.futures.Future, result) -> None:
@@ -29,6 +37,28 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
         pass
 
 
+
+class _EngineFace:
+    """`hub._faults_engine` for the Faults face: runs the engine's calls as steps of the core,
+    on the hub thread, and executes what they return."""
+
+    def __init__(self, hub: "FakeHub"):
+        self._hub = hub
+
+    @property
+    def active(self) -> List[Fault]:
+        return self._hub._running_core().faults.active
+
+    @property
+    def history(self) -> List[Fault]:
+        return self._hub._running_core().faults.history
+
+    def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+        self._hub._act(self._hub._running_core().schedule_fault, fault, at, after_messages)
+        return fault
+
+    def end(self, fault: Fault, cancelled: bool = False) -> None:
+        self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
 class FakeHub:
@@ -64,8 +94,11 @@ class FakeHub:
                 send_buffer_limit < send_buffer_pause + 256 * 1024:
             raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
                              f"({send_buffer_pause}), got {send_buffer_limit!r}")
-        self._limits = dict(max_connect_size=max_connect_size, max_unauthenticated=max_unauthenticated,
-                            send_buffer_pause=send_buffer_pause, send_buffer_limit=send_buffer_limit)
+        self._limits = dict(max_connect_size=max_connect_size, send_buffer_pause=send_buffer_pause,
+                            send_buffer_limit=send_buffer_limit)
+        self._max_unauthenticated = max_unauthenticated
+        self._accept_warned_at: Optional[float] = None
+        self._accept_failures = 0
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -76,8 +109,8 @@ class FakeHub:
         self.gateway_host: Optional[str] = None
         self.port: Optional[int] = None
         self.ca_pem: Optional[str] = None
-        self.ledger = Ledger()
-        self.event_log = EventLog(max_events)
+        self.ledger = WaitingLedger()
+        self.event_log = WaitingEventLog(max_events)
         self.registry = Registry(self.hostname)
         self._core: Optional[IoTHubCore] = None
         self._server: Optional[HubServer] = None
@@ -86,7 +119,7 @@ class FakeHub:
         self._started = threading.Event()
         self._startup_error: Optional[BaseException] = None
         self._stopping = False
-        self._faults_engine: Optional[FaultEngine] = None
+        self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
 
@@ -130,23 +163,38 @@ class FakeHub:
             names = [self.hostname, "localhost", host]
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
-            self._core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
-                                    self._loop, token_grace=self._token_grace)
-            self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
-                                     connect_timeout=self._connect_timeout, **self._limits)
-            self._faults_engine = self._core.faults = FaultEngine(self._core, self._server)
+            core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
+                              token_grace=self._token_grace, connect_timeout=self._connect_timeout,
+                              max_unauthenticated=self._max_unauthenticated)
+            core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
+            assert self._loop is not None
+            self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
+            self._core = core
             await self._server.serve(sock)
         except BaseException:
             sock.close()
             raise
         self.event_log.add("hub_started", None, host=host, port=port)
 
-    def _on_loop_error(self, loop, context) -> None:
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
         exc = context.get("exception")
-        if exc is not None and self._core is not None:
-            self._core.internal_error(None, exc)
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
+            self._accept_failed(exc)
+        elif exc is not None and self._core is not None and self._server is not None:
+            self._server.execute(self._core.internal_error(None, exc, time.time()))
         else:
             self.event_log.add("error", None, message=str(context.get("message")))
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of file descriptors (or buffers): a resource limit of the machine, not a hub bug."""
+        self._accept_failures += 1
+        now = time.monotonic()
+        if self._accept_warned_at is not None and now - self._accept_warned_at < _ACCEPT_WARNING_EVERY:
+            return
+        self._accept_warned_at = now
+        self.event_log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}",
+                           failures=self._accept_failures, errno=errno.errorcode.get(exc.errno or 0, exc.errno))
+        self._accept_failures = 0
 
     def stop(self) -> None:
         """Close every connection (logged as reason `hub_stopped`) and end the hub thread."""
@@ -196,6 +244,7 @@ class FakeHub:
         """Run `fn(*args)` on the hub thread and return its result (or raise its exception)."""
         if not self.running:
             raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
+        assert self._thread is not None and self._loop is not None
         if threading.get_ident() == self._thread.ident:
             return fn(*args)
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -207,6 +256,27 @@ class FakeHub:
                 fut.set_exception(exc)
         self._loop.call_soon_threadsafe(run)
         return fut.result(timeout)
+
+    def _running_core(self) -> IoTHubCore:
+        if self._core is None:
+            raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
+        return self._core
+
+    def _act(self, fn: Callable[..., List[Action]], *args: Any) -> None:
+        """On the hub thread: one step of the core at the wall clock's time, its actions executed."""
+        def step() -> None:
+            assert self._server is not None
+            self._server.execute(fn(*args, time.time()))
+        self._call(step)
+
+    def _ask(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Like _act, for the core's calls that also return a value."""
+        def step() -> Any:
+            assert self._server is not None
+            value, actions = fn(*args, time.time())
+            self._server.execute(actions)
+            return value
+        return self._call(step)
 
     # --- devices -----------------------------------------------------------------------------
 
@@ -230,19 +300,19 @@ class FakeHub:
         """Delete the identity; a connected device is disconnected (reason `device_removed`)."""
         self.registry.remove(device_id)
         if self.running:
-            self._call(self._core.device_disabled, device_id, True)
+            self._act(self._running_core().device_disabled, device_id, True)
 
     def set_device_enabled(self, device_id: str, enabled: bool) -> Device:
         dev = self.registry.set_enabled(device_id, enabled)
         if not enabled and self.running:
-            self._call(self._core.device_disabled, device_id)
+            self._act(self._running_core().device_disabled, device_id, False)
         return dev
 
     def connected_devices(self) -> List[str]:
-        return self._call(lambda: sorted(self._core.connections))
+        return self._call(lambda: sorted(self._running_core().connections))
 
     def is_connected(self, device_id: str) -> bool:
-        return self._call(lambda: device_id in self._core.connections)
+        return self._call(lambda: device_id in self._running_core().connections)
 
     # --- telemetry ---------------------------------------------------------------------------
 
@@ -258,7 +328,7 @@ class FakeHub:
     def send_c2d(self, device_id: str, body: Union[str, bytes], properties: Optional[Dict[str, Any]] = None,
                  *, message_id: Optional[str] = None) -> str:
         """Queue a cloud-to-device message; returns its message id."""
-        return self._call(self._core.send_c2d, device_id, c2d_body(body), properties, message_id)
+        return self._ask(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
@@ -269,8 +339,8 @@ class FakeHub:
         self._method_futures.add(fut)
         try:
             # set_result races stop()'s set_exception: whichever comes first wins
-            self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
-                       lambda r: fut.done() or _set_result_once(fut, r))
+            self._act(self._running_core().invoke_method, device_id, method_name, payload, float(timeout),
+                      lambda r: _set_result_once(fut, r))
             return fut.result(timeout + 30)
         except concurrent.futures.TimeoutError:
             # the hub answers every call by `timeout` (504 at the latest); only a stopped or
@@ -290,11 +360,11 @@ class FakeHub:
         def get():
             if self.registry.get(device_id) is None:
                 raise HubOperationError(f"device {device_id!r} is not registered", 404001)
-            return self._core.twin(device_id).document()
+            return self._running_core().twin(device_id).document()
         return self._call(get)
 
     def update_desired(self, device_id: str, patch: Dict[str, Any]) -> int:
-        return self._call(self._core.update_desired, device_id, patch)
+        return self._ask(self._running_core().update_desired, device_id, patch)
 
     # --- observation -------------------------------------------------------------------------
 
