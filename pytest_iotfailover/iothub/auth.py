@@ -6,7 +6,6 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 from urllib.parse import quote, unquote
@@ -70,10 +69,10 @@ def _sign(key_b64: str, sr_raw: str, se: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def make_sas_token(resource_uri: str, key_b64: str, expiry: Optional[float] = None,
-                   ttl: float = 3600, key_name: Optional[str] = None) -> str:
-    """A SAS token as the SDKs build it: sr is URL-encoded, the signature covers it as sent."""
-    se = str(int(expiry if expiry is not None else time.time() + ttl))
+def sas_token_for(resource_uri: str, key_b64: str, expiry: float, key_name: Optional[str] = None) -> str:
+    """A SAS token as the SDKs build it: sr is URL-encoded, the signature covers it as sent.
+    `expiry` is absolute (epoch seconds); pytest_iotfailover.sas.make_sas_token takes a ttl."""
+    se = str(int(expiry))
     sr = quote(resource_uri, safe="")
     sig = quote(_sign(key_b64, sr, se), safe="")
     token = f"SharedAccessSignature sr={sr}&sig={sig}&se={se}"
@@ -123,10 +122,9 @@ def audience_covers(audience: str, target: str) -> bool:
 
 
 def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
-                     now: Optional[float] = None, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
+                     now: float, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
     """Check a device SAS token; return it parsed or raise AuthError saying why (no secrets)."""
     t = parse_sas_token(token)
-    now = time.time() if now is None else now
     if now > t.expiry + clock_skew:
         raise AuthError(f"SAS token expired at {t.expiry}")
     if t.key_name is not None:
