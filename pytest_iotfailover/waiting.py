@@ -6,7 +6,7 @@ backend's ledger, which cannot share a module under fakehub/.
 import itertools
 import threading
 import time
-from typing import Callable, List, Optional
+from collections.abc import Callable
 
 from .iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
 from .iothub.ledger import Ledger, Telemetry
@@ -35,7 +35,7 @@ class WaitingLedger(Ledger):
         finally:
             self._waiters -= 1
 
-    def wait_for(self, count: int, device_id: Optional[str] = None, timeout: float = 10.0) -> List[Telemetry]:
+    def wait_for(self, count: int, device_id: str | None = None, timeout: float = 10.0) -> list[Telemetry]:
         """Block until `count` messages (of `device_id`, if given) are recorded."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -69,7 +69,7 @@ class WaitingEventLog(EventLog):
         super().__init__(max_events, clock)
         self._cond = threading.Condition()
 
-    def add(self, kind: str, device_id: Optional[str] = None, **detail: object) -> HubEvent:
+    def add(self, kind: str, device_id: str | None = None, **detail: object) -> HubEvent:
         with self._cond:
             ev = super().add(kind, device_id, **detail)
             self._cond.notify_all()

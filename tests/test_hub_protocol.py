@@ -1147,3 +1147,17 @@ def test_fuzzed_packets_never_cause_an_internal_error(hub):
 
     run()
     assert_hub_healthy(hub)
+
+
+# ------------------------------------------------------------------------------ accept failures
+
+def test_accept_out_of_descriptors_is_one_warning_not_an_internal_error(hub):
+    import errno
+    # what asyncio's accept loop hands the loop's exception handler on EMFILE, once a second
+    context = {"message": "socket.accept() out of system resource",
+               "exception": OSError(errno.EMFILE, "Too many open files")}
+    for _ in range(5):
+        hub._call(hub._loop.call_exception_handler, context)
+    [warning] = events_of(hub, "accept_failed")
+    assert warning.detail["errno"] == "EMFILE" and warning.detail["failures"] == 1
+    assert hub.errors == []

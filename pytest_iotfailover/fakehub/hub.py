@@ -5,23 +5,31 @@ import errno
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Union
+from collections.abc import Callable
+from typing import Any, Self
 
-from .certs import HubCertificates
-from ..iothub.actions import Action
+from ..errors import HubInternalError
+from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
 from ..iothub.faults import Fault
-from .faults import FaultHandle, Faults, RecoveryReport
-from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
 from ..waiting import WaitingEventLog, WaitingLedger
-from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
-                     is_loopback)
-from ..errors import HubInternalError
+from .certs import HubCertificates
+from .faults import FaultHandle, Faults, RecoveryReport
+from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 
-__all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "HubInternalError", "FaultHandle", "RecoveryReport"]
+__all__ = [
+    "Device",
+    "FakeHub",
+    "FaultHandle",
+    "HubEvent",
+    "HubInternalError",
+    "HubOperationError",
+    "MethodResponse",
+    "RecoveryReport",
+    "Telemetry",
+]
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 # asyncio retries a failed accept() itself (after a second) and tells the loop's exception
@@ -38,6 +46,51 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
 
 
 
+def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, token_grace: Any, connect_timeout: Any,
+                    max_events: Any, max_connect_size: Any, max_unauthenticated: Any, send_buffer_pause: Any,
+                    send_buffer_limit: Any) -> None:
+    if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
+        raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
+                         "digits and hyphens, starting and ending with a letter or digit")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}: expected 0-65535")
+    if host is not None and not is_loopback(host) and not allow_remote:
+        raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True to listen on it")
+    for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
+                               ("max_unauthenticated", max_unauthenticated, 1),
+                               ("send_buffer_pause", send_buffer_pause, 1024)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    # one packet's output (a C2D message, a twin document) must fit between the two marks
+    if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
+            send_buffer_limit < send_buffer_pause + 256 * 1024:
+        raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
+                         f"({send_buffer_pause}), got {send_buffer_limit!r}")
+
+
+class _AcceptWarnings:
+    """Out of file descriptors (or buffers) in accept(): a resource limit of the machine, not a
+    hub bug, so a warning event (`accept_failed`), at most one per _ACCEPT_WARNING_EVERY s."""
+
+    def __init__(self, log: WaitingEventLog):
+        self._log = log
+        self._warned_at: float | None = None
+        self._failures = 0
+
+    def __call__(self, exc: OSError) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < _ACCEPT_WARNING_EVERY:
+            return
+        self._warned_at = now
+        self._log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}", failures=self._failures,
+                      errno=errno.errorcode.get(exc.errno or 0, exc.errno))
+        self._failures = 0
+
+
 class _EngineFace:
     """`hub._faults_engine` for the Faults face: runs the engine's calls as steps of the core,
     on the hub thread, and executes what they return."""
@@ -46,14 +99,14 @@ class _EngineFace:
         self._hub = hub
 
     @property
-    def active(self) -> List[Fault]:
+    def active(self) -> list[Fault]:
         return self._hub._running_core().faults.active
 
     @property
-    def history(self) -> List[Fault]:
+    def history(self) -> list[Fault]:
         return self._hub._running_core().faults.history
 
-    def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+    def schedule(self, fault: Fault, at: float | None, after_messages: int | None) -> Fault:
         self._hub._act(self._hub._running_core().schedule_fault, fault, at, after_messages)
         return fault
 
@@ -68,37 +121,17 @@ class FakeHub:
     thread (including from inside an `async` test) and errors inside the hub surface here.
     """
 
-    def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
+    def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
                  token_grace: float = 300.0, connect_timeout: float = 30.0,
                  allow_remote: bool = False, raise_errors: bool = True,
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
-        if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
-            raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
-                             "digits and hyphens, starting and ending with a letter or digit")
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"invalid port {port!r}: expected 0-65535")
-        if host is not None and not is_loopback(host) and not allow_remote:
-            raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True to listen on it")
-        for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-        for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
-                                   ("max_unauthenticated", max_unauthenticated, 1),
-                                   ("send_buffer_pause", send_buffer_pause, 1024)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
-        # one packet's output (a C2D message, a twin document) must fit between the two marks
-        if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
-                send_buffer_limit < send_buffer_pause + 256 * 1024:
-            raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
-                             f"({send_buffer_pause}), got {send_buffer_limit!r}")
-        self._limits = dict(max_connect_size=max_connect_size, send_buffer_pause=send_buffer_pause,
-                            send_buffer_limit=send_buffer_limit)
+        _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
+                        max_connect_size, max_unauthenticated, send_buffer_pause, send_buffer_limit)
+        self._limits = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
+                        "send_buffer_limit": send_buffer_limit}
         self._max_unauthenticated = max_unauthenticated
-        self._accept_warned_at: Optional[float] = None
-        self._accept_failures = 0
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -106,18 +139,19 @@ class FakeHub:
         self._token_grace = float(token_grace)
         self._connect_timeout = float(connect_timeout)
         self._raise_errors = raise_errors
-        self.gateway_host: Optional[str] = None
-        self.port: Optional[int] = None
-        self.ca_pem: Optional[str] = None
+        self.gateway_host: str | None = None
+        self.port: int | None = None
+        self.ca_pem: str | None = None
         self.ledger = WaitingLedger()
         self.event_log = WaitingEventLog(max_events)
+        self._accept_failed = _AcceptWarnings(self.event_log)
         self.registry = Registry(self.hostname)
-        self._core: Optional[IoTHubCore] = None
-        self._server: Optional[HubServer] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._core: IoTHubCore | None = None
+        self._server: HubServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._started = threading.Event()
-        self._startup_error: Optional[BaseException] = None
+        self._startup_error: BaseException | None = None
         self._stopping = False
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
@@ -125,7 +159,7 @@ class FakeHub:
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> "FakeHub":
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
@@ -143,12 +177,13 @@ class FakeHub:
         try:
             try:
                 loop.run_until_complete(self._startup())
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - start() raises it in the caller's thread
                 self._startup_error = exc
                 return
             finally:
                 self._started.set()
             loop.run_forever()
+            assert self._server is not None
             loop.run_until_complete(self._server.close())
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -176,7 +211,7 @@ class FakeHub:
             raise
         self.event_log.add("hub_started", None, host=host, port=port)
 
-    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
             self._accept_failed(exc)
@@ -184,17 +219,6 @@ class FakeHub:
             self._server.execute(self._core.internal_error(None, exc, time.time()))
         else:
             self.event_log.add("error", None, message=str(context.get("message")))
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Out of file descriptors (or buffers): a resource limit of the machine, not a hub bug."""
-        self._accept_failures += 1
-        now = time.monotonic()
-        if self._accept_warned_at is not None and now - self._accept_warned_at < _ACCEPT_WARNING_EVERY:
-            return
-        self._accept_warned_at = now
-        self.event_log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}",
-                           failures=self._accept_failures, errno=errno.errorcode.get(exc.errno or 0, exc.errno))
-        self._accept_failures = 0
 
     def stop(self) -> None:
         """Close every connection (logged as reason `hub_stopped`) and end the hub thread."""
@@ -217,7 +241,7 @@ class FakeHub:
                                    "\n".join(e.detail.get("traceback") or e.detail.get("message", "")
                                              for e in self.errors))
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -229,7 +253,7 @@ class FakeHub:
             except HubInternalError:
                 pass  # the test's own exception is the one to show
 
-    async def __aenter__(self) -> "FakeHub":
+    async def __aenter__(self) -> Self:
         await asyncio.get_running_loop().run_in_executor(None, self.start)
         return self
 
@@ -240,7 +264,7 @@ class FakeHub:
     def running(self) -> bool:
         return self._loop is not None and self._loop.is_running() and not self._stopping
 
-    def _call(self, fn, *args, timeout: Optional[float] = 30.0):
+    def _call(self, fn, *args, timeout: float | None = 30.0):
         """Run `fn(*args)` on the hub thread and return its result (or raise its exception)."""
         if not self.running:
             raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
@@ -252,7 +276,7 @@ class FakeHub:
         def run():
             try:
                 fut.set_result(fn(*args))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
                 fut.set_exception(exc)
         self._loop.call_soon_threadsafe(run)
         return fut.result(timeout)
@@ -262,26 +286,14 @@ class FakeHub:
             raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
         return self._core
 
-    def _act(self, fn: Callable[..., List[Action]], *args: Any) -> None:
-        """On the hub thread: one step of the core at the wall clock's time, its actions executed."""
-        def step() -> None:
-            assert self._server is not None
-            self._server.execute(fn(*args, time.time()))
-        self._call(step)
-
-    def _ask(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Like _act, for the core's calls that also return a value."""
-        def step() -> Any:
-            assert self._server is not None
-            value, actions = fn(*args, time.time())
-            self._server.execute(actions)
-            return value
-        return self._call(step)
+    def _act(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One step of the core on the hub thread (HubServer.run); its value, if it has one."""
+        return self._call(lambda: self._server.run(fn, *args) if self._server else None)
 
     # --- devices -----------------------------------------------------------------------------
 
-    def add_device(self, device_id: str, primary_key: Optional[str] = None, *,
-                   secondary_key: Optional[str] = None, enabled: bool = True) -> Device:
+    def add_device(self, device_id: str, primary_key: str | None = None, *,
+                   secondary_key: str | None = None, enabled: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
         return self.registry.add(device_id, primary_key, secondary_key, enabled)
@@ -293,7 +305,7 @@ class FakeHub:
         return dev
 
     @property
-    def devices(self) -> List[Device]:
+    def devices(self) -> list[Device]:
         return self.registry.all()
 
     def remove_device(self, device_id: str) -> None:
@@ -308,7 +320,7 @@ class FakeHub:
             self._act(self._running_core().device_disabled, device_id, False)
         return dev
 
-    def connected_devices(self) -> List[str]:
+    def connected_devices(self) -> list[str]:
         return self._call(lambda: sorted(self._running_core().connections))
 
     def is_connected(self, device_id: str) -> bool:
@@ -316,19 +328,19 @@ class FakeHub:
 
     # --- telemetry ---------------------------------------------------------------------------
 
-    def telemetry(self, device_id: Optional[str] = None) -> List[Telemetry]:
+    def telemetry(self, device_id: str | None = None) -> list[Telemetry]:
         return self.ledger.items(device_id)
 
-    def wait_for_telemetry(self, count: int, device_id: Optional[str] = None,
-                           timeout: float = 10.0) -> List[Telemetry]:
+    def wait_for_telemetry(self, count: int, device_id: str | None = None,
+                           timeout: float = 10.0) -> list[Telemetry]:
         return self.ledger.wait_for(count, device_id, timeout)
 
     # --- service-side operations -------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: Union[str, bytes], properties: Optional[Dict[str, Any]] = None,
-                 *, message_id: Optional[str] = None) -> str:
+    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
+                 *, message_id: str | None = None) -> str:
         """Queue a cloud-to-device message; returns its message id."""
-        return self._ask(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
+        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
@@ -356,28 +368,28 @@ class FakeHub:
         return await asyncio.get_running_loop().run_in_executor(
             None, self.invoke_method, device_id, method_name, payload, timeout)
 
-    def get_twin(self, device_id: str) -> Dict[str, Any]:
+    def get_twin(self, device_id: str) -> dict[str, Any]:
         def get():
             if self.registry.get(device_id) is None:
                 raise HubOperationError(f"device {device_id!r} is not registered", 404001)
             return self._running_core().twin(device_id).document()
         return self._call(get)
 
-    def update_desired(self, device_id: str, patch: Dict[str, Any]) -> int:
-        return self._ask(self._running_core().update_desired, device_id, patch)
+    def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        return self._act(self._running_core().update_desired, device_id, patch)
 
     # --- observation -------------------------------------------------------------------------
 
     @property
-    def events(self) -> List[HubEvent]:
+    def events(self) -> list[HubEvent]:
         return self.event_log.list()
 
     @property
-    def errors(self) -> List[HubEvent]:
+    def errors(self) -> list[HubEvent]:
         """Internal errors of the hub thread; kept even when the event ring has let them go."""
         return self.event_log.errors()
 
-    def wait_for_event(self, kind: str, device_id: Optional[str] = None, timeout: float = 10.0,
+    def wait_for_event(self, kind: str, device_id: str | None = None, timeout: float = 10.0,
                        where=None, after: float = 0.0) -> HubEvent:
         """Wait for the first event of `kind` (for `device_id`, matching `where`, logged at/after `after`)."""
         return self.event_log.wait_for(

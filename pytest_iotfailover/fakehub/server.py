@@ -17,7 +17,8 @@ import ssl
 import struct
 import time
 from collections import deque
-from typing import Any, Deque, Dict, Hashable, Iterable, List, Optional, Set
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
 
 from ..iothub.actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
@@ -55,17 +56,17 @@ class MqttTlsProtocol(asyncio.Protocol):
         self.conn: Any = None
         self.closing = False
         self.blackholed = False
-        self._pending: List[bytes] = []
+        self._pending: list[bytes] = []
         self._pending_size = 0
         self._in_batch = False
         self._processing = False
         self._handshaken = False
-        self._held: List[bytes] = []
+        self._held: list[bytes] = []
         self._held_size = 0
         self._held_over = False      # a silenced peer sent more than _MAX_HELD
         self._write_paused = False   # the transport's unsent output is over send_buffer_pause
         self._reading_paused = False
-        self._backlog: Deque[Any] = deque()  # packets decoded but not yet handled (handling was paused)
+        self._backlog: deque[Any] = deque()  # packets decoded but not yet handled (handling was paused)
         self._pause_logged = False
 
     # --- asyncio side ----------------------------------------------------------------------
@@ -184,7 +185,7 @@ class MqttTlsProtocol(asyncio.Protocol):
     def eof_received(self) -> None:
         return None  # close our side too
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
         self._backlog.clear()
         server = self.server
@@ -297,14 +298,22 @@ class HubServer:
         self.max_connect_size = max_connect_size
         self.send_buffer_pause = send_buffer_pause
         self.send_buffer_limit = send_buffer_limit
-        self.protocols: Set[MqttTlsProtocol] = set()
-        self.links: Dict[Connection, MqttTlsProtocol] = {}
-        self._timers: Dict[Hashable, asyncio.TimerHandle] = {}
-        self._server: Optional[asyncio.AbstractServer] = None
+        self.protocols: set[MqttTlsProtocol] = set()
+        self.links: dict[Connection, MqttTlsProtocol] = {}
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._server: asyncio.AbstractServer | None = None
 
     # --- executing the core's actions ------------------------------------------------------------
 
-    def execute(self, actions: List[Action]) -> None:
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One step of the core at the wall clock's time: its actions executed, its value returned
+        (the core's service calls return (value, actions), the others just actions)."""
+        result = fn(*args, time.time())
+        value, actions = result if isinstance(result, tuple) else (None, result)
+        self.execute(actions)
+        return value
+
+    def execute(self, actions: list[Action]) -> None:
         for action in actions:
             kind = type(action)
             if kind is Timer:
@@ -324,7 +333,7 @@ class HubServer:
                 elif kind is Pause:
                     proto.set_blackhole(action.on)
 
-    def _arm(self, key: Hashable, deadline: Optional[float]) -> None:
+    def _arm(self, key: Hashable, deadline: float | None) -> None:
         old = self._timers.pop(key, None)
         if old is not None:
             old.cancel()
@@ -337,10 +346,10 @@ class HubServer:
         self.execute(self.core.timer_fired(key, time.time()))
 
     @staticmethod
-    def bind(host: Optional[str], port: int) -> socket.socket:
+    def bind(host: str | None, port: int) -> socket.socket:
         """Bind `host:port`, or with no host the first free loopback address of 127.0.0.1, .2, ..."""
         candidates = [host] if host else loopback_candidates()
-        last: Optional[OSError] = None
+        last: OSError | None = None
         for candidate in candidates:
             family = socket.AF_INET6 if ":" in candidate else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)

@@ -6,8 +6,9 @@ TCP reset), `Pause` stops (on) or resumes (off) reading and writing a connection
 the socket open, `Timer` arms `key` for wall-clock `deadline` (None cancels it) and `Reply`
 hands a service call its answer. A fired timer goes back as `IoTHubCore.timer_fired(key, now)`.
 """
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Pause:
 @dataclass(frozen=True)
 class Timer:
     key: Hashable
-    deadline: Optional[float]
+    deadline: float | None
 
 
 @dataclass(frozen=True)

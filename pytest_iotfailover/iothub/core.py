@@ -14,21 +14,37 @@ import json
 import re
 import time
 import traceback
-from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Set, Tuple
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
 
-from .mqtt import codec, packets as p
+from ..errors import HubOperationError, ProtocolViolation
+from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, parse_username, verify_sas_token
 from .events import EventLog
 from .faults import FaultEngine
 from .ledger import Ledger, Telemetry
+from .mqtt import codec
+from .mqtt import packets as p
 from .registry import Registry
-from .session import (C2DMessage, C2DQueue, ConnEvent, ConnState, Connection, MethodResponse, Session, Twin,
-                      c2d_body, clip_text, load_json, merged_section, new_c2d_queue, twin_problem)
-from . import topics as t
-from ..errors import HubOperationError, ProtocolViolation
+from .session import (
+    C2DMessage,
+    C2DQueue,
+    Connection,
+    ConnEvent,
+    ConnState,
+    MethodResponse,
+    Session,
+    Twin,
+    c2d_body,
+    clip_text,
+    load_json,
+    merged_section,
+    new_c2d_queue,
+    twin_problem,
+)
 
-__all__ = ["IoTHubCore", "Connection", "MethodResponse", "HubOperationError", "c2d_body", "MAX_D2C_SIZE"]
+__all__ = ["MAX_D2C_SIZE", "Connection", "HubOperationError", "IoTHubCore", "MethodResponse", "c2d_body"]
 
 MAX_D2C_SIZE = 256 * 1024
 MAX_SUBSCRIPTIONS = 5
@@ -53,7 +69,7 @@ def _invalid_method_response(device_id: str, why: str) -> MethodResponse:
                                 "message": f"device {device_id!r} answered with an invalid response: {why}"})
 
 
-def authenticate(pkt: p.Connect, hostname: str, registry: Registry, now: float, grace: float) -> Tuple[Any, Any]:
+def authenticate(pkt: p.Connect, hostname: str, registry: Registry, now: float, grace: float) -> tuple[Any, Any]:
     """(user name, SAS token) of a CONNECT, or AuthError naming what is wrong."""
     client_id = pkt.client_id
     if "/" in client_id:
@@ -85,20 +101,20 @@ class _Steps:
     and the state the core's parts share."""
     registry: Registry
     events: EventLog
-    connections: Dict[str, Connection]
-    sessions: Dict[str, Session]
-    c2d_queues: Dict[str, C2DQueue]
-    twins: Dict[str, Twin]
+    connections: dict[str, Connection]
+    sessions: dict[str, Session]
+    c2d_queues: dict[str, C2DQueue]
+    twins: dict[str, Twin]
     ledger: Ledger
     faults: FaultEngine
     retain_property: str
 
     def __init__(self) -> None:
         self.now = 0.0
-        self._out: List[Action] = []
+        self._out: list[Action] = []
         self._depth = 0
 
-    def _step(self, now: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Tuple[Any, List[Action]]:
+    def _step(self, now: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[Action]]:
         if self._depth == 0:
             self.now = now
         self._depth += 1
@@ -114,15 +130,15 @@ class _Steps:
     def _emit(self, action: Action) -> None:
         self._out.append(action)
 
-    def _timer(self, key: Hashable, deadline: Optional[float]) -> None:
+    def _timer(self, key: Hashable, deadline: float | None) -> None:
         self._out.append(Timer(key, deadline))
 
     def _send(self, conn: Connection, packet: Any) -> None:
         if conn.live and not conn.paused:
             self._emit(Send(conn, codec.encode(packet)))
 
-    def _ack(self, conn: Connection, packet_id: int) -> None:
-        if conn.live and not conn.paused:
+    def _ack(self, conn: Connection, packet_id: int | None) -> None:
+        if packet_id is not None and conn.live and not conn.paused:
             self._emit(Send(conn, codec.encode_puback(packet_id)))
 
     def close_conn(self, conn: Connection, reason: str, abort: bool = False, **detail: Any) -> None:
@@ -140,22 +156,22 @@ class _Steps:
 
 class _TwinsAndMethods(_Steps):
     """Twin GET/PATCH and direct methods (§5, §6)."""
-    _method_calls: Dict[str, Tuple[str, Callable[[MethodResponse], None], float]]
+    _method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]]
     _rids: Iterator[int]
 
-    def _twin_reply(self, conn: Connection, status: int, rid: Optional[str], body: bytes = b"",
-                    version: Optional[int] = None) -> None:
+    def _twin_reply(self, conn: Connection, status: int, rid: str | None, body: bytes = b"",
+                    version: int | None = None) -> None:
         if t.TWIN_RES_FILTER in conn.session.subscriptions:  # §5.1: no response subscription, no response
             self._send(conn, p.Publish(t.twin_response_topic(status, rid, version), body, 0))
 
-    def _twin_get(self, conn: Connection, rid: Optional[str]) -> None:
+    def _twin_get(self, conn: Connection, rid: str | None) -> None:
         assert conn.device_id is not None
         if rid is None:
             return self._twin_reply(conn, 400, rid, _error_body(400004, "twin request has no $rid", self.now))
         body = json.dumps(self.twin(conn.device_id).document(), separators=(",", ":")).encode()
         return self._twin_reply(conn, 200, rid, body)
 
-    def _twin_patch(self, conn: Connection, rid: Optional[str], payload: bytes) -> None:
+    def _twin_patch(self, conn: Connection, rid: str | None, payload: bytes) -> None:
         assert conn.device_id is not None
         try:
             patch = load_json(payload)
@@ -183,7 +199,7 @@ class _TwinsAndMethods(_Steps):
             twin = self.twins[device_id] = Twin()
         return twin
 
-    def _update_desired(self, device_id: str, patch: Dict[str, Any]) -> int:
+    def _update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         self._registered(device_id)
         if not isinstance(patch, dict):
             raise HubOperationError("desired patch must be a JSON object (dict)", 400004)
@@ -237,7 +253,7 @@ class _TwinsAndMethods(_Steps):
             self._emit(Reply(notify, MethodResponse(504, {
                 "errorCode": 504101, "message": f"device {device_id!r} did not answer within {timeout:g} s"})))
 
-    def _method_response(self, conn: Connection, status_text: str, rid: Optional[str], payload: bytes) -> None:
+    def _method_response(self, conn: Connection, status_text: str, rid: str | None, payload: bytes) -> None:
         call = self._method_calls.get(rid or "")
         if call is None or call[0] != conn.device_id:
             return  # late or unknown response: discarded, as the real hub does
@@ -265,8 +281,8 @@ class _CloudToDevice(_Steps):
     """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7)."""
     _c2d_ids: Iterator[int]
 
-    def _send_c2d(self, device_id: str, body: bytes, properties: Optional[Dict[str, Any]],
-                  message_id: Optional[str]) -> str:
+    def _send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
+                  message_id: str | None) -> str:
         self._registered(device_id)
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
         session = self.sessions.get(device_id)
@@ -280,7 +296,7 @@ class _CloudToDevice(_Steps):
         self._pump_c2d(device_id)
         return msg.message_id
 
-    def _c2d_publish(self, device_id: str, msg: C2DMessage, qos: int, packet_id: Optional[int],
+    def _c2d_publish(self, device_id: str, msg: C2DMessage, qos: int, packet_id: int | None,
                      dup: bool) -> p.Publish:
         return p.Publish(t.c2d_topic(device_id, msg.message_id, msg.properties), msg.body, qos, packet_id, dup)
 
@@ -336,10 +352,10 @@ class _CloudToDevice(_Steps):
         self._pump_c2d(conn.device_id)
 
 
-class _DeviceToCloud(_Steps):
+class _DeviceToCloud(_TwinsAndMethods):
     """Telemetry and wills (§1.2, §1.5, §3)."""
 
-    def _will_problem(self, conn: Connection, will: p.Will) -> Optional[str]:
+    def _will_problem(self, conn: Connection, will: p.Will) -> str | None:
         """Why IoT Hub would not take this will as the device's telemetry, or None.
 
         D-MQTT: the will topic must be the device's own telemetry topic (iothub-mqtt.md §1.2,
@@ -406,7 +422,7 @@ class _DeviceToCloud(_Steps):
         elif pkt.qos:
             self._ack(conn, pkt.packet_id)
 
-    def _accept_d2c(self, conn: Connection, body: bytes, props: Dict[str, str], sysprops: Dict[str, str],
+    def _accept_d2c(self, conn: Connection, body: bytes, props: dict[str, str], sysprops: dict[str, str],
                     dup: bool, qos: int) -> Telemetry:
         assert conn.device_id is not None
         sysprops["connection_device_id"] = conn.device_id
@@ -419,7 +435,7 @@ class _DeviceToCloud(_Steps):
         return telemetry
 
 
-class IoTHubCore(_DeviceToCloud, _TwinsAndMethods, _CloudToDevice):
+class IoTHubCore(_DeviceToCloud, _CloudToDevice):
     def __init__(self, hostname: str, registry: Registry, ledger: Ledger, events: EventLog, *,
                  token_grace: float = 300.0, connect_timeout: float = 30.0, max_unauthenticated: int = 1000,
                  retain_property: str = "mqtt-retain"):
@@ -432,76 +448,76 @@ class IoTHubCore(_DeviceToCloud, _TwinsAndMethods, _CloudToDevice):
         self.connect_timeout = connect_timeout
         self.max_unauthenticated = max_unauthenticated
         self.retain_property = retain_property
-        self.connections: Dict[str, Connection] = {}     # authenticated, one per device
-        self.open_connections: Set[Connection] = set()   # every socket, authenticated or not
-        self.unauthenticated: Set[Connection] = set()    # admitted sockets still awaiting CONNECT
-        self.sessions: Dict[str, Session] = {}
-        self.c2d_queues: Dict[str, C2DQueue] = {}
-        self.twins: Dict[str, Twin] = {}
+        self.connections: dict[str, Connection] = {}     # authenticated, one per device
+        self.open_connections: set[Connection] = set()   # every socket, authenticated or not
+        self.unauthenticated: set[Connection] = set()    # admitted sockets still awaiting CONNECT
+        self.sessions: dict[str, Session] = {}
+        self.c2d_queues: dict[str, C2DQueue] = {}
+        self.twins: dict[str, Twin] = {}
         self.region = "primary"
         self.faults = FaultEngine(self)
-        self._method_calls: Dict[str, Tuple[str, Callable[[MethodResponse], None], float]] = {}
+        self._method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]] = {}
         self._rids = itertools.count(1)
         self._c2d_ids = itertools.count(1)
 
     # --- driver entry points -------------------------------------------------------------------
 
-    def open(self, peer: str, now: float) -> Tuple[Connection, List[Action]]:
+    def open(self, peer: str, now: float) -> tuple[Connection, list[Action]]:
         return self._step(now, self._open, peer)
 
-    def receive(self, conn: Connection, packet: Any, now: float) -> List[Action]:
+    def receive(self, conn: Connection, packet: Any, now: float) -> list[Action]:
         return self._step(now, self._receive, conn, packet)[1]
 
-    def violation(self, conn: Connection, message: str, now: float) -> List[Action]:
+    def violation(self, conn: Connection, message: str, now: float) -> list[Action]:
         """The driver could not decode what the peer sent."""
         return self._step(now, self._violation, conn, message)[1]
 
-    def transport_error(self, conn: Connection, kind: str, message: str, now: float) -> List[Action]:
+    def transport_error(self, conn: Connection, kind: str, message: str, now: float) -> list[Action]:
         """TLS failed or similar: logged as `kind`, the connection is reset."""
         def fail() -> None:
             self.events.add(kind, conn.device_id, message=message, peer=conn.peer)
             self.close_conn(conn, kind, abort=True)
         return self._step(now, fail)[1]
 
-    def note(self, conn: Connection, kind: str, now: float, **detail: Any) -> List[Action]:
+    def note(self, conn: Connection, kind: str, now: float, **detail: Any) -> list[Action]:
         """A transport observation worth an event (e.g. `send_paused`)."""
         return self._step(now, self.events.add, kind, conn.device_id, peer=conn.peer, **detail)[1]
 
-    def close(self, conn: Connection, reason: str, now: float, abort: bool = False, **detail: Any) -> List[Action]:
+    def close(self, conn: Connection, reason: str, now: float, abort: bool = False, **detail: Any) -> list[Action]:
         return self._step(now, self.close_conn, conn, reason, abort, **detail)[1]
 
-    def connection_lost(self, conn: Connection, now: float) -> List[Action]:
+    def connection_lost(self, conn: Connection, now: float) -> list[Action]:
         return self._step(now, self._lost, conn)[1]
 
-    def timer_fired(self, key: Hashable, now: float) -> List[Action]:
+    def timer_fired(self, key: Hashable, now: float) -> list[Action]:
         return self._step(now, self._fired, key)[1]
 
-    def internal_error(self, conn: Optional[Connection], exc: BaseException, now: float) -> List[Action]:
+    def internal_error(self, conn: Connection | None, exc: BaseException, now: float) -> list[Action]:
         return self._step(now, self._internal_error, conn, exc)[1]
 
     # --- service entry points ------------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: bytes, properties: Optional[Dict[str, Any]],
-                 message_id: Optional[str], now: float) -> Tuple[str, List[Action]]:
+    def send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
+                 message_id: str | None, now: float) -> tuple[str, list[Action]]:
         return self._step(now, self._send_c2d, device_id, body, properties, message_id)
 
-    def update_desired(self, device_id: str, patch: Dict[str, Any], now: float) -> Tuple[int, List[Action]]:
+    def update_desired(self, device_id: str, patch: dict[str, Any], now: float) -> tuple[int, list[Action]]:
         return self._step(now, self._update_desired, device_id, patch)
 
     def invoke_method(self, device_id: str, name: str, payload: Any, timeout: float,
-                      notify: Callable[[MethodResponse], None], now: float) -> List[Action]:
+                      notify: Callable[[MethodResponse], None], now: float) -> list[Action]:
         """Publish a method request; a `Reply(notify, MethodResponse)` follows exactly once
         (404 at once, 504 from timer_fired, or the device's answer from receive)."""
         return self._step(now, self._invoke_method, device_id, name, payload, timeout, notify)[1]
 
-    def device_disabled(self, device_id: str, removed: bool, now: float) -> List[Action]:
+    def device_disabled(self, device_id: str, removed: bool, now: float) -> list[Action]:
         return self._step(now, self._device_disabled, device_id, removed)[1]
 
-    def schedule_fault(self, fault: Any, at: Optional[float], after_messages: Optional[int],
-                       now: float) -> List[Action]:
+    def schedule_fault(self, fault: Any, at: float | None, after_messages: int | None,
+                       now: float) -> list[Action]:
         return self._step(now, self.faults.schedule, fault, at, after_messages)[1]
 
-    def end_fault(self, fault: Any, cancelled: bool, now: float) -> List[Action]:
+    def end_fault(self, fault: Any, cancelled: bool, now: float) -> list[Action]:
         return self._step(now, self.faults.end, fault, cancelled)[1]
 
     # --- used by the fault engine --------------------------------------------------------------
@@ -513,10 +529,10 @@ class IoTHubCore(_DeviceToCloud, _TwinsAndMethods, _CloudToDevice):
                 conn.last_rx = self.now  # what it sent meanwhile arrives now, as after a healed partition
             self._emit(Pause(conn, on))
 
-    def in_scope(self, device_id: Optional[str]) -> List[Connection]:
+    def in_scope(self, device_id: str | None) -> list[Connection]:
         return [c for c in self.open_connections if device_id is None or c.device_id == device_id]
 
-    def arm(self, key: Hashable, deadline: Optional[float]) -> None:
+    def arm(self, key: Hashable, deadline: float | None) -> None:
         self._timer(key, deadline)
 
     # --- connections -------------------------------------------------------------------------
@@ -563,14 +579,14 @@ class IoTHubCore(_DeviceToCloud, _TwinsAndMethods, _CloudToDevice):
                 raise ProtocolViolation(f"{name} is not accepted from a device")
         except ProtocolViolation as exc:
             self._violation(conn, str(exc))
-        except Exception as exc:  # a hub bug must not take the driver down
+        except Exception as exc:  # noqa: BLE001 - a hub bug must not take the driver down
             self._internal_error(conn, exc)
 
     def _violation(self, conn: Connection, message: str) -> None:
         self.events.add("protocol_violation", conn.device_id, message=message, peer=conn.peer)
         self.close_conn(conn, "protocol_violation", message=message)
 
-    def _refuse(self, conn: Connection, code: int, device_id: Optional[str], why: str, **detail: Any) -> None:
+    def _refuse(self, conn: Connection, code: int, device_id: str | None, why: str, **detail: Any) -> None:
         kind = "auth_failure" if code in (p.CONNACK_BAD_CREDENTIALS, p.CONNACK_NOT_AUTHORIZED) else "connect_refused"
         self.events.add(kind, device_id, reason=why, return_code=code, peer=conn.peer, **detail)
         self._send(conn, p.Connack(code, False))
@@ -680,7 +696,7 @@ class IoTHubCore(_DeviceToCloud, _TwinsAndMethods, _CloudToDevice):
         elif kind == "ack":
             self._ack(subject, key[2])
 
-    def _internal_error(self, conn: Optional[Connection], exc: BaseException) -> None:
+    def _internal_error(self, conn: Connection | None, exc: BaseException) -> None:
         self.events.add("error", conn.device_id if conn else None, message=f"{type(exc).__name__}: {exc}",
                         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if conn is not None:

@@ -10,8 +10,9 @@ A plain store: it reads no clock (the driver passes one) and does not lock; one 
 hub's) writes, and readers take copies. Waiting for an event is the driver's (waiting.py).
 """
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any
 
 DEFAULT_MAX_EVENTS = 50_000  # at most ~35 MB even when every event carries clipped peer text
 MAX_DETAIL_CHARS = 256   # longest string kept per detail value or device id
@@ -36,12 +37,12 @@ def clip(value: Any, limit: int = MAX_DETAIL_CHARS) -> Any:
 @dataclass(frozen=True)
 class HubEvent:
     kind: str                 # "connect", "disconnect", "auth_failure", "error", "fault", ...
-    device_id: Optional[str]
+    device_id: str | None
     at: float                 # the clock's time (FakeHub: time.time())
-    detail: Dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def reason(self) -> Optional[str]:
+    def reason(self) -> str | None:
         return self.detail.get("reason")
 
 
@@ -54,13 +55,13 @@ class EventLog:
         if not isinstance(max_events, int) or isinstance(max_events, bool) or max_events < 1:
             raise ValueError(f"max_events must be a positive integer, got {max_events!r}")
         self.max_events = max_events
-        self._events: Deque[HubEvent] = deque(maxlen=max_events)
-        self._errors: List[HubEvent] = []
+        self._events: deque[HubEvent] = deque(maxlen=max_events)
+        self._errors: list[HubEvent] = []
         self._errors_dropped = 0
         self._added = 0
         self.clock = clock
 
-    def add(self, kind: str, device_id: Optional[str] = None, **detail: Any) -> HubEvent:
+    def add(self, kind: str, device_id: str | None = None, **detail: Any) -> HubEvent:
         detail = {k: (v if k in _UNCLIPPED else clip(v)) for k, v in detail.items()}
         ev = HubEvent(kind, clip(device_id), self.clock(), detail)
         self._events.append(ev)
@@ -82,7 +83,7 @@ class EventLog:
         """Events logged since the hub started, kept or not."""
         return self._added
 
-    def errors(self) -> List[HubEvent]:
+    def errors(self) -> list[HubEvent]:
         """Every internal error (the first MAX_ERRORS in full), even those the ring dropped."""
         errs = list(self._errors)
         more = self._errors_dropped
@@ -91,7 +92,7 @@ class EventLog:
                                  {"message": f"{more} more internal errors were not kept"}))
         return errs
 
-    def list(self, kind: Optional[str] = None, device_id: Optional[str] = None) -> List[HubEvent]:
+    def list(self, kind: str | None = None, device_id: str | None = None) -> list[HubEvent]:
         evs = list(self._events)  # one C call: atomic under the GIL
         return [e for e in evs if (kind is None or e.kind == kind)
                 and (device_id is None or e.device_id == device_id)]

@@ -10,7 +10,8 @@ import hashlib
 import itertools
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from collections.abc import Callable
+from typing import Any
 
 from .mqtt import packets as p
 
@@ -42,7 +43,7 @@ class Flag:
 
 class D2CAction:
     """What the fault engine wants done with one device-to-cloud publish."""
-    __slots__ = ("consume", "close_after_accept", "ack_delay", "reason")
+    __slots__ = ("ack_delay", "close_after_accept", "consume", "reason")
 
     def __init__(self, consume: bool = False, close_after_accept: bool = False, ack_delay: float = 0.0,
                  reason: str = ""):
@@ -58,28 +59,28 @@ _PROCEED = D2CAction()
 class Fault:
     """Engine-side state of one fault. Users hold a FaultHandle, not this."""
 
-    def __init__(self, kind: str, device_id: Optional[str], lasts: Optional[float], **params: Any):
+    def __init__(self, kind: str, device_id: str | None, lasts: float | None, **params: Any):
         self.id = 0  # the engine numbers faults per hub
         self.kind = kind
         self.device_id = device_id
         self.duration = lasts
         self.params = params
         self.state = "pending"
-        self.started_at: Optional[float] = None
-        self.ended_at: Optional[float] = None
-        self.affected: List[str] = []
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.affected: list[str] = []
         self.done: Any = Flag()
         self.started: Any = Flag()
-        self.silenced: Set[Any] = set()
-        self.countdown: Optional[int] = None
+        self.silenced: set[Any] = set()
+        self.countdown: int | None = None
         self.remaining = params.pop("remaining", 0)
-        self.due_at: Optional[float] = None   # wall-clock time it is to start, if known
+        self.due_at: float | None = None   # wall-clock time it is to start, if known
 
-    def targets(self, device_id: Optional[str]) -> bool:
+    def targets(self, device_id: str | None) -> bool:
         return self.device_id is None or self.device_id == device_id
 
 
-def _seconds_property(value: Optional[str]) -> Optional[float]:
+def _seconds_property(value: str | None) -> float | None:
     """A finite, non-negative number of seconds, or None for anything else."""
     try:
         seconds = float(value or 0)
@@ -94,17 +95,17 @@ class FaultEngine:
     def __init__(self, hub: Any):
         self.hub = hub
         self.events = hub.events
-        self.active: List[Fault] = []
-        self.waiting_for_messages: List[Fault] = []
-        self.history: List[Fault] = []
+        self.active: list[Fault] = []
+        self.waiting_for_messages: list[Fault] = []
+        self.history: list[Fault] = []
         self.new_flag: Callable[[], Any] = Flag
-        self._injected: "OrderedDict[Tuple[Any, ...], None]" = OrderedDict()
-        self._gcra: Dict[int, float] = {}
+        self._injected: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._gcra: dict[int, float] = {}
         self._ids = itertools.count(1)
 
     # --- scheduling (entered through the core's step, so `hub.now` is current) -------------------
 
-    def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+    def schedule(self, fault: Fault, at: float | None, after_messages: int | None) -> Fault:
         now = self.hub.now
         if fault.kind == "region_failover":
             self._refuse_overlap(fault, at, after_messages, now)
@@ -121,7 +122,7 @@ class FaultEngine:
             self.start(fault)
         return fault
 
-    def _refuse_overlap(self, fault: Fault, at: Optional[float], after_messages: Optional[int], now: float) -> None:
+    def _refuse_overlap(self, fault: Fault, at: float | None, after_messages: int | None, now: float) -> None:
         """A second outage inside the first would find no connected device to fail over (its report
         would read 0/0 devices back) and end before or after the first one at random."""
         start = None if after_messages else now + (at or 0)
@@ -187,7 +188,7 @@ class FaultEngine:
         self.events.add("fault_end", fault.device_id, fault=fault.kind, fault_id=fault.id, cancelled=cancelled)
         fault.done.set()
 
-    def timer_fired(self, key: Tuple[Any, ...]) -> None:
+    def timer_fired(self, key: tuple[Any, ...]) -> None:
         kind, subject = key[0], key[1]
         if kind == "fault_start":
             self.start(subject)
@@ -253,7 +254,7 @@ class FaultEngine:
         for fault in self.active:
             fault.silenced.discard(conn)
 
-    def connect_verdict(self, conn: Any, client_id: str) -> Optional[Tuple[Fault, Optional[int]]]:
+    def connect_verdict(self, conn: Any, client_id: str) -> tuple[Fault, int | None] | None:
         """None to proceed; (fault, CONNACK code) to refuse; (fault, None) to never answer."""
         for fault in self.active:
             if not fault.targets(client_id):
@@ -275,7 +276,7 @@ class FaultEngine:
             conn.doomed = True
             self.hub.arm(("close_soon", conn, reason), self.hub.now + _CLOSE_DELAY)
 
-    def publish_verdict(self, conn: Any, pkt: Any, props: Dict[str, str]) -> D2CAction:
+    def publish_verdict(self, conn: Any, pkt: Any, props: dict[str, str]) -> D2CAction:
         if conn.doomed:
             return D2CAction(consume=True)
         if FAULT_PROPERTY in props:
@@ -308,7 +309,7 @@ class FaultEngine:
                 action = D2CAction(ack_delay=delay)
         return action
 
-    def _throttle_delay(self, fault: Fault) -> Optional[float]:
+    def _throttle_delay(self, fault: Fault) -> float | None:
         """Generic cell rate algorithm: the delay this message's PUBACK gets, None when over the cap."""
         rate = fault.params["rate"]
         burst = fault.params["burst"]
@@ -331,13 +332,13 @@ class FaultEngine:
 
     # --- the real hub's fault-injection message properties ---------------------------------------
 
-    def _injection_key(self, conn: Any, pkt: Any, props: Dict[str, str]) -> Tuple[Any, ...]:
+    def _injection_key(self, conn: Any, pkt: Any, props: dict[str, str]) -> tuple[Any, ...]:
         mid = props.get("$.mid")
         if mid is not None:
             return (conn.device_id, mid)
         return (conn.device_id, hashlib.sha256(pkt.topic.encode() + b"\0" + bytes(pkt.payload)).digest())
 
-    def _service_fault_injection(self, conn: Any, pkt: Any, props: Dict[str, str]) -> Optional[D2CAction]:
+    def _service_fault_injection(self, conn: Any, pkt: Any, props: dict[str, str]) -> D2CAction | None:
         key = self._injection_key(conn, pkt, props)
         if key in self._injected:
             return None  # a re-send of a request already honoured: a normal message now

@@ -1,15 +1,14 @@
 """The delivery ledger: every telemetry message the hub accepted, in acceptance order."""
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
 
 
 @dataclass
 class Telemetry:
     device_id: str
-    message_id: Optional[str]
+    message_id: str | None
     body: bytes
-    properties: Dict[str, str] = field(default_factory=dict)
-    system_properties: Dict[str, str] = field(default_factory=dict)
+    properties: dict[str, str] = field(default_factory=dict)
+    system_properties: dict[str, str] = field(default_factory=dict)
     enqueued_at: float = 0.0
     dup: bool = False          # the MQTT DUP flag: the client says it is re-sending
     duplicate: bool = False    # this device already delivered a message with this message id
@@ -22,8 +21,8 @@ class Ledger:
     is the driver's business (waiting.py)."""
 
     def __init__(self) -> None:
-        self._items: List[Telemetry] = []
-        self._seen: Dict[str, Set[str]] = {}
+        self._items: list[Telemetry] = []
+        self._seen: dict[str, set[str]] = {}
 
     def record(self, t: Telemetry) -> Telemetry:
         if t.message_id is not None:
@@ -38,12 +37,12 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._items)
 
-    def count(self, device_id: Optional[str] = None) -> int:
+    def count(self, device_id: str | None = None) -> int:
         if device_id is None:
             return len(self._items)
         return sum(1 for t in self._items[:] if t.device_id == device_id)
 
-    def items(self, device_id: Optional[str] = None, since: int = 0) -> List[Telemetry]:
+    def items(self, device_id: str | None = None, since: int = 0) -> list[Telemetry]:
         items = self._items[since:]
         if device_id is None:
             return items

@@ -6,7 +6,6 @@ import base64
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
 
 from .auth import device_connection_string
 
@@ -40,19 +39,19 @@ def check_device_id(device_id: str) -> None:
 
 
 class Registry:
-    def __init__(self, hostname: str, gateway_host: Optional[str] = None):
+    def __init__(self, hostname: str, gateway_host: str | None = None):
         self.hostname = hostname
         self.gateway_host = gateway_host
-        self._devices: Dict[str, Device] = {}
+        self._devices: dict[str, Device] = {}
 
-    def add(self, device_id: str, primary_key: Optional[str] = None,
-            secondary_key: Optional[str] = None, enabled: bool = True) -> Device:
+    def add(self, device_id: str, primary_key: str | None = None,
+            secondary_key: str | None = None, enabled: bool = True) -> Device:
         check_device_id(device_id)
         for name, key in (("primary_key", primary_key), ("secondary_key", secondary_key)):
             if key is not None:
                 try:
                     base64.b64decode(key, validate=True)
-                except Exception:
+                except (ValueError, TypeError):
                     raise ValueError(f"{name} for device {device_id!r} is not valid base64") from None
         primary_key = primary_key or new_key()
         device = Device(device_id, primary_key,
@@ -63,7 +62,7 @@ class Registry:
             raise ValueError(f"device {device_id!r} already exists")
         return device
 
-    def get(self, device_id: str) -> Optional[Device]:
+    def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 
     def remove(self, device_id: str) -> Device:
@@ -79,5 +78,5 @@ class Registry:
         dev = self._devices[device_id] = replace(current, enabled=enabled)
         return dev
 
-    def all(self) -> List[Device]:
+    def all(self) -> list[Device]:
         return list(self._devices.values())

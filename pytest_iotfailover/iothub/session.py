@@ -9,10 +9,10 @@ import enum
 import json
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any
 
-from .mqtt import packets as p
 from ..errors import HubOperationError, ProtocolViolation
+from .mqtt import packets as p
 
 # Twin limits (failover-facts.md "Limits", from iot-hub-devguide-device-twins.md); operations
 # that break them are rejected with status 400 (iothub-mqtt.md §5.2).
@@ -40,7 +40,7 @@ class ConnEvent(enum.Enum):
 
 
 _S, _E = ConnState, ConnEvent
-TRANSITIONS: Dict[Tuple[ConnState, ConnEvent], ConnState] = {
+TRANSITIONS: dict[tuple[ConnState, ConnEvent], ConnState] = {
     (_S.AWAITING_CONNECT, _E.CONNECT): _S.AWAITING_CONNECT,
     (_S.AWAITING_CONNECT, _E.ACCEPT): _S.CONNECTED,
     (_S.AWAITING_CONNECT, _E.CLOSE): _S.CLOSING,
@@ -71,12 +71,12 @@ class MethodResponse:
 @dataclass
 class C2DMessage:
     body: bytes
-    properties: Dict[str, Optional[str]]
+    properties: dict[str, str | None]
     message_id: str
     delivery_count: int = 0
 
 
-C2DQueue = Deque[C2DMessage]
+C2DQueue = deque[C2DMessage]
 
 
 def new_c2d_queue() -> C2DQueue:
@@ -86,19 +86,19 @@ def new_c2d_queue() -> C2DQueue:
 @dataclass
 class Session:
     """What IoT Hub keeps for a clean_session=0 device between connections."""
-    subscriptions: Dict[str, int] = field(default_factory=dict)
-    inflight: Dict[int, C2DMessage] = field(default_factory=dict)
+    subscriptions: dict[str, int] = field(default_factory=dict)
+    inflight: dict[int, C2DMessage] = field(default_factory=dict)
     clean: bool = False
 
 
 @dataclass
 class Twin:
-    desired: Dict[str, Any] = field(default_factory=dict)
-    reported: Dict[str, Any] = field(default_factory=dict)
+    desired: dict[str, Any] = field(default_factory=dict)
+    reported: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 1
     reported_version: int = 1
 
-    def document(self) -> Dict[str, Any]:
+    def document(self) -> dict[str, Any]:
         return {"desired": dict(json.loads(json.dumps(self.desired)), **{"$version": self.desired_version}),
                 "reported": dict(json.loads(json.dumps(self.reported)), **{"$version": self.reported_version})}
 
@@ -110,18 +110,18 @@ class Connection:
         self.peer = peer
         self.opened_at = opened_at
         self.state = ConnState.AWAITING_CONNECT
-        self.device_id: Optional[str] = None
-        self.close_reason: Optional[str] = None
-        self.close_detail: Dict[str, Any] = {}
+        self.device_id: str | None = None
+        self.close_reason: str | None = None
+        self.close_detail: dict[str, Any] = {}
         self.graceful = False       # the device sent DISCONNECT
         self.doomed = False         # a fault has decided to close it shortly
         self.paused = False         # a fault silences it (Pause action in force)
-        self.will: Optional[p.Will] = None
+        self.will: p.Will | None = None
         self.session: Session = Session(clean=True)
-        self.model_id: Optional[str] = None
-        self.token_expiry: Optional[int] = None
+        self.model_id: str | None = None
+        self.token_expiry: int | None = None
         self.events_prefix = ""
-        self.keep_alive: Optional[float] = None
+        self.keep_alive: float | None = None
         self.last_rx = opened_at
         self._next_pid = 0
 
@@ -165,7 +165,7 @@ def c2d_body(body: Any) -> bytes:
     return bytes(body)
 
 
-def merge_patch(target: Dict[str, Any], patch: Dict[str, Any]) -> None:
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
     """Twin patch semantics: members replace, null deletes, objects merge recursively (§5.3)."""
     for key, value in patch.items():
         if key.startswith("$"):
@@ -197,11 +197,11 @@ def clip_text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def twin_problem(section: Any) -> Optional[str]:
+def twin_problem(section: Any) -> str | None:
     """Why `section` breaks IoT Hub's twin limits, or None. Iterative: depth is the peer's choice."""
     if not isinstance(section, dict):
         return "twin properties must be a JSON object"
-    stack: List[Tuple[Any, int]] = [(section, 1)]
+    stack: list[tuple[Any, int]] = [(section, 1)]
     while stack:
         node, depth = stack.pop()
         items = node.items() if isinstance(node, dict) else enumerate(node)
@@ -216,13 +216,12 @@ def twin_problem(section: Any) -> Optional[str]:
             elif isinstance(value, str):
                 if len(value.encode("utf-8", "replace")) > MAX_TWIN_STRING:
                     return f"a string value is longer than {MAX_TWIN_STRING} bytes"
-            elif isinstance(value, int) and not isinstance(value, bool):
-                if abs(value) > MAX_TWIN_INT:
-                    return f"integer {clip_text(str(value), 40)} is outside +-{MAX_TWIN_INT}"
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TWIN_INT:
+                return f"integer {clip_text(str(value), 40)} is outside +-{MAX_TWIN_INT}"
     return None
 
 
-def merged_section(section: Dict[str, Any], patch: Dict[str, Any], what: str) -> Tuple[Optional[Dict[str, Any]], str]:
+def merged_section(section: dict[str, Any], patch: dict[str, Any], what: str) -> tuple[dict[str, Any] | None, str]:
     """`section` with `patch` applied, on a copy, or (None, why) when the result is too large."""
     merged = json.loads(json.dumps(section))
     merge_patch(merged, patch)

@@ -3,7 +3,6 @@
 Section numbers refer to the project's notes on the real hub (iothub-mqtt.md).
 """
 import functools
-from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote, unquote
 
 from ..errors import ProtocolViolation
@@ -42,7 +41,7 @@ def c2d_filter(device_id: str) -> str:
     return f"devices/{device_id}/messages/devicebound/#"
 
 
-def allowed_filters(device_id: str) -> Tuple[str, ...]:
+def allowed_filters(device_id: str) -> tuple[str, ...]:
     """The topic filters IoT Hub lets a device subscribe to (§7)."""
     return (c2d_filter(device_id), TWIN_RES_FILTER, TWIN_DESIRED_FILTER, METHODS_FILTER)
 
@@ -57,8 +56,8 @@ def _unquote_key(k: str) -> str:
     return _unquote_short_key(k) if len(k) <= 64 else unquote(k)
 
 
-def parse_query(query: str) -> Dict[str, Optional[str]]:
-    out: Dict[str, Optional[str]] = {}
+def parse_query(query: str) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for item in query.split("&"):
         if not item:
             continue
@@ -67,22 +66,22 @@ def parse_query(query: str) -> Dict[str, Optional[str]]:
     return out
 
 
-def encode_property_bag(system: Dict[str, Optional[str]], custom: Dict[str, Optional[str]]) -> str:
-    parts: List[str] = []
+def encode_property_bag(system: dict[str, str | None], custom: dict[str, str | None]) -> str:
+    parts: list[str] = []
     for k, v in list(system.items()) + list(custom.items()):
         key = quote(k, safe="")
         parts.append(key if v is None else f"{key}={quote(str(v), safe='')}")
     return "&".join(parts)
 
 
-def parse_d2c_topic(prefix: str, topic: str) -> Tuple[Dict[str, str], Dict[str, str]]:
+def parse_d2c_topic(prefix: str, topic: str) -> tuple[dict[str, str], dict[str, str]]:
     """(application properties, system properties) of a telemetry topic that starts with `prefix`."""
     rest = topic[len(prefix):]
     if rest and rest[0] != "/":
         raise ProtocolViolation(f"unsupported topic {topic!r}")
     bag = rest[1:].rstrip("/")
-    props: Dict[str, str] = {}
-    sysprops: Dict[str, str] = {}
+    props: dict[str, str] = {}
+    sysprops: dict[str, str] = {}
     if bag:
         if "/" in bag:
             raise ProtocolViolation("property bag contains an unencoded '/'")
@@ -101,14 +100,14 @@ def parse_d2c_topic(prefix: str, topic: str) -> Tuple[Dict[str, str], Dict[str, 
     return props, sysprops
 
 
-def c2d_topic(device_id: str, message_id: str, properties: Dict[str, Optional[str]]) -> str:
-    system: Dict[str, Optional[str]] = {"$.mid": message_id, "$.to": f"/devices/{device_id}/messages/devicebound"}
+def c2d_topic(device_id: str, message_id: str, properties: dict[str, str | None]) -> str:
+    system: dict[str, str | None] = {"$.mid": message_id, "$.to": f"/devices/{device_id}/messages/devicebound"}
     custom = dict(properties)
     custom.setdefault("iothub-ack", "none")
     return f"devices/{device_id}/messages/devicebound/{encode_property_bag(system, custom)}"
 
 
-def twin_response_topic(status: int, rid: Optional[str], version: Optional[int] = None) -> str:
+def twin_response_topic(status: int, rid: str | None, version: int | None = None) -> str:
     topic = f"$iothub/twin/res/{status}/?$rid={quote(rid or '', safe='')}"
     return topic if version is None else f"{topic}&$version={version}"
 
