@@ -6,20 +6,21 @@ would have to wait seconds for (keep-alive, token expiry, method timeouts, fault
 takes a clock step here. The wire itself is proven by test_hub_sdk.py and test_faults_sdk.py.
 """
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
 
+from pytest_iotfailover.errors import ProtocolViolation
 from pytest_iotfailover.iothub.actions import Close, Pause, Reply, Reset, Send, Timer
-from pytest_iotfailover.sas import make_sas_token
 from pytest_iotfailover.iothub.core import MAX_SERVER_KEEPALIVE, IoTHubCore
 from pytest_iotfailover.iothub.events import EventLog
 from pytest_iotfailover.iothub.faults import Fault
 from pytest_iotfailover.iothub.ledger import Ledger
-from pytest_iotfailover.iothub.mqtt import Decoder, packets as p
+from pytest_iotfailover.iothub.mqtt import Decoder
+from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.iothub.registry import Registry
 from pytest_iotfailover.iothub.session import ConnEvent, ConnState, MethodResponse, transition
-from pytest_iotfailover.errors import ProtocolViolation
+from pytest_iotfailover.sas import make_sas_token
 
 HOST = "memhub.azure-devices.net"
 T0 = 1_800_000_000.0
@@ -31,11 +32,11 @@ class Peer:
     def __init__(self, conn: Any):
         self.conn = conn
         self.decoder = Decoder()
-        self.inbox: List[Any] = []
-        self.ended: Optional[str] = None   # "close" or "reset"
+        self.inbox: list[Any] = []
+        self.ended: str | None = None   # "close" or "reset"
         self.paused = False
 
-    def take(self, kind: Optional[type] = None) -> List[Any]:
+    def take(self, kind: type | None = None) -> list[Any]:
         got = [x for x in self.inbox if kind is None or isinstance(x, kind)]
         self.inbox = [x for x in self.inbox if x not in got]
         return got
@@ -53,13 +54,13 @@ class Harness:
         self.ledger = Ledger()
         self.events = EventLog(clock=lambda: self.now)
         self.core = IoTHubCore(HOST, self.registry, self.ledger, self.events, **core_kwargs)
-        self.timers: Dict[Any, float] = {}
-        self.peers: Dict[Any, Peer] = {}
-        self.replies: List[MethodResponse] = []
+        self.timers: dict[Any, float] = {}
+        self.peers: dict[Any, Peer] = {}
+        self.replies: list[MethodResponse] = []
 
     # --- the driver's part ----------------------------------------------------------------------
 
-    def run(self, actions: List[Any]) -> None:
+    def run(self, actions: list[Any]) -> None:
         lost = []
         for a in actions:
             if isinstance(a, Timer):
@@ -110,7 +111,7 @@ class Harness:
         self.run(self.core.receive(peer.conn, packet, self.now))
 
     def connect(self, device_id: str = "d1", *, clean: bool = True, keep_alive: int = 60,
-                ttl: float = 3600, key: Optional[str] = None, peer: Optional[Peer] = None) -> Tuple[Peer, Any]:
+                ttl: float = 3600, key: str | None = None, peer: Peer | None = None) -> tuple[Peer, Any]:
         peer = peer or self.open()
         dev = self.registry.get(device_id)
         token = make_sas_token(f"{HOST}/devices/{device_id}", key or (dev.primary_key if dev else "a2V5"),
@@ -124,23 +125,23 @@ class Harness:
         assert connack.return_code == 0, connack
         return peer
 
-    def subscribe(self, peer: Peer, *filters: str, qos: int = 1) -> List[int]:
+    def subscribe(self, peer: Peer, *filters: str, qos: int = 1) -> list[int]:
         self.send(peer, p.Subscribe(7, [(f, qos) for f in filters]))
         return peer.one(p.Suback).return_codes
 
-    def publish(self, peer: Peer, body: bytes = b"x", *, mid: Optional[str] = None, pid: int = 1,
+    def publish(self, peer: Peer, body: bytes = b"x", *, mid: str | None = None, pid: int = 1,
                 bag: str = "") -> None:
         device_id = peer.conn.device_id
         parts = ([f"$.mid={mid}"] if mid else []) + ([bag] if bag else [])
         self.send(peer, p.Publish(f"devices/{device_id}/messages/events/{'&'.join(parts)}", body, 1, pid))
 
-    def schedule(self, kind: str, device_id: Optional[str] = None, lasts: Optional[float] = None, *,
-                 at: Optional[float] = None, after_messages: Optional[int] = None, **params: Any) -> Fault:
+    def schedule(self, kind: str, device_id: str | None = None, lasts: float | None = None, *,
+                 at: float | None = None, after_messages: int | None = None, **params: Any) -> Fault:
         fault = Fault(kind, device_id, lasts, **params)
         self.run(self.core.schedule_fault(fault, at, after_messages, self.now))
         return fault
 
-    def kinds(self, kind: str, device_id: Optional[str] = None) -> List[Any]:
+    def kinds(self, kind: str, device_id: str | None = None) -> list[Any]:
         return self.events.list(kind, device_id)
 
 
@@ -442,7 +443,7 @@ def test_region_failover_for_one_device_answers_connack_3(h):
     h.add("d2")
     other = h.connected("d2")
     h.schedule("region_failover", "d1", 5.0, outage=5.0, keep_sessions=True, refuse="connack")
-    peer, connack = h.connect("d1")
+    _, connack = h.connect("d1")
     assert connack.return_code == p.CONNACK_SERVER_UNAVAILABLE and other.ended is None
     h.advance(5)
     assert h.connect("d1")[1].return_code == 0

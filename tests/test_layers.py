@@ -68,7 +68,8 @@ def _lint_imports() -> str:
     root = PACKAGE.parent
     if not (root / "pyproject.toml").is_file():
         pytest.skip("needs the source tree's pyproject.toml")
-    run = subprocess.run([exe, "--no-cache"], cwd=root, capture_output=True, text=True, timeout=120)
+    # lint-imports exits 1 when any contract is broken; the statuses are read from its output
+    run = subprocess.run([exe, "--no-cache"], check=False, cwd=root, capture_output=True, text=True, timeout=120)
     return run.stdout + run.stderr
 
 

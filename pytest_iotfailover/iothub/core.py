@@ -115,6 +115,8 @@ class _Steps:
         self._depth = 0
 
     def _step(self, now: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[Action]]:
+        # A call that raises (a refused service request) keeps what it emitted before the error
+        # in the buffer: the next step returns it, so no close or timer is ever lost.
         if self._depth == 0:
             self.now = now
         self._depth += 1
