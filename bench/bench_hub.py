@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without installing
 
-from pytest_iotfailover.iothub.auth import make_sas_token  # noqa: E402
+from pytest_iotfailover.sas import make_sas_token  # noqa: E402
 from pytest_iotfailover.iothub.mqtt import Decoder, codec, packets as p  # noqa: E402
 from pytest_iotfailover.iothub.mqtt.codec import encode_remaining_length  # noqa: E402
 

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Deque, List, Optional, Union
 
 from pytest_iotfailover.fakehub.hub import Device, FakeHub
-from pytest_iotfailover.iothub.auth import make_sas_token
+from pytest_iotfailover.sas import make_sas_token
 from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
 
 __all__ = ["MqttClient", "ConnectionClosed", "connect", "close_all", "sas_token", "username_for",

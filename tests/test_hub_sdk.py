@@ -6,7 +6,7 @@ import pytest
 from azure.iot.device import Message, MethodResponse, exceptions
 
 from pytest_iotfailover import FakeHub
-from pytest_iotfailover.iothub.auth import make_sas_token
+from pytest_iotfailover.sas import make_sas_token
 
 from sdk_support import Inbox, bounded, make_client
 

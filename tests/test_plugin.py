@@ -234,7 +234,7 @@ def test_secrets_never_reach_terminal_junit_or_logs(pytester, run):
     # A careless test prints, logs and asserts on a connection string; pytest must show none of the key.
     pytester.makepyfile("""
         import logging
-        from pytest_iotfailover.iothub.auth import make_sas_token
+        from pytest_iotfailover.sas import make_sas_token
 
         def test_careless(iothub, iothub_device):
             cs = iothub_device.connection_string

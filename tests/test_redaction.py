@@ -20,7 +20,7 @@ import logging, os, sys, warnings
 from urllib.parse import unquote
 
 import pytest
-from pytest_iotfailover.iothub.auth import make_sas_token
+from pytest_iotfailover.sas import make_sas_token
 from pytest_iotfailover.fakehub.control_api import ControlServer
 
 log = logging.getLogger("careless")

@@ -1,24 +1,36 @@
 """The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
 import asyncio
 import concurrent.futures
+import errno
 import os
 import re
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+import time
+from collections.abc import Callable
+from typing import Any, Self
 
-from .certs import HubCertificates
-from ..iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
-from ..iothub.faults import FaultEngine
-from .faults import FaultHandle, Faults, RecoveryReport
-from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
-from ..iothub.ledger import Ledger, Telemetry
-from ..iothub.registry import Device, Registry
-from .server import (MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer,
-                     is_loopback)
 from ..errors import HubInternalError
+from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
+from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
+from ..iothub.faults import Fault
+from ..iothub.ledger import Telemetry
+from ..iothub.registry import Device, Registry
+from ..waiting import WaitingEventLog, WaitingLedger
+from .certs import HubCertificates
+from .faults import FaultHandle, Faults, RecoveryReport
+from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 
-__all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "HubInternalError", "FaultHandle", "RecoveryReport"]
+__all__ = [
+    "Device",
+    "FakeHub",
+    "FaultHandle",
+    "HubEvent",
+    "HubInternalError",
+    "HubOperationError",
+    "MethodResponse",
+    "RecoveryReport",
+    "Telemetry",
+]
 
 _HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 
@@ -26,7 +38,7 @@ LOOP_ENV = "IOTFAILOVER_LOOP"
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
 
 
-def select_loop(loop: Optional[str] = None) -> Tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+def select_loop(loop: str | None = None) -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
     """(name, factory) of the event loop a hub should run on.
 
     `loop` is "asyncio", "uvloop" or "auto" (uvloop when it is importable, else asyncio); None
@@ -51,6 +63,10 @@ def select_loop(loop: Optional[str] = None) -> Tuple[str, Callable[[], asyncio.A
                              "(pip install 'pytest-iotfailover[fast]'; it has no Windows build)") from None
         return "asyncio", asyncio.new_event_loop
     return "uvloop", uvloop.new_event_loop
+# asyncio retries a failed accept() itself (after a second) and tells the loop's exception
+# handler each time: one warning per this many seconds is enough to see a descriptor shortage
+_ACCEPT_WARNING_EVERY = 10.0
+_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _set_result_once(fut: concurrent.futures.Future, result) -> None:
@@ -60,6 +76,73 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
         pass
 
 
+
+def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, token_grace: Any, connect_timeout: Any,
+                    max_events: Any, max_connect_size: Any, max_unauthenticated: Any, send_buffer_pause: Any,
+                    send_buffer_limit: Any) -> None:
+    if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
+        raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
+                         "digits and hyphens, starting and ending with a letter or digit")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"invalid port {port!r}: expected 0-65535")
+    if host is not None and not is_loopback(host) and not allow_remote:
+        raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True to listen on it")
+    for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+    for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
+                               ("max_unauthenticated", max_unauthenticated, 1),
+                               ("send_buffer_pause", send_buffer_pause, 1024)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    # one packet's output (a C2D message, a twin document) must fit between the two marks
+    if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
+            send_buffer_limit < send_buffer_pause + 256 * 1024:
+        raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
+                         f"({send_buffer_pause}), got {send_buffer_limit!r}")
+
+
+class _AcceptWarnings:
+    """Out of file descriptors (or buffers) in accept(): a resource limit of the machine, not a
+    hub bug, so a warning event (`accept_failed`), at most one per _ACCEPT_WARNING_EVERY s."""
+
+    def __init__(self, log: WaitingEventLog):
+        self._log = log
+        self._warned_at: float | None = None
+        self._failures = 0
+
+    def __call__(self, exc: OSError) -> None:
+        self._failures += 1
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < _ACCEPT_WARNING_EVERY:
+            return
+        self._warned_at = now
+        self._log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}", failures=self._failures,
+                      errno=errno.errorcode.get(exc.errno or 0, exc.errno))
+        self._failures = 0
+
+
+class _EngineFace:
+    """`hub._faults_engine` for the Faults face: runs the engine's calls as steps of the core,
+    on the hub thread, and executes what they return."""
+
+    def __init__(self, hub: "FakeHub"):
+        self._hub = hub
+
+    @property
+    def active(self) -> list[Fault]:
+        return self._hub._running_core().faults.active
+
+    @property
+    def history(self) -> list[Fault]:
+        return self._hub._running_core().faults.history
+
+    def schedule(self, fault: Fault, at: float | None, after_messages: int | None) -> Fault:
+        self._hub._act(self._hub._running_core().schedule_fault, fault, at, after_messages)
+        return fault
+
+    def end(self, fault: Fault, cancelled: bool = False) -> None:
+        self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
 class FakeHub:
@@ -71,37 +154,20 @@ class FakeHub:
     reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
     """
 
-    def __init__(self, hub_name: str = "testhub", *, host: Optional[str] = None, port: int = 8883,
+    def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
                  token_grace: float = 300.0, connect_timeout: float = 30.0,
                  allow_remote: bool = False, raise_errors: bool = True,
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: Optional[str] = None):
-        if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
-            raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
-                             "digits and hyphens, starting and ending with a letter or digit")
-        if not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"invalid port {port!r}: expected 0-65535")
-        if host is not None and not is_loopback(host) and not allow_remote:
-            raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True to listen on it")
-        for name, value in (("token_grace", token_grace), ("connect_timeout", connect_timeout)):
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-        for name, value, least in (("max_events", max_events, 1), ("max_connect_size", max_connect_size, 64),
-                                   ("max_unauthenticated", max_unauthenticated, 1),
-                                   ("send_buffer_pause", send_buffer_pause, 1024)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
-        # one packet's output (a C2D message, a twin document) must fit between the two marks
-        if not isinstance(send_buffer_limit, int) or isinstance(send_buffer_limit, bool) or \
-                send_buffer_limit < send_buffer_pause + 256 * 1024:
-            raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
-                             f"({send_buffer_pause}), got {send_buffer_limit!r}")
-        self._limits = dict(max_connect_size=max_connect_size, max_unauthenticated=max_unauthenticated,
-                            send_buffer_pause=send_buffer_pause, send_buffer_limit=send_buffer_limit)
+                 loop: str | None = None):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
+        _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
+                        max_connect_size, max_unauthenticated, send_buffer_pause, send_buffer_limit)
+        self._limits = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
+                        "send_buffer_limit": send_buffer_limit}
+        self._max_unauthenticated = max_unauthenticated
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -109,26 +175,27 @@ class FakeHub:
         self._token_grace = float(token_grace)
         self._connect_timeout = float(connect_timeout)
         self._raise_errors = raise_errors
-        self.gateway_host: Optional[str] = None
-        self.port: Optional[int] = None
-        self.ca_pem: Optional[str] = None
-        self.ledger = Ledger()
-        self.event_log = EventLog(max_events)
+        self.gateway_host: str | None = None
+        self.port: int | None = None
+        self.ca_pem: str | None = None
+        self.ledger = WaitingLedger()
+        self.event_log = WaitingEventLog(max_events)
+        self._accept_failed = _AcceptWarnings(self.event_log)
         self.registry = Registry(self.hostname)
-        self._core: Optional[IoTHubCore] = None
-        self._server: Optional[HubServer] = None
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._core: IoTHubCore | None = None
+        self._server: HubServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._started = threading.Event()
-        self._startup_error: Optional[BaseException] = None
+        self._startup_error: BaseException | None = None
         self._stopping = False
-        self._faults_engine: Optional[FaultEngine] = None
+        self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
 
     # --- life cycle ------------------------------------------------------------------------
 
-    def start(self) -> "FakeHub":
+    def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
@@ -146,12 +213,13 @@ class FakeHub:
         try:
             try:
                 loop.run_until_complete(self._startup())
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - start() raises it in the caller's thread
                 self._startup_error = exc
                 return
             finally:
                 self._started.set()
             loop.run_forever()
+            assert self._server is not None
             loop.run_until_complete(self._server.close())
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
@@ -166,21 +234,25 @@ class FakeHub:
             names = [self.hostname, "localhost", host]
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
-            self._core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
-                                    self._loop, token_grace=self._token_grace)
-            self._server = HubServer(self._core, self.certificates.server_context(), self._loop,
-                                     connect_timeout=self._connect_timeout, **self._limits)
-            self._faults_engine = self._core.faults = FaultEngine(self._core, self._server)
+            core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
+                              token_grace=self._token_grace, connect_timeout=self._connect_timeout,
+                              max_unauthenticated=self._max_unauthenticated)
+            core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
+            assert self._loop is not None
+            self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
+            self._core = core
             await self._server.serve(sock)
         except BaseException:
             sock.close()
             raise
         self.event_log.add("hub_started", None, host=host, port=port)
 
-    def _on_loop_error(self, loop, context) -> None:
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if exc is not None and self._core is not None:
-            self._core.internal_error(None, exc)
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
+            self._accept_failed(exc)
+        elif exc is not None and self._core is not None and self._server is not None:
+            self._server.execute(self._core.internal_error(None, exc, time.time()))
         else:
             self.event_log.add("error", None, message=str(context.get("message")))
 
@@ -205,7 +277,7 @@ class FakeHub:
                                    "\n".join(e.detail.get("traceback") or e.detail.get("message", "")
                                              for e in self.errors))
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -217,7 +289,7 @@ class FakeHub:
             except HubInternalError:
                 pass  # the test's own exception is the one to show
 
-    async def __aenter__(self) -> "FakeHub":
+    async def __aenter__(self) -> Self:
         await asyncio.get_running_loop().run_in_executor(None, self.start)
         return self
 
@@ -228,10 +300,11 @@ class FakeHub:
     def running(self) -> bool:
         return self._loop is not None and self._loop.is_running() and not self._stopping
 
-    def _call(self, fn, *args, timeout: Optional[float] = 30.0):
+    def _call(self, fn, *args, timeout: float | None = 30.0):
         """Run `fn(*args)` on the hub thread and return its result (or raise its exception)."""
         if not self.running:
             raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
+        assert self._thread is not None and self._loop is not None
         if threading.get_ident() == self._thread.ident:
             return fn(*args)
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -239,15 +312,24 @@ class FakeHub:
         def run():
             try:
                 fut.set_result(fn(*args))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
                 fut.set_exception(exc)
         self._loop.call_soon_threadsafe(run)
         return fut.result(timeout)
 
+    def _running_core(self) -> IoTHubCore:
+        if self._core is None:
+            raise RuntimeError("the FakeHub is not running (use `with FakeHub() as hub:` or hub.start())")
+        return self._core
+
+    def _act(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One step of the core on the hub thread (HubServer.run); its value, if it has one."""
+        return self._call(lambda: self._server.run(fn, *args) if self._server else None)
+
     # --- devices -----------------------------------------------------------------------------
 
-    def add_device(self, device_id: str, primary_key: Optional[str] = None, *,
-                   secondary_key: Optional[str] = None, enabled: bool = True) -> Device:
+    def add_device(self, device_id: str, primary_key: str | None = None, *,
+                   secondary_key: str | None = None, enabled: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
         return self.registry.add(device_id, primary_key, secondary_key, enabled)
@@ -259,42 +341,42 @@ class FakeHub:
         return dev
 
     @property
-    def devices(self) -> List[Device]:
+    def devices(self) -> list[Device]:
         return self.registry.all()
 
     def remove_device(self, device_id: str) -> None:
         """Delete the identity; a connected device is disconnected (reason `device_removed`)."""
         self.registry.remove(device_id)
         if self.running:
-            self._call(self._core.device_disabled, device_id, True)
+            self._act(self._running_core().device_disabled, device_id, True)
 
     def set_device_enabled(self, device_id: str, enabled: bool) -> Device:
         dev = self.registry.set_enabled(device_id, enabled)
         if not enabled and self.running:
-            self._call(self._core.device_disabled, device_id)
+            self._act(self._running_core().device_disabled, device_id, False)
         return dev
 
-    def connected_devices(self) -> List[str]:
-        return self._call(lambda: sorted(self._core.connections))
+    def connected_devices(self) -> list[str]:
+        return self._call(lambda: sorted(self._running_core().connections))
 
     def is_connected(self, device_id: str) -> bool:
-        return self._call(lambda: device_id in self._core.connections)
+        return self._call(lambda: device_id in self._running_core().connections)
 
     # --- telemetry ---------------------------------------------------------------------------
 
-    def telemetry(self, device_id: Optional[str] = None) -> List[Telemetry]:
+    def telemetry(self, device_id: str | None = None) -> list[Telemetry]:
         return self.ledger.items(device_id)
 
-    def wait_for_telemetry(self, count: int, device_id: Optional[str] = None,
-                           timeout: float = 10.0) -> List[Telemetry]:
+    def wait_for_telemetry(self, count: int, device_id: str | None = None,
+                           timeout: float = 10.0) -> list[Telemetry]:
         return self.ledger.wait_for(count, device_id, timeout)
 
     # --- service-side operations -------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: Union[str, bytes], properties: Optional[Dict[str, Any]] = None,
-                 *, message_id: Optional[str] = None) -> str:
+    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
+                 *, message_id: str | None = None) -> str:
         """Queue a cloud-to-device message; returns its message id."""
-        return self._call(self._core.send_c2d, device_id, c2d_body(body), properties, message_id)
+        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
@@ -305,8 +387,8 @@ class FakeHub:
         self._method_futures.add(fut)
         try:
             # set_result races stop()'s set_exception: whichever comes first wins
-            self._call(self._core.invoke_method, device_id, method_name, payload, float(timeout),
-                       lambda r: fut.done() or _set_result_once(fut, r))
+            self._act(self._running_core().invoke_method, device_id, method_name, payload, float(timeout),
+                      lambda r: _set_result_once(fut, r))
             return fut.result(timeout + 30)
         except concurrent.futures.TimeoutError:
             # the hub answers every call by `timeout` (504 at the latest); only a stopped or
@@ -322,28 +404,28 @@ class FakeHub:
         return await asyncio.get_running_loop().run_in_executor(
             None, self.invoke_method, device_id, method_name, payload, timeout)
 
-    def get_twin(self, device_id: str) -> Dict[str, Any]:
+    def get_twin(self, device_id: str) -> dict[str, Any]:
         def get():
             if self.registry.get(device_id) is None:
                 raise HubOperationError(f"device {device_id!r} is not registered", 404001)
-            return self._core.twin(device_id).document()
+            return self._running_core().twin(device_id).document()
         return self._call(get)
 
-    def update_desired(self, device_id: str, patch: Dict[str, Any]) -> int:
-        return self._call(self._core.update_desired, device_id, patch)
+    def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        return self._act(self._running_core().update_desired, device_id, patch)
 
     # --- observation -------------------------------------------------------------------------
 
     @property
-    def events(self) -> List[HubEvent]:
+    def events(self) -> list[HubEvent]:
         return self.event_log.list()
 
     @property
-    def errors(self) -> List[HubEvent]:
+    def errors(self) -> list[HubEvent]:
         """Internal errors of the hub thread; kept even when the event ring has let them go."""
         return self.event_log.errors()
 
-    def wait_for_event(self, kind: str, device_id: Optional[str] = None, timeout: float = 10.0,
+    def wait_for_event(self, kind: str, device_id: str | None = None, timeout: float = 10.0,
                        where=None, after: float = 0.0) -> HubEvent:
         """Wait for the first event of `kind` (for `device_id`, matching `where`, logged at/after `after`)."""
         return self.event_log.wait_for(

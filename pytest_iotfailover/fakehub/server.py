@@ -1,4 +1,8 @@
-"""The asyncio TLS listener: bytes in, packets to IoT Hub semantics, bytes out. No IoT Hub rules.
+"""The asyncio TLS listener: bytes in, packets to the hub core, its actions out. No IoT Hub rules.
+
+The core (iothub/core.py) decides everything and returns actions; this module only executes
+them: writes, closes, resets, pauses and timers (`loop.call_later`, on the wall clock the core
+is given). It keeps no fault or session state.
 
 TLS is done with `ssl.MemoryBIO` on a plain TCP protocol instead of asyncio's own SSL transport:
 asyncio's SSL layer keeps a 256 KiB read buffer per connection, which makes thousands of idle
@@ -11,11 +15,15 @@ import ipaddress
 import socket
 import ssl
 import struct
+import time
 from collections import deque
-from typing import Iterable, Optional
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
 
-from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
+from ..iothub.actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
+from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
+from ..iothub.session import Connection
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
 _READ_SIZE = 256 * 1024  # what asyncio reads at once for a plain Protocol
@@ -40,35 +48,31 @@ SEND_BUFFER_LIMIT = 4 << 20  # over a full C2D queue (50 x 64 KB) on top of the 
 
 
 class MqttTlsProtocol(asyncio.BufferedProtocol):
-    """One device socket. Also the `link` the hub core writes to and closes."""
+    """One device socket: TLS and MQTT framing, and the actions the core addresses to it."""
 
     def __init__(self, server: "HubServer"):
         self.server = server
         self.loop = server.loop
-        self.transport = None
-        self.conn = None
+        self.transport: Any = None
+        self.conn: Any = None
         self.closing = False
         self.blackholed = False
-        self._pending = []
+        self._pending: list[bytes] = []
         self._pending_size = 0
         self._in_batch = False
         self._processing = False
         self._handshaken = False
-        self._timer = None
-        self._keep_alive = None
-        self._last_rx = 0.0
-        self._held = []
+        self._held: list[bytes] = []
         self._held_size = 0
         self._held_over = False      # a silenced peer sent more than _MAX_HELD
         self._write_paused = False   # the transport's unsent output is over send_buffer_pause
         self._reading_paused = False
-        self._backlog = deque()      # packets decoded but not yet handled (handling was paused)
-        self._unauthenticated = False
+        self._backlog: deque[Any] = deque()  # packets decoded but not yet handled (handling was paused)
         self._pause_logged = False
 
     # --- asyncio side ----------------------------------------------------------------------
 
-    def connection_made(self, transport):
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername") or ("?", 0)
@@ -76,24 +80,14 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._out = ssl.MemoryBIO()
         self._tls = server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
         self._decoder = Decoder(MAX_PACKET_SIZE, first_packet_max=server.max_connect_size)
-        self._last_rx = self.loop.time()
-        self.conn = server.core.open(self, f"{peer[0]}:{peer[1]}")
+        self.conn, actions = server.core.open(f"{peer[0]}:{peer[1]}", time.time())
+        server.links[self.conn] = self
         server.protocols.add(self)
         # the transport calls pause_writing()/resume_writing() around this mark
         transport.set_write_buffer_limits(high=server.send_buffer_pause)
-        if server.unauthenticated >= server.max_unauthenticated:
-            server.core.events.add("connect_refused", None, reason="too many unauthenticated connections",
-                                   limit=server.max_unauthenticated, peer=self.conn.peer)
-            self.close(abort=True)
-            return
-        server.unauthenticated += 1
-        self._unauthenticated = True
-        self._timer = self.loop.call_later(server.connect_timeout, self._connect_timeout)
-        faults = server.core.faults
-        if faults is not None:
-            faults.on_socket(self)
+        server.execute(actions)
 
-    def get_buffer(self, sizehint):
+    def get_buffer(self, sizehint: int) -> memoryview:
         # One read buffer per server, shared by its connections: each read is consumed by
         # buffer_updated before the loop reads again. As a plain Protocol, asyncio would allocate
         # 256 KiB per read, which glibc serves with mmap, mremap and munmap on every wake-up.
@@ -102,10 +96,10 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             view = self.server._read_view = memoryview(bytearray(_READ_SIZE))
         return view
 
-    def buffer_updated(self, nbytes):
+    def buffer_updated(self, nbytes: int) -> None:
         self.data_received(bytes(self.server._read_view[:nbytes]))
 
-    def data_received(self, data):
+    def data_received(self, data: bytes) -> None:
         if self.closing:
             return
         if self.blackholed:
@@ -116,7 +110,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
                 self._held_over = True
                 self._update_reading()
             return
-        self._last_rx = self.loop.time()
         self._in.write(data)
         if not self._handshaken:
             try:
@@ -125,9 +118,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
                 self._write_tls()
                 return
             except (ssl.SSLError, OSError) as exc:
-                self.server.core.events.add("tls_error", None, message=str(exc), peer=self.conn.peer)
                 self._write_tls()
-                self.close(abort=True)
+                self.server.execute(self.server.core.transport_error(self.conn, "tls_error", str(exc), time.time()))
                 return
             self._handshaken = True
         self._process()
@@ -138,50 +130,12 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             return  # resume_writing() can fire from inside a flush of this very loop
         self._processing = True
         self._in_batch = True
-        conn = self.conn
         try:
             while not self.closing and not self.blackholed and not self._write_paused:
                 if self._backlog:
-                    packet = self._backlog.popleft()
-                    try:
-                        conn.received(packet)
-                    except Exception as exc:  # a hub bug must not take the hub thread down
-                        self.server.core.internal_error(conn, exc)
-                    if self._unauthenticated and conn.connected:
-                        self._leave_unauthenticated()
-                    if self._pending_size >= _FLUSH_AT:
-                        self._flush()
+                    self._handle(self._backlog.popleft())
                     continue
-                if self._decoder.error is not None:
-                    conn.protocol_violation(f"malformed MQTT: {self._decoder.error}")
-                    break
-                # Read only while the TLS layer has bytes: once a wake-up's records are consumed, one
-                # more read would only raise SSLWantReadError, an exception per wake-up for nothing.
-                # Without read-ahead (Python never enables it) OpenSSL takes no more from the BIO than
-                # the record it is decrypting, so nothing complete can hide behind these two counts.
-                if not (self._in.pending or self._tls.pending()):
-                    break
-                try:
-                    chunk = self._tls.read(_TLS_READ)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLZeroReturnError:
-                    self.close()
-                    break
-                except ssl.SSLError as exc:
-                    self.server.core.events.add("tls_error", conn.device_id, message=str(exc), peer=conn.peer)
-                    self.close(abort=True)
-                    break
-                if not chunk:
-                    self.close()
-                    break
-                try:
-                    self._backlog.extend(self._decoder.feed(chunk))
-                except PacketTooLarge as exc:
-                    conn.protocol_violation(f"packet too large: {exc}")
-                    break
-                except ProtocolError as exc:
-                    conn.protocol_violation(f"malformed MQTT: {exc}")
+                if not self._read_packets():
                     break
         finally:
             self._in_batch = False
@@ -189,16 +143,57 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self._flush()
             self._update_reading()
 
-    def pause_writing(self):
+    def _handle(self, packet: Any) -> None:
+        server = self.server
+        server.execute(server.core.receive(self.conn, packet, time.time()))
+        if self._pending_size >= _FLUSH_AT:
+            self._flush()
+
+    def _read_packets(self) -> bool:
+        """Decode what TLS has; False when there is nothing more to do for now."""
+        server, conn = self.server, self.conn
+        if self._decoder.error is not None:
+            server.execute(server.core.violation(conn, f"malformed MQTT: {self._decoder.error}", time.time()))
+            return False
+        # Read only while the TLS layer has bytes: once a wake-up's records are consumed, one
+        # more read would only raise SSLWantReadError, an exception per wake-up for nothing.
+        # Without read-ahead (Python never enables it) OpenSSL takes no more from the BIO than
+        # the record it is decrypting, so nothing complete can hide behind these two counts.
+        if not (self._in.pending or self._tls.pending()):
+            return False
+        try:
+            chunk = self._tls.read(_TLS_READ)
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLZeroReturnError:
+            self.close()
+            return False
+        except ssl.SSLError as exc:
+            server.execute(server.core.transport_error(conn, "tls_error", str(exc), time.time()))
+            return False
+        if not chunk:
+            self.close()
+            return False
+        try:
+            self._backlog.extend(self._decoder.feed(chunk))
+        except PacketTooLarge as exc:
+            server.execute(server.core.violation(conn, f"packet too large: {exc}", time.time()))
+            return False
+        except ProtocolError as exc:
+            server.execute(server.core.violation(conn, f"malformed MQTT: {exc}", time.time()))
+            return False
+        return True
+
+    def pause_writing(self) -> None:
         # the peer does not read what it asked for: stop reading its requests until it does
         self._write_paused = True
         self._update_reading()
         if not self._pause_logged and not self.closing:
             self._pause_logged = True
-            self.server.core.events.add("send_paused", self.conn.device_id, peer=self.conn.peer,
-                                        buffered=self.transport.get_write_buffer_size())
+            self.server.execute(self.server.core.note(self.conn, "send_paused", time.time(),
+                                                      buffered=self.transport.get_write_buffer_size()))
 
-    def resume_writing(self):
+    def resume_writing(self) -> None:
         self._write_paused = False
         if self.closing:
             return
@@ -206,22 +201,18 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         if self._handshaken and not self.blackholed:
             self._process()
 
-    def eof_received(self):
+    def eof_received(self) -> None:
         return None  # close our side too
 
-    def connection_lost(self, exc):
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._leave_unauthenticated()
         self._backlog.clear()
-        self.server.protocols.discard(self)
-        try:
-            self.conn.connection_lost()
-        except Exception as err:
-            self.server.core.internal_error(None, err)
+        server = self.server
+        server.protocols.discard(self)
+        server.links.pop(self.conn, None)
+        server.execute(server.core.connection_lost(self.conn, time.time()))
 
-    # --- link side (called by the hub core) ---------------------------------------------------
+    # --- what the core's actions do --------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
         if self.closing or self.blackholed:
@@ -232,8 +223,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         if buffered > self.server.send_buffer_limit:
             # reading is already paused, so this is service-side output piling up (C2D, desired
             # patches, method calls) for a peer that reads nothing: give up on it
-            self.conn.close("send_buffer_full", abort=True, buffered=buffered,
-                            limit=self.server.send_buffer_limit)
+            self.server.execute(self.server.core.close(self.conn, "send_buffer_full", time.time(), abort=True,
+                                                       buffered=buffered, limit=self.server.send_buffer_limit))
             return
         if not self._in_batch:
             self._flush()
@@ -258,12 +249,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
                 # asyncio keeps the socket until its output drains: not for ever
                 self.loop.call_later(_CLOSE_GRACE, self._abort_if_open)
 
-    def set_keep_alive(self, seconds: float) -> None:
-        self._keep_alive = seconds
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._check_keep_alive)
-
     def set_blackhole(self, on: bool) -> None:
         """Silence: nothing read, nothing sent, the socket stays open. Off again: what the device
         sent meanwhile arrives late, as after a healed network partition."""
@@ -277,7 +262,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._held_over = False
         self._update_reading()
         held, self._held, self._held_size = b"".join(self._held), [], 0
-        self._last_rx = self.loop.time()
         if self.closing:
             return
         if held:
@@ -290,11 +274,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
     def _abort_if_open(self) -> None:
         if self in self.server.protocols:  # connection_lost() has not run yet
             self.transport.abort()
-
-    def _leave_unauthenticated(self) -> None:
-        if self._unauthenticated:
-            self._unauthenticated = False
-            self.server.unauthenticated -= 1
 
     def _update_reading(self) -> None:
         want = self._write_paused or self._held_over
@@ -322,21 +301,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         if out and not self.transport.is_closing():
             self.transport.write(out)
 
-    def _connect_timeout(self):
-        if not self.conn.connected and not self.closing:
-            self.server.core.events.add("connect_timeout", None, peer=self.conn.peer,
-                                        seconds=self.server.connect_timeout)
-            self.close()
-
-    def _check_keep_alive(self):
-        if self.closing:
-            return
-        idle = self.loop.time() - self._last_rx
-        if idle >= self._keep_alive and not self.blackholed:
-            self.conn.close("keepalive", idle=round(idle, 3))
-        else:
-            self._timer = self.loop.call_later(max(self._keep_alive - idle, 0.05), self._check_keep_alive)
-
 
 def loopback_candidates(count: int = 254) -> Iterable[str]:
     for i in range(1, count + 1):
@@ -344,26 +308,67 @@ def loopback_candidates(count: int = 254) -> Iterable[str]:
 
 
 class HubServer:
-    def __init__(self, core: IoTHubCore, ssl_context: ssl.SSLContext, loop, *, connect_timeout: float = 30.0,
-                 max_connect_size: int = MAX_CONNECT_SIZE, max_unauthenticated: int = MAX_UNAUTHENTICATED,
-                 send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT):
+    def __init__(self, core: IoTHubCore, ssl_context: ssl.SSLContext, loop: asyncio.AbstractEventLoop, *,
+                 max_connect_size: int = MAX_CONNECT_SIZE, send_buffer_pause: int = SEND_BUFFER_PAUSE,
+                 send_buffer_limit: int = SEND_BUFFER_LIMIT):
         self.core = core
         self.ssl_context = ssl_context
         self.loop = loop
-        self.connect_timeout = connect_timeout
         self.max_connect_size = max_connect_size
-        self.max_unauthenticated = max_unauthenticated
         self.send_buffer_pause = send_buffer_pause
         self.send_buffer_limit = send_buffer_limit
-        self.protocols = set()
-        self.unauthenticated = 0
-        self._server = None
+        self.protocols: set[MqttTlsProtocol] = set()
+        self.links: dict[Connection, MqttTlsProtocol] = {}
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._server: asyncio.AbstractServer | None = None
+
+    # --- executing the core's actions ------------------------------------------------------------
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One step of the core at the wall clock's time: its actions executed, its value returned
+        (the core's service calls return (value, actions), the others just actions)."""
+        result = fn(*args, time.time())
+        value, actions = result if isinstance(result, tuple) else (None, result)
+        self.execute(actions)
+        return value
+
+    def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is Timer:
+                self._arm(action.key, action.deadline)
+            elif kind is Reply:
+                action.notify(action.response)
+            else:
+                proto = self.links.get(action.conn)
+                if proto is None:
+                    continue  # its socket is gone already
+                if kind is Send:
+                    proto.send(action.data)
+                elif kind is Close:
+                    proto.close()
+                elif kind is Reset:
+                    proto.close(abort=True)
+                elif kind is Pause:
+                    proto.set_blackhole(action.on)
+
+    def _arm(self, key: Hashable, deadline: float | None) -> None:
+        old = self._timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        if deadline is not None:
+            # the core keeps wall-clock deadlines; the loop's clock only measures the wait
+            self._timers[key] = self.loop.call_later(max(deadline - time.time(), 0.0), self._fire, key)
+
+    def _fire(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+        self.execute(self.core.timer_fired(key, time.time()))
 
     @staticmethod
-    def bind(host: Optional[str], port: int) -> socket.socket:
+    def bind(host: str | None, port: int) -> socket.socket:
         """Bind `host:port`, or with no host the first free loopback address of 127.0.0.1, .2, ..."""
         candidates = [host] if host else loopback_candidates()
-        last = None
+        last: OSError | None = None
         for candidate in candidates:
             family = socket.AF_INET6 if ":" in candidate else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -388,7 +393,7 @@ class HubServer:
         if self._server is not None:
             self._server.close()
         for proto in list(self.protocols):
-            proto.conn.close("hub_stopped")
+            self.execute(self.core.close(proto.conn, "hub_stopped", time.time()))
             if proto.transport.get_write_buffer_size():
                 # a graceful close waits for unsent output to drain, which a peer that never
                 # reads would make last for ever
@@ -400,6 +405,9 @@ class HubServer:
             if not self.protocols:
                 break
             await asyncio.sleep(0)
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
 
 
 def is_loopback(host: str) -> bool:

@@ -6,10 +6,9 @@ import base64
 import hashlib
 import hmac
 import re
-import time
 from dataclasses import dataclass
-from typing import Dict, Optional
 from urllib.parse import quote, unquote
+
 from ..errors import AuthError
 
 DEFAULT_CLOCK_SKEW = 300.0  # IoT Hub accepts tokens up to five minutes past their expiry
@@ -23,11 +22,11 @@ _CS_KEYS = {"HostName", "DeviceId", "ModuleId", "SharedAccessKey", "SharedAccess
 _SECRET_KEYS = ("SharedAccessKey", "SharedAccessSignature")
 
 
-def parse_connection_string(cs: str) -> Dict[str, str]:
+def parse_connection_string(cs: str) -> dict[str, str]:
     """Split `Key=value;Key=value` the way the SDKs do; unknown or repeated keys are errors."""
     if not isinstance(cs, str) or not cs.strip():
         raise ValueError("connection string is empty")
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for index, part in enumerate(cs.strip().strip(";").split(";"), 1):
         key, sep, value = part.partition("=")
         key = key.strip()
@@ -54,7 +53,7 @@ def redact(text: str) -> str:
 
 
 def device_connection_string(hostname: str, device_id: str, key: str,
-                             gateway_host: Optional[str] = None) -> str:
+                             gateway_host: str | None = None) -> str:
     cs = f"HostName={hostname};DeviceId={device_id};SharedAccessKey={key}"
     if gateway_host:
         cs += f";GatewayHostName={gateway_host}"
@@ -64,16 +63,16 @@ def device_connection_string(hostname: str, device_id: str, key: str,
 def _sign(key_b64: str, sr_raw: str, se: str) -> str:
     try:
         key = base64.b64decode(key_b64, validate=True)
-    except Exception:
+    except (ValueError, TypeError):
         raise AuthError("shared access key is not valid base64") from None
-    digest = hmac.new(key, f"{sr_raw}\n{se}".encode("utf-8"), hashlib.sha256).digest()
+    digest = hmac.new(key, f"{sr_raw}\n{se}".encode(), hashlib.sha256).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
-def make_sas_token(resource_uri: str, key_b64: str, expiry: Optional[float] = None,
-                   ttl: float = 3600, key_name: Optional[str] = None) -> str:
-    """A SAS token as the SDKs build it: sr is URL-encoded, the signature covers it as sent."""
-    se = str(int(expiry if expiry is not None else time.time() + ttl))
+def sas_token_for(resource_uri: str, key_b64: str, expiry: float, key_name: str | None = None) -> str:
+    """A SAS token as the SDKs build it: sr is URL-encoded, the signature covers it as sent.
+    `expiry` is absolute (epoch seconds); pytest_iotfailover.sas.make_sas_token takes a ttl."""
+    se = str(int(expiry))
     sr = quote(resource_uri, safe="")
     sig = quote(_sign(key_b64, sr, se), safe="")
     token = f"SharedAccessSignature sr={sr}&sig={sig}&se={se}"
@@ -88,14 +87,14 @@ class SasToken:
     audience: str     # fully percent-decoded
     signature: str    # URL-decoded base64
     expiry: int
-    key_name: Optional[str] = None
+    key_name: str | None = None
 
 
 def parse_sas_token(token: str) -> SasToken:
     prefix = "SharedAccessSignature "
     if not token.startswith(prefix):
         raise AuthError("password is not a SharedAccessSignature token")
-    fields: Dict[str, str] = {}
+    fields: dict[str, str] = {}
     for part in token[len(prefix):].split("&"):
         k, sep, v = part.partition("=")
         if not sep:
@@ -123,10 +122,9 @@ def audience_covers(audience: str, target: str) -> bool:
 
 
 def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
-                     now: Optional[float] = None, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
+                     now: float, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
     """Check a device SAS token; return it parsed or raise AuthError saying why (no secrets)."""
     t = parse_sas_token(token)
-    now = time.time() if now is None else now
     if now > t.expiry + clock_skew:
         raise AuthError(f"SAS token expired at {t.expiry}")
     if t.key_name is not None:
@@ -146,11 +144,11 @@ def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
 class Username:
     hostname: str
     device_id: str
-    module_id: Optional[str]
-    params: Dict[str, str]
+    module_id: str | None
+    params: dict[str, str]
 
     @property
-    def api_version(self) -> Optional[str]:
+    def api_version(self) -> str | None:
         return self.params.get("api-version")
 
 
@@ -174,7 +172,7 @@ def parse_username(username: str) -> Username:
         rest = rest[1:]
     elif not rest.startswith("api-version="):
         raise AuthError("user name has no '/?api-version=' part")
-    params: Dict[str, str] = {}
+    params: dict[str, str] = {}
     for item in rest.split("&"):
         if item:
             k, _, v = item.partition("=")

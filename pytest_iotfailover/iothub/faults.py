@@ -1,14 +1,17 @@
 """The fault engine: regional failover, drops, silence, refusals, lost acks, throttling, expiry.
 
-The hub core and the server consult one `FaultEngine` through a handful of hooks
-(`on_socket`, `on_connect_attempt`, `on_d2c`, `on_accepted`); all of its state lives on the hub
-thread, so a fault applies to existing and new connections in a single loop step. The
-thread-safe face users call (`hub.faults`) is `fakehub.faults.Faults`.
+Policy only. The hub core asks it for verdicts (`on_open` for a new socket, `connect_verdict`,
+`publish_verdict`, `on_accepted`) and the engine answers, or acts through the core's narrow
+interface (`in_scope`, `close_conn`, `pause`, `arm`, `region`, `sessions`, `events`, `now`). It
+holds no sockets and reads no clock: every time comes from the core's `now`, every delay is a
+`Timer` action. The thread-safe face users call (`hub.faults`) is `fakehub.faults.Faults`.
 """
+import hashlib
 import itertools
-import threading
-import time
-from typing import Dict, List, Optional
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 from .mqtt import packets as p
 
@@ -20,78 +23,108 @@ _DURATION_PROPERTY = "AzIoTHub_FaultOperationDurationInSecs"
 _CLIENT_SIDE_REASONS = {"connection_lost", "client"}
 _ATTEMPT_KINDS = {"connect", "connect_refused", "auth_failure"}
 _CLOSE_DELAY = 0.05
+# fault-injection requests remembered to recognise their re-sends; a client re-sends within
+# seconds, so the newest few per hub are enough, and the memory stays bounded
+_MAX_INJECTED = 1024
+
+
+class Flag:
+    """Set once. The driver may give faults waitable flags instead (FaultEngine.new_flag)."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class D2CAction:
     """What the fault engine wants done with one device-to-cloud publish."""
-    __slots__ = ("consume", "close_after_accept", "ack_delay", "reason")
+    __slots__ = ("ack_delay", "close_after_accept", "consume", "reason")
 
-    def __init__(self, consume=False, close_after_accept=False, ack_delay=0.0, reason=""):
+    def __init__(self, consume: bool = False, close_after_accept: bool = False, ack_delay: float = 0.0,
+                 reason: str = ""):
         self.consume = consume                  # neither record nor acknowledge it
         self.close_after_accept = close_after_accept  # record it, then close before the PUBACK
         self.ack_delay = ack_delay
         self.reason = reason
 
 
+_PROCEED = D2CAction()
+
+
 class Fault:
     """Engine-side state of one fault. Users hold a FaultHandle, not this."""
 
-    def __init__(self, kind: str, device_id: Optional[str], lasts: Optional[float], **params):
+    def __init__(self, kind: str, device_id: str | None, lasts: float | None, **params: Any):
         self.id = 0  # the engine numbers faults per hub
         self.kind = kind
         self.device_id = device_id
         self.duration = lasts
         self.params = params
         self.state = "pending"
-        self.started_at: Optional[float] = None
-        self.ended_at: Optional[float] = None
-        self.affected: List[str] = []
-        self.done = threading.Event()
-        self.started = threading.Event()
-        self.silenced: set = set()
-        self.countdown: Optional[int] = None
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.affected: list[str] = []
+        self.done: Any = Flag()
+        self.started: Any = Flag()
+        self.silenced: set[Any] = set()
+        self.countdown: int | None = None
         self.remaining = params.pop("remaining", 0)
-        self._timer = None
-        self.due_at: Optional[float] = None   # time.time() it is to start, if known
+        self.due_at: float | None = None   # wall-clock time it is to start, if known
 
-    def targets(self, device_id: Optional[str]) -> bool:
+    def targets(self, device_id: str | None) -> bool:
         return self.device_id is None or self.device_id == device_id
 
 
+def _seconds_property(value: str | None) -> float | None:
+    """A finite, non-negative number of seconds, or None for anything else."""
+    try:
+        seconds = float(value or 0)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 class FaultEngine:
-    def __init__(self, core, server):
-        self.core = core
-        self.server = server
-        self.scheduler = core.scheduler
-        self.events = core.events
-        self.active: List[Fault] = []
-        self.waiting_for_messages: List[Fault] = []
-        self.history: List[Fault] = []
-        self._injected: set = set()
-        self._gcra: Dict[int, float] = {}
+    TIMER_KINDS = frozenset({"fault_start", "fault_end", "close_soon"})
+
+    def __init__(self, hub: Any):
+        self.hub = hub
+        self.events = hub.events
+        self.active: list[Fault] = []
+        self.waiting_for_messages: list[Fault] = []
+        self.history: list[Fault] = []
+        self.new_flag: Callable[[], Any] = Flag
+        self._injected: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._gcra: dict[int, float] = {}
         self._ids = itertools.count(1)
 
-    # --- scheduling ----------------------------------------------------------------------------
+    # --- scheduling (entered through the core's step, so `hub.now` is current) -------------------
 
-    def schedule(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> Fault:
+    def schedule(self, fault: Fault, at: float | None, after_messages: int | None) -> Fault:
+        now = self.hub.now
         if fault.kind == "region_failover":
-            self._refuse_overlap(fault, at, after_messages)
+            self._refuse_overlap(fault, at, after_messages, now)
         fault.id = next(self._ids)
-        fault.due_at = None if after_messages else time.time() + (at or 0)
+        fault.started, fault.done = self.new_flag(), self.new_flag()
+        fault.due_at = None if after_messages else now + (at or 0)
         self.history.append(fault)
         if after_messages:
             fault.countdown = after_messages
             self.waiting_for_messages.append(fault)
         elif at:
-            fault._timer = self.scheduler.call_later(at, self.start, fault)
+            self.hub.arm(("fault_start", fault), now + at)
         else:
             self.start(fault)
         return fault
 
-    def _refuse_overlap(self, fault: Fault, at: Optional[float], after_messages: Optional[int]) -> None:
+    def _refuse_overlap(self, fault: Fault, at: float | None, after_messages: int | None, now: float) -> None:
         """A second outage inside the first would find no connected device to fail over (its report
         would read 0/0 devices back) and end before or after the first one at random."""
-        now = time.time()
         start = None if after_messages else now + (at or 0)
         for other in self.history:
             if other.kind != "region_failover" or other.state not in ("pending", "active"):
@@ -101,42 +134,40 @@ class FaultEngine:
             scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
             advice = ("outages must not overlap: wait for the first one (handle.wait()) or cancel it "
                       "before starting another")
-            if other.state == "pending" and other.due_at is None:
+            other_start = other.started_at if other.state == "active" else other.due_at
+            if other_start is None:
                 # it waits for messages, so when it will start cannot be known: any other may overlap
                 raise ValueError(f"a region failover of {scope} is already waiting for messages "
                                  f"(after_messages=); {advice}")
-            if other.state == "active":
-                other_start, other_end = other.started_at, other.started_at + (other.duration or 0)
-            else:
-                other_start, other_end = other.due_at, other.due_at + (other.duration or 0)
+            other_end = other_start + (other.duration or 0)
             # a new one that waits for messages may start at any moment from now
             clash = (other_end > now if start is None
                      else start < other_end and other_start < start + (fault.duration or 0))
             if clash:
                 when = ("running" if other.state == "active" else f"due in {max(other_start - now, 0):.1f} s")
                 raise ValueError(
-                    f"a region failover of {scope} is already {when} (outage {other.duration:g} s, over in "
+                    f"a region failover of {scope} is already {when} (outage {other.duration or 0:g} s, over in "
                     f"{max(other_end - now, 0):.1f} s); {advice}")
 
     def start(self, fault: Fault) -> None:
         if fault.state != "pending":
             return
-        fault.started_at = time.time()
+        fault.started_at = self.hub.now
         fault.state = "active"
-        core = self.core
-        fault.affected = sorted(d for d in core.connections if fault.targets(d))
+        fault.affected = sorted(d for d in self.hub.connections if fault.targets(d))
         self.events.add("fault_start", fault.device_id, fault=fault.kind, fault_id=fault.id,
                         affected=list(fault.affected), **fault.params)
         self.active.append(fault)
         fault.started.set()
-        getattr(self, "_start_" + fault.kind, lambda f: None)(fault)
+        starter = getattr(self, "_start_" + fault.kind, None)
+        if starter is not None:
+            starter(fault)
         if fault.state == "active" and fault.duration is not None:
-            fault._timer = self.scheduler.call_later(fault.duration, self.end, fault)
+            self.hub.arm(("fault_end", fault), self.hub.now + fault.duration)
 
     def end(self, fault: Fault, cancelled: bool = False) -> None:
         if fault.state == "pending":
-            if fault._timer is not None:
-                fault._timer.cancel()
+            self.hub.arm(("fault_start", fault), None)
             if fault in self.waiting_for_messages:
                 self.waiting_for_messages.remove(fault)
             fault.state = "cancelled"
@@ -145,41 +176,49 @@ class FaultEngine:
             return
         if fault.state != "active":
             return
-        if fault._timer is not None:
-            fault._timer.cancel()
-        fault.ended_at = time.time()
+        self.hub.arm(("fault_end", fault), None)
+        fault.ended_at = self.hub.now
         fault.state = "ended"
         self.active.remove(fault)
-        for proto in fault.silenced:
-            if not any(proto in f.silenced for f in self.active):
-                proto.set_blackhole(False)
+        for conn in fault.silenced:
+            if not any(conn in f.silenced for f in self.active):
+                self.hub.pause(conn, False)
         fault.silenced.clear()
         self._gcra.pop(fault.id, None)
-        self.events.add("fault_end", fault.device_id, fault=fault.kind, fault_id=fault.id,
-                        cancelled=cancelled)
+        self.events.add("fault_end", fault.device_id, fault=fault.kind, fault_id=fault.id, cancelled=cancelled)
         fault.done.set()
 
+    def timer_fired(self, key: tuple[Any, ...]) -> None:
+        kind, subject = key[0], key[1]
+        if kind == "fault_start":
+            self.start(subject)
+        elif kind == "fault_end":
+            self.end(subject)
+        elif kind == "close_soon":
+            self.hub.close_conn(subject, key[2])
+
     def _close_in_scope(self, fault: Fault, reason: str, abort: bool) -> None:
-        for conn in list(self.core.open_connections):
-            if fault.device_id is None or conn.device_id == fault.device_id:
-                conn.close(reason, abort=abort, fault_id=fault.id)
+        for conn in self.hub.in_scope(fault.device_id):
+            self.hub.close_conn(conn, reason, abort, fault_id=fault.id)
+
+    def _silence(self, fault: Fault, conn: Any) -> None:
+        self.hub.pause(conn, True)
+        fault.silenced.add(conn)
 
     # --- what each fault does when it starts -----------------------------------------------------
 
     def _start_region_failover(self, fault: Fault) -> None:
-        core = self.core
+        hub = self.hub
         if fault.device_id is None:
-            core.region = "secondary" if core.region == "primary" else "primary"
+            hub.region = "secondary" if hub.region == "primary" else "primary"
         self._close_in_scope(fault, "region_failover", abort=True)
         if not fault.params.get("keep_sessions"):
             # the secondary region has no MQTT sessions: subscriptions and un-acked C2D are gone
-            for device_id in list(core.sessions):
-                if fault.targets(device_id):
-                    del core.sessions[device_id]
+            for device_id in [d for d in hub.sessions if fault.targets(d)]:
+                del hub.sessions[device_id]
 
     def _start_drop(self, fault: Fault) -> None:
-        self._close_in_scope(fault, fault.params.get("reason", "drop"),
-                             abort=not fault.params.get("graceful"))
+        self._close_in_scope(fault, fault.params.get("reason", "drop"), abort=not fault.params.get("graceful"))
         self.end(fault)
 
     def _start_expire_tokens(self, fault: Fault) -> None:
@@ -187,18 +226,16 @@ class FaultEngine:
         self.end(fault)
 
     def _start_blackhole(self, fault: Fault) -> None:
-        for proto in list(self.server.protocols):
-            conn = proto.conn
-            if fault.device_id is None or conn.device_id == fault.device_id:
-                proto.set_blackhole(True)
-                fault.silenced.add(proto)
+        for conn in self.hub.in_scope(fault.device_id):
+            self._silence(fault, conn)
 
     def _start_reject_publishes(self, fault: Fault) -> None:
         self._close_in_scope(fault, fault.params["reason"], abort=False)
 
-    # --- hooks -----------------------------------------------------------------------------------
+    # --- verdicts ----------------------------------------------------------------------------------
 
-    def on_socket(self, proto) -> None:
+    def on_open(self, conn: Any) -> None:
+        """A new socket: a whole-hub outage resets it, a whole-hub blackhole silences it."""
         for fault in self.active:
             if fault.device_id is not None:
                 continue
@@ -206,16 +243,19 @@ class FaultEngine:
                 # accepted and reset at once: to the client, the same as a refused connection,
                 # without giving up the address another hub could take meanwhile
                 self.events.add("connect_refused", None, reason="region_failover", how="tcp",
-                                peer=proto.conn.peer, fault_id=fault.id)
-                proto.close(abort=True)
+                                peer=conn.peer, fault_id=fault.id)
+                self.hub.close_conn(conn, "refused", abort=True)
                 return
             if fault.kind == "blackhole":
-                proto.set_blackhole(True)
-                fault.silenced.add(proto)
+                self._silence(fault, conn)
                 return
 
-    def on_connect_attempt(self, conn, client_id: str):
-        """None to proceed; a CONNACK code to refuse with; or "silence" to never answer."""
+    def on_lost(self, conn: Any) -> None:
+        for fault in self.active:
+            fault.silenced.discard(conn)
+
+    def connect_verdict(self, conn: Any, client_id: str) -> tuple[Fault, int | None] | None:
+        """None to proceed; (fault, CONNACK code) to refuse; (fault, None) to never answer."""
         for fault in self.active:
             if not fault.targets(client_id):
                 continue
@@ -224,27 +264,26 @@ class FaultEngine:
             if fault.kind == "refuse":
                 return fault, fault.params["code"]
             if fault.kind == "blackhole":
-                conn.link.set_blackhole(True)
-                fault.silenced.add(conn.link)
-                return fault, "silence"
+                self._silence(fault, conn)
+                return fault, None
         return None
 
-    def _close_soon(self, conn, reason: str, fault: Fault) -> None:
+    def _close_soon(self, conn: Any, reason: str) -> None:
         # Not at once: paho 1.6 writes its re-sent publishes straight after CONNACK and its network
         # thread dies if the socket fails during that burst, leaving the SDK hung for good. The
         # real hub's reaction is not that quick either. Until the close, nothing more is accepted.
         if not conn.doomed:
             conn.doomed = True
-            self.scheduler.call_later(_CLOSE_DELAY, conn.close, reason, False)
+            self.hub.arm(("close_soon", conn, reason), self.hub.now + _CLOSE_DELAY)
 
-    def on_d2c(self, conn, pkt, props: Dict[str, str]) -> Optional[D2CAction]:
+    def publish_verdict(self, conn: Any, pkt: Any, props: dict[str, str]) -> D2CAction:
         if conn.doomed:
             return D2CAction(consume=True)
         if FAULT_PROPERTY in props:
-            action = self._service_fault_injection(conn, pkt, props)
-            if action is not None:
-                return action
-        action = None
+            injected = self._service_fault_injection(conn, pkt, props)
+            if injected is not None:
+                return injected
+        action = _PROCEED
         for fault in self.active:
             if not fault.targets(conn.device_id):
                 continue
@@ -252,29 +291,29 @@ class FaultEngine:
             if kind == "drop_before_ack":
                 fault.remaining -= 1
                 if fault.remaining <= 0:
-                    self.scheduler.call_later(0, self.end, fault)
+                    self.hub.arm(("fault_end", fault), self.hub.now)
                 return D2CAction(close_after_accept=True, reason="drop_before_ack")
             if kind == "reject_publishes":
-                self._close_soon(conn, fault.params["reason"], fault)
+                self._close_soon(conn, fault.params["reason"])
                 return D2CAction(consume=True)
+            delay = 0.0
             if kind == "throttle":
-                delay = self._throttle_delay(fault)
-                if delay is None:
-                    self._close_soon(conn, "throttled", fault)
+                throttled = self._throttle_delay(fault)
+                if throttled is None:
+                    self._close_soon(conn, "throttled")
                     return D2CAction(consume=True)
-                if delay > 0:
-                    action = action or D2CAction()
-                    action.ack_delay = max(action.ack_delay, delay)
+                delay = throttled
             elif kind == "delay_acks":
-                action = action or D2CAction()
-                action.ack_delay = max(action.ack_delay, fault.params["seconds"])
+                delay = fault.params["seconds"]
+            if delay > action.ack_delay:
+                action = D2CAction(ack_delay=delay)
         return action
 
-    def _throttle_delay(self, fault: Fault) -> Optional[float]:
+    def _throttle_delay(self, fault: Fault) -> float | None:
         """Generic cell rate algorithm: the delay this message's PUBACK gets, None when over the cap."""
         rate = fault.params["rate"]
         burst = fault.params["burst"]
-        now = self.scheduler.time()
+        now = self.hub.now
         tat = max(self._gcra.get(fault.id, now), now)
         delay = max(tat - now - (burst - 1) / rate, 0.0)
         if delay > fault.params["max_delay"]:
@@ -282,30 +321,33 @@ class FaultEngine:
         self._gcra[fault.id] = tat + 1.0 / rate
         return delay
 
-    def on_accepted(self, conn, telemetry) -> None:
-        if not self.waiting_for_messages:
-            return
+    def on_accepted(self, conn: Any) -> None:
         for fault in list(self.waiting_for_messages):
-            if fault.targets(conn.device_id):
+            if fault.targets(conn.device_id) and fault.countdown is not None:
                 fault.countdown -= 1
                 if fault.countdown <= 0:
                     self.waiting_for_messages.remove(fault)
-                    # after this message's PUBACK has been written
-                    self.scheduler.call_later(0, self.start, fault)
+                    # a timer due now runs after this message's PUBACK has been written
+                    self.hub.arm(("fault_start", fault), self.hub.now)
 
     # --- the real hub's fault-injection message properties ---------------------------------------
 
-    def _service_fault_injection(self, conn, pkt, props) -> Optional[D2CAction]:
-        key = (conn.device_id, props.get("$.mid") or (pkt.topic, bytes(pkt.payload)))
+    def _injection_key(self, conn: Any, pkt: Any, props: dict[str, str]) -> tuple[Any, ...]:
+        mid = props.get("$.mid")
+        if mid is not None:
+            return (conn.device_id, mid)
+        return (conn.device_id, hashlib.sha256(pkt.topic.encode() + b"\0" + bytes(pkt.payload)).digest())
+
+    def _service_fault_injection(self, conn: Any, pkt: Any, props: dict[str, str]) -> D2CAction | None:
+        key = self._injection_key(conn, pkt, props)
         if key in self._injected:
             return None  # a re-send of a request already honoured: a normal message now
         kind = props[FAULT_PROPERTY]
-        try:
-            delay = float(props.get(_DELAY_PROPERTY) or 0)
-            duration = float(props.get(_DURATION_PROPERTY) or 0)
-        except ValueError:
+        delay = _seconds_property(props.get(_DELAY_PROPERTY))
+        duration = _seconds_property(props.get(_DURATION_PROPERTY))
+        if delay is None or duration is None:
             self.events.add("fault_injection_ignored", conn.device_id, type=kind,
-                            message="delay/duration is not a number")
+                            message="delay/duration is not a finite, non-negative number")
             return None
         device = conn.device_id
         if kind == "KillTcp":
@@ -320,7 +362,9 @@ class FaultEngine:
             self.events.add("fault_injection_ignored", device, type=kind,
                             message="not a fault IoT Hub injects over MQTT")
             return None
-        self._injected.add(key)
+        self._injected[key] = None
+        while len(self._injected) > _MAX_INJECTED:
+            self._injected.popitem(last=False)
         self.events.add("fault_injection_requested", device, type=kind, delay=delay, duration=duration)
         self.schedule(fault, delay, None)
         # the real hub terminates the connection before acknowledging the request

@@ -1,10 +1,11 @@
-"""Device identities: ids, keys and enabled/disabled status."""
+"""Device identities: ids, keys and enabled/disabled status.
+
+No lock: every change is a single dict operation, atomic under the GIL, and the hub thread
+only reads."""
 import base64
 import os
 import re
-import threading
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, replace
 
 from .auth import device_connection_string
 
@@ -20,7 +21,7 @@ class Device:
     secondary_key: str = ""
     enabled: bool = True
 
-    def __repr__(self):  # keys stay out of reprs, logs and assertion output
+    def __repr__(self) -> str:  # keys stay out of reprs, logs and assertion output
         return f"Device(device_id={self.device_id!r}, enabled={self.enabled})"
 
 
@@ -38,49 +39,44 @@ def check_device_id(device_id: str) -> None:
 
 
 class Registry:
-    def __init__(self, hostname: str, gateway_host: Optional[str] = None):
+    def __init__(self, hostname: str, gateway_host: str | None = None):
         self.hostname = hostname
         self.gateway_host = gateway_host
-        self._devices: Dict[str, Device] = {}
-        self._lock = threading.Lock()
+        self._devices: dict[str, Device] = {}
 
-    def add(self, device_id: str, primary_key: Optional[str] = None,
-            secondary_key: Optional[str] = None, enabled: bool = True) -> Device:
+    def add(self, device_id: str, primary_key: str | None = None,
+            secondary_key: str | None = None, enabled: bool = True) -> Device:
         check_device_id(device_id)
         for name, key in (("primary_key", primary_key), ("secondary_key", secondary_key)):
             if key is not None:
                 try:
                     base64.b64decode(key, validate=True)
-                except Exception:
+                except (ValueError, TypeError):
                     raise ValueError(f"{name} for device {device_id!r} is not valid base64") from None
         primary_key = primary_key or new_key()
         device = Device(device_id, primary_key,
                         device_connection_string(self.hostname, device_id, primary_key, self.gateway_host),
                         secondary_key or new_key(), enabled)
-        with self._lock:
-            if device_id in self._devices:
-                raise ValueError(f"device {device_id!r} already exists")
-            self._devices[device_id] = device
+        # setdefault is one atomic step: two threads adding one id cannot both succeed
+        if self._devices.setdefault(device_id, device) is not device:
+            raise ValueError(f"device {device_id!r} already exists")
         return device
 
-    def get(self, device_id: str) -> Optional[Device]:
+    def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)
 
     def remove(self, device_id: str) -> Device:
-        with self._lock:
-            try:
-                return self._devices.pop(device_id)
-            except KeyError:
-                raise KeyError(f"no device {device_id!r}") from None
+        try:
+            return self._devices.pop(device_id)
+        except KeyError:
+            raise KeyError(f"no device {device_id!r}") from None
 
     def set_enabled(self, device_id: str, enabled: bool) -> Device:
-        from dataclasses import replace
-        with self._lock:
-            if device_id not in self._devices:
-                raise KeyError(f"no device {device_id!r}")
-            dev = self._devices[device_id] = replace(self._devices[device_id], enabled=enabled)
+        current = self._devices.get(device_id)
+        if current is None:
+            raise KeyError(f"no device {device_id!r}")
+        dev = self._devices[device_id] = replace(current, enabled=enabled)
         return dev
 
-    def all(self) -> List[Device]:
-        with self._lock:
-            return list(self._devices.values())
+    def all(self) -> list[Device]:
+        return list(self._devices.values())

@@ -27,7 +27,8 @@ from typing import Any
 from ...iothub.auth import parse_connection_string
 from ...iothub.core import MethodResponse
 from ...iothub.events import HubEvent
-from ...iothub.ledger import Ledger, Telemetry
+from ...iothub.ledger import Telemetry
+from ...waiting import WaitingLedger as Ledger
 from ...iothub.registry import Device
 from ...redaction import redact, remember
 from .. import Hub

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ...iothub.auth import make_sas_token, parse_connection_string
-from ...iothub.ledger import Ledger, Telemetry
+from ...iothub.auth import parse_connection_string
+from ...sas import make_sas_token
+from ...iothub.ledger import Telemetry
+from ...waiting import WaitingLedger as Ledger
 from ...redaction import redact, remember
 from .errors import RealBackendError, text_of
 

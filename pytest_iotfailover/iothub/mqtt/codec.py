@@ -5,10 +5,9 @@ partial packets between calls and raises `ProtocolError` on anything the 3.1.1 s
 so a server can close a misbehaving connection without guessing.
 """
 import struct
-from typing import List, Optional
 
-from . import packets as p
 from ...errors import PacketTooLarge, ProtocolError
+from . import packets as p
 
 _U16 = struct.Struct("!H")
 MAX_REMAINING_LENGTH = 268_435_455  # four length bytes, 3.1.1 section 2.2.3
@@ -118,7 +117,7 @@ def encode(packet) -> bytes:
 # --------------------------------------------------------------------------- decoding
 
 class _Reader:
-    __slots__ = ("data", "pos", "end", "name")
+    __slots__ = ("data", "end", "name", "pos")
 
     def __init__(self, data, start, end, name):
         self.data = data
@@ -311,7 +310,7 @@ class Decoder:
     feed, they are returned and `error` is set; callers must check it.
     """
 
-    def __init__(self, max_packet_size: Optional[int] = None, first_packet_max: Optional[int] = None):
+    def __init__(self, max_packet_size: int | None = None, first_packet_max: int | None = None):
         """`first_packet_max`, when given, is a tighter limit for the first packet only: a server
         can keep what an unauthenticated peer makes it buffer small (the first packet must be
         CONNECT) while still taking large packets once the peer has authenticated."""
@@ -319,10 +318,10 @@ class Decoder:
         self.first_packet_max = first_packet_max
         self._first = first_packet_max is not None
         self._buf = bytearray()
-        self._error: Optional[ProtocolError] = None
+        self._error: ProtocolError | None = None
 
     @property
-    def error(self) -> Optional[ProtocolError]:
+    def error(self) -> ProtocolError | None:
         """The error that poisoned this decoder, if any (set even when feed() returned packets)."""
         return self._error
 
@@ -330,7 +329,7 @@ class Decoder:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def feed(self, data) -> List[object]:
+    def feed(self, data) -> list[object]:
         if self._error is not None:
             raise self._error
         buf = self._buf

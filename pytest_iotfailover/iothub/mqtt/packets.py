@@ -3,7 +3,6 @@
 Only the wire vocabulary lives here; no packet knows how it reached us.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
 
 CONNECT = 1
 CONNACK = 2
@@ -51,9 +50,9 @@ class Connect:
     client_id: str
     keep_alive: int = 60
     clean_session: bool = True
-    username: Optional[str] = None
-    password: Optional[bytes] = None
-    will: Optional[Will] = None
+    username: str | None = None
+    password: bytes | None = None
+    will: Will | None = None
     protocol_name: str = "MQTT"
     protocol_level: int = 4
     type = CONNECT
@@ -71,7 +70,7 @@ class Publish:
     topic: str
     payload: bytes = b""
     qos: int = 0
-    packet_id: Optional[int] = None
+    packet_id: int | None = None
     dup: bool = False
     retain: bool = False
     type = PUBLISH
@@ -110,21 +109,21 @@ class Unsuback(PacketIdOnly):
 @dataclass
 class Subscribe:
     packet_id: int
-    topics: List[Tuple[str, int]] = field(default_factory=list)
+    topics: list[tuple[str, int]] = field(default_factory=list)
     type = SUBSCRIBE
 
 
 @dataclass
 class Suback:
     packet_id: int
-    return_codes: List[int] = field(default_factory=list)
+    return_codes: list[int] = field(default_factory=list)
     type = SUBACK
 
 
 @dataclass
 class Unsubscribe:
     packet_id: int
-    topics: List[str] = field(default_factory=list)
+    topics: list[str] = field(default_factory=list)
     type = UNSUBSCRIBE
 
 
