@@ -30,7 +30,7 @@ from ...iothub.events import HubEvent
 from ...iothub.ledger import Ledger, Telemetry
 from ...iothub.registry import Device
 from ...redaction import redact, remember
-from .. import Hub
+from ..base import Hub
 from .errors import RealBackendError
 from .faults import FaultInjector, RealFaultHandle
 from .ledger import (
