@@ -523,3 +523,53 @@ def test_watchdog_interrupts_a_test_running_outside_the_main_thread():
     assert "it was stuck in teardown" in text
     assert "Thread xdist-like-runner (running the test):" in text and ", in busy_teardown" in text
     assert ended == []
+
+
+def test_a_fault_the_hub_cannot_produce_skips_the_test(pytester, run):
+    # a suite written for every hub: the real one cannot produce some faults, the test is skipped there
+    pytester.makepyfile("""
+        import pytest
+        from pytest_iotfailover.errors import FaultNotSupported
+
+        def cannot(*args, **kwargs):
+            raise FaultNotSupported("this hub has no such fault")
+
+        @pytest.fixture
+        def dropped(iothub, failover, monkeypatch):
+            monkeypatch.setattr(iothub.hub, "start_fault", cannot)
+            return failover.drop()
+
+        def test_in_the_body(iothub, failover, monkeypatch):
+            monkeypatch.setattr(iothub.hub, "start_fault", cannot)
+            failover.blackhole(1)
+            raise AssertionError("not reached")
+
+        def test_in_a_fixture(dropped):
+            raise AssertionError("not reached")
+    """)
+    result = run("-rs")
+    result.assert_outcomes(skipped=2)
+    out = result.stdout.str()
+    assert out.count("the hub cannot produce this fault: this hub has no such fault") == 2
+    # the test's own location, not the plugin's
+    assert "test_a_fault_the_hub_cannot_produce_skips_the_test.py:" in out and "hooks.py" not in out
+
+
+def test_a_delivery_failure_points_at_the_test_line(pytester, run):
+    pytester.makepyfile("""
+        from pytest_iotfailover import assert_all_delivered, assert_in_order
+
+        def test_missing(iothub):
+            iothub.add_device()
+            assert_all_delivered(iothub, ["never"], timeout=0.1)
+
+        def test_misuse(iothub):
+            assert_in_order(iothub, "one-id")
+    """)
+    result = run()
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    assert '>       assert_all_delivered(iothub, ["never"], timeout=0.1)' in out
+    assert '>       assert_in_order(iothub, "one-id")' in out
+    assert "1 of 1 sent messages were not delivered within 0.1 s" in out
+    assert "assertions.py" not in out, out

@@ -206,7 +206,7 @@ def test_bench_redact_runs():
 
 
 def test_hubview_keys_are_live_from_add_until_released():
-    from pytest_iotfailover.backends import HubView
+    from pytest_iotfailover.testing.view import HubView
     from pytest_iotfailover.backends.fake import FakeBackend
     backend = FakeBackend("testhub")
     try:

@@ -1,11 +1,14 @@
 """Device clients for fixtures: created on the test's hub, always shut down afterwards."""
+from __future__ import annotations
+
 import threading
 import warnings
-from typing import Any, Dict, List
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..backends import HubView
+if TYPE_CHECKING:
+    from ..testing.view import HubView
 
 SHUTDOWN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 30.0
@@ -18,7 +21,7 @@ def run_bounded(fn, timeout: float, what: str):
     def target():
         try:
             result.append(fn())
-        except BaseException as exc:  # handed to the caller
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
             error.append(exc)
     t = threading.Thread(target=target, name=f"iotfailover:{what}", daemon=True)
     t.start()
@@ -36,15 +39,16 @@ def shutdown_quietly(client, what: str = "device client") -> None:
     except TimeoutError:
         warnings.warn(pytest.PytestWarning(f"{what} did not shut down within {SHUTDOWN_TIMEOUT:g} s; "
                                            "its threads are left to die with the process"))
-    except Exception:
-        pass  # a client the hub already dropped may complain; it is closed either way
+    except Exception:  # noqa: BLE001, S110 - a client the hub already dropped may complain; it is closed either way
+        pass
 
 
-def make_client(iothub: HubView, device, aio: bool = False, **sdk_kwargs):
+def make_client(iothub: HubView, device: Any, aio: bool = False, **sdk_kwargs: Any) -> Any:
     if aio:
-        from azure.iot.device.aio import IoTHubDeviceClient
-    else:
-        from azure.iot.device import IoTHubDeviceClient
+        from azure.iot.device.aio import IoTHubDeviceClient as AsyncClient
+        return AsyncClient.create_from_connection_string(device.connection_string,
+                                                         **iothub.client_kwargs(**sdk_kwargs))
+    from azure.iot.device import IoTHubDeviceClient
     return IoTHubDeviceClient.create_from_connection_string(device.connection_string,
                                                             **iothub.client_kwargs(**sdk_kwargs))
 
@@ -55,8 +59,8 @@ class DeviceClientFactory:
 
     def __init__(self, iothub: HubView):
         self.iothub = iothub
-        self._clients: List[Any] = []
-        self._pools: List[Any] = []
+        self._clients: list[Any] = []
+        self._pools: list[Any] = []
 
     def __call__(self, count: int = 1, pooled: bool = False, connect: bool = True, **sdk_kwargs):
         if not isinstance(count, int) or count < 1:
@@ -64,7 +68,7 @@ class DeviceClientFactory:
         devices = [self.iothub.add_device() for _ in range(count)]
         if pooled:
             from ..devices.pool import DevicePool
-            kwargs: Dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
+            kwargs: dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
             kwargs.pop("connection_retry_interval", None)  # the pool does its own retrying
             pool = DevicePool(devices, **kwargs)
             self._pools.append(pool)
@@ -88,7 +92,7 @@ class DeviceClientFactory:
         for pool in self._pools:
             try:
                 pool.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - close the other pools and clients too
                 warnings.warn(pytest.PytestWarning(f"closing a DevicePool failed: {exc}"))
         threads = [threading.Thread(target=shutdown_quietly, args=(c,), daemon=True) for c in self._clients]
         for t in threads:
