@@ -1,5 +1,6 @@
 """The pytest plugin, driven through pytester: options, fixtures, timeouts, failure text, summary."""
 
+import re
 import threading
 import time
 
@@ -197,19 +198,30 @@ def test_failure_text_and_summary_and_junit(pytester, run):
     pytester.makepyfile("""
         import pytest
         from azure.iot.device import Message
+        from azure.iot.device.exceptions import NoConnectionError
         from pytest_iotfailover import assert_all_delivered, assert_no_duplicates
+
+        def send_through_the_drop(client, mid):
+            # the hub keeps the first copy and drops the connection before its PUBACK; the client
+            # sends it again once reconnected, or raises NoConnectionError when its re-send races the
+            # reconnect (seen with azure-iot-device 2.x; a copy may still have gone out): then the
+            # test sends it again, so the hub holds two copies, or three
+            try:
+                client.send_message(Message(mid, message_id=mid))
+            except NoConnectionError:
+                client.send_message(Message(mid, message_id=mid))
 
         def test_lossy(iothub, device_client, failover):
             for i in range(3):
                 device_client.send_message(Message(str(i), message_id=f"m{i}"))
             failover.drop_before_ack()
-            device_client.send_message(Message("dup", message_id="dup"))
+            send_through_the_drop(device_client, "dup")
             iothub.wait_for_telemetry(5)  # the re-sent copy too, however slow the machine
             assert_all_delivered(iothub, ["m0", "m1", "m2", "dup"] + [f"never-{i}" for i in range(12)], timeout=0.5)
 
         def test_dups(iothub, device_client, failover):
             failover.drop_before_ack()
-            device_client.send_message(Message("dup", message_id="dup"))
+            send_through_the_drop(device_client, "dup")
             iothub.wait_for_telemetry(2)
             assert_no_duplicates(iothub)
     """)
@@ -218,13 +230,13 @@ def test_failure_text_and_summary_and_junit(pytester, run):
     out = result.stdout.str()
     assert "12 of 16 sent messages were not delivered within 0.5 s" in out
     assert "missing (12): never-0, never-1" in out and "... and 2 more" in out
-    assert "duplicated (1): dup x2" in out
+    assert re.search(r"duplicated \(1\): dup x[23]\b", out)
     assert "latency:" not in out  # ids given as a list carry no send times
     assert "fault: drop_before_ack from" in out
     assert "1 messages were delivered more than once" in out
     assert "=== iothub failover ===" in out.replace("=" * 10, "===")
     assert "FAILED  test_failure_text_and_summary_and_junit.py::test_lossy: drop_before_ack" in out
-    assert "sent 16 delivered 4 duplicates 1 lost 12" in out
+    assert re.search(r"sent 16 delivered 4 duplicates [12] lost 12\b", out)
     xml = (pytester.path / "out.xml").read_text()
     assert 'name="iothub_fault" value="drop_before_ack"' in xml
     assert 'name="iothub_lost" value="12"' in xml
