@@ -65,9 +65,9 @@ def test_precedence_cli_over_env_over_ini(pytester, run, monkeypatch):
     ([], {"IOTFAILOVER_FAILBACK": "perhaps"}, "IOTFAILOVER_FAILBACK (environment) must be true or false"),
     # the whole sentence: redaction must not cut it, and it names the variable the user set
     ([], {"IOTHUB_CONNECTION_STRING": "HostName=h.azure-devices.net;" + SECRET},
-     "IOTHUB_CONNECTION_STRING (environment) has neither SharedAccessKeyName nor DeviceId; give a service "
-     "connection string (HostName, SharedAccessKeyName and SharedAccessKey) or a device one "
-     "(HostName, DeviceId and SharedAccessKey)\n"),
+     ("IOTHUB_CONNECTION_STRING (environment) has neither SharedAccessKeyName nor DeviceId; give a service "
+      "connection string (HostName, SharedAccessKeyName and SharedAccessKey) or a device one "
+      "(HostName, DeviceId and SharedAccessKey)\n")),
     (["--iothub-connection", "HostName=;DeviceId=d;" + SECRET], {}, "--iothub-connection: HostName is empty"),
     (["--iothub-connection", "HostName=h.azure-devices.net;DeviceId=d;SharedAccessKey=c2VjcmV0*!"], {},
      "--iothub-connection: its SharedAccessKey is not valid base64"),
@@ -384,12 +384,12 @@ def test_faults_started_through_any_api_end_at_teardown(pytester, run):
 
 
 @pytest.mark.parametrize("written, message", [
-    ("failover(5)", "@pytest.mark.failover(5): the failover marker takes keywords only: "
-                    "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)"),
+    ("failover(5)", ("@pytest.mark.failover(5): the failover marker takes keywords only: "
+                     "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)")),
     ("failover(bogus=1)", "@pytest.mark.failover(bogus=1): unknown keyword 'bogus'"),
     ("failover(timeout=-1)", "@pytest.mark.failover(timeout=-1): timeout must be a positive number of seconds"),
-    ("failover(outage=-3)", "@pytest.mark.failover(outage=-3): outage must be a non-negative number of "
-                            "seconds, got -3"),
+    ("failover(outage=-3)", ("@pytest.mark.failover(outage=-3): outage must be a non-negative number of "
+                             "seconds, got -3")),
 ])
 def test_a_bad_failover_marker_is_a_collection_error_naming_it(pytester, run, written, message):
     pytester.makepyfile(f"""

@@ -18,7 +18,7 @@ def _heavy(modules):
 
 def test_importing_the_plugin_loads_no_hub_sdk_or_certificates():
     code = "import json, sys, pytest_iotfailover.plugin; print(json.dumps(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     modules = json.loads(proc.stdout)
     assert "pytest_iotfailover.plugin.hooks" in modules and "pytest_iotfailover.plugin.fixtures" in modules
