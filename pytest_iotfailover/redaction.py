@@ -1,9 +1,9 @@
 """Keep keys, SAS signatures and control tokens out of everything pytest shows or writes.
 
 A device's connection string is an ordinary string to a test: an assertion that compares one, a
-`--showlocals` traceback, a warning or a log line would print the key. Reports, warnings and the
-live/file log lines are scrubbed as they are made, so the terminal, junit XML, pytest-xdist and
-other plugins only ever see the redacted text.
+`--showlocals` traceback, a warning or a log line would print the key. This leaf module holds the
+registry of live secrets and `redact()`; every layer may use it (the control API, the backends).
+plugin/redact.py applies it to pytest's reports, warnings and log lines as they are made.
 
 Two rules, each a fixed number of regex passes over the text, whatever the number of keys:
 
@@ -23,10 +23,8 @@ are live while their device exists and until the next test starts (the removing 
 report and warnings are made after its fixtures are gone); keys from the command line and control
 tokens stay for the whole run.
 """
-import logging
 import re
 import threading
-from typing import Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import unquote
 
 REDACTED = "<redacted>"
@@ -43,19 +41,19 @@ _MARKED = [(trigger, re.compile(pattern)) for trigger, pattern in (
     ("control_token", r"(control_token[\"']?\s*[:=]\s*[\"']?)[^\s'\",;}]+"),  # the hub's info file
     ("&se=", r"()(?<![A-Za-z0-9+/%_-])[A-Za-z0-9+/%_-]+(?=&se=\d)"),       # a signature cut before &se=
 )]
-_RUN = re.compile(r"[A-Za-z0-9+/_%%-]{%d,}={0,2}" % MIN_PARTIAL)
-_SECRET_RUN = re.compile(r"[A-Za-z0-9+/_-]{%d,}" % MIN_PARTIAL)
+_RUN = re.compile(rf"[A-Za-z0-9+/_%-]{{{MIN_PARTIAL},}}={{0,2}}")
+_SECRET_RUN = re.compile(rf"[A-Za-z0-9+/_-]{{{MIN_PARTIAL},}}")
 _SIG_VALUE = re.compile(r"sig=([^&;\s'\"]+)")
 
 _lock = threading.Lock()
 # window -> the secret it was cut from, or a tuple of them when secrets share it (rare: 64**6 values)
-_index: Dict[str, Union[str, Tuple[str, ...]]] = {}
-_counts: Dict[str, int] = {}                          # secret -> how many owners hold it live
-_device_secrets: Dict[str, List[str]] = {}            # device id -> its secrets
-_retiring: List[str] = []                             # secrets of removed devices, dropped by release_retired()
+_index: dict[str, str | tuple[str, ...]] = {}
+_counts: dict[str, int] = {}                          # secret -> how many owners hold it live
+_device_secrets: dict[str, list[str]] = {}            # device id -> its secrets
+_retiring: list[str] = []                             # secrets of removed devices, dropped by release_retired()
 
 
-def _parts(value) -> List[str]:
+def _parts(value) -> list[str]:
     """The secret runs inside a value: a key is one run; of a SAS token only the signature counts
     (its resource URI is a host name and device id, which must stay readable)."""
     if isinstance(value, bytes):
@@ -200,86 +198,3 @@ def redact(text: str) -> str:
 
 def has_secret(text: str) -> bool:
     return bool(text) and redact(text) != text
-
-
-def _redact_value(value):
-    """A user property as junit XML will write it (str(value)), redacted when it holds a secret."""
-    if isinstance(value, str):
-        return redact(value)
-    shown = str(value)
-    cleaned = redact(shown)
-    return value if cleaned == shown else cleaned
-
-
-def scrub_report(report) -> None:
-    longrepr = getattr(report, "longrepr", None)
-    if longrepr is not None:
-        if isinstance(longrepr, tuple) and len(longrepr) == 3:  # skip reports: (path, line, reason)
-            reason = redact(str(longrepr[2]))
-            if reason != longrepr[2]:
-                report.longrepr = (longrepr[0], longrepr[1], reason)
-        else:
-            text = str(longrepr)
-            cleaned = redact(text)
-            if cleaned != text:
-                report.longrepr = cleaned
-    reason = getattr(report, "wasxfail", None)
-    if isinstance(reason, str) and reason:  # pytest.xfail(reason), shown by -rx
-        report.wasxfail = redact(reason)
-    sections = getattr(report, "sections", None)
-    if sections:
-        report.sections = [(title, redact(content)) for title, content in sections]
-    props = getattr(report, "user_properties", None)
-    if props:
-        report.user_properties = [(redact(str(k)) if not isinstance(k, str) else redact(k), _redact_value(v))
-                                  for k, v in props]
-
-
-def scrub_warning(warning_message) -> None:
-    """Redact a recorded warning in place, before the warnings summary or pytest-xdist sees it."""
-    line = getattr(warning_message, "line", None)
-    if line:
-        warning_message.line = redact(line)
-    message = warning_message.message
-    text = str(message)
-    cleaned = redact(text)
-    if cleaned == text:
-        return
-    if isinstance(message, Warning):
-        message.args = (cleaned,)
-        if str(message) != cleaned:  # its __str__ ignores args: replace it
-            warning_message.message = UserWarning(cleaned)
-    else:
-        warning_message.message = cleaned
-
-
-class RedactingFormatter(logging.Formatter):
-    """Wraps a handler's formatter so that the formatted line is redacted. The record itself is left
-    alone: caplog and other handlers see what the test logged."""
-
-    def __init__(self, inner: logging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(self.inner.format(record))
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def redact_handlers(handlers: Iterable[Optional[logging.Handler]]) -> None:
-    for handler in handlers:
-        if handler is None or isinstance(handler.formatter, RedactingFormatter):
-            continue
-        handler.setFormatter(RedactingFormatter(handler.formatter or logging.Formatter()))
-
-
-def remember_connection_string_keys(settings) -> None:
-    for name in ("connection_string", "eventhub_connection_string"):
-        cs = getattr(settings, name, None)
-        if cs:
-            for part in cs.split(";"):
-                key, _, value = part.partition("=")
-                if key.strip() in ("SharedAccessKey", "SharedAccessSignature"):
-                    remember(value)

@@ -1,5 +1,6 @@
 """The pytest plugin, driven through pytester: options, fixtures, timeouts, failure text, summary."""
 
+import re
 import threading
 import time
 
@@ -64,9 +65,9 @@ def test_precedence_cli_over_env_over_ini(pytester, run, monkeypatch):
     ([], {"IOTFAILOVER_FAILBACK": "perhaps"}, "IOTFAILOVER_FAILBACK (environment) must be true or false"),
     # the whole sentence: redaction must not cut it, and it names the variable the user set
     ([], {"IOTHUB_CONNECTION_STRING": "HostName=h.azure-devices.net;" + SECRET},
-     "IOTHUB_CONNECTION_STRING (environment) has neither SharedAccessKeyName nor DeviceId; give a service "
-     "connection string (HostName, SharedAccessKeyName and SharedAccessKey) or a device one "
-     "(HostName, DeviceId and SharedAccessKey)\n"),
+     ("IOTHUB_CONNECTION_STRING (environment) has neither SharedAccessKeyName nor DeviceId; give a service "
+      "connection string (HostName, SharedAccessKeyName and SharedAccessKey) or a device one "
+      "(HostName, DeviceId and SharedAccessKey)\n")),
     (["--iothub-connection", "HostName=;DeviceId=d;" + SECRET], {}, "--iothub-connection: HostName is empty"),
     (["--iothub-connection", "HostName=h.azure-devices.net;DeviceId=d;SharedAccessKey=c2VjcmV0*!"], {},
      "--iothub-connection: its SharedAccessKey is not valid base64"),
@@ -197,19 +198,30 @@ def test_failure_text_and_summary_and_junit(pytester, run):
     pytester.makepyfile("""
         import pytest
         from azure.iot.device import Message
+        from azure.iot.device.exceptions import NoConnectionError
         from pytest_iotfailover import assert_all_delivered, assert_no_duplicates
+
+        def send_through_the_drop(client, mid):
+            # the hub keeps the first copy and drops the connection before its PUBACK; the client
+            # sends it again once reconnected, or raises NoConnectionError when its re-send races the
+            # reconnect (seen with azure-iot-device 2.x; a copy may still have gone out): then the
+            # test sends it again, so the hub holds two copies, or three
+            try:
+                client.send_message(Message(mid, message_id=mid))
+            except NoConnectionError:
+                client.send_message(Message(mid, message_id=mid))
 
         def test_lossy(iothub, device_client, failover):
             for i in range(3):
                 device_client.send_message(Message(str(i), message_id=f"m{i}"))
             failover.drop_before_ack()
-            device_client.send_message(Message("dup", message_id="dup"))
+            send_through_the_drop(device_client, "dup")
             iothub.wait_for_telemetry(5)  # the re-sent copy too, however slow the machine
             assert_all_delivered(iothub, ["m0", "m1", "m2", "dup"] + [f"never-{i}" for i in range(12)], timeout=0.5)
 
         def test_dups(iothub, device_client, failover):
             failover.drop_before_ack()
-            device_client.send_message(Message("dup", message_id="dup"))
+            send_through_the_drop(device_client, "dup")
             iothub.wait_for_telemetry(2)
             assert_no_duplicates(iothub)
     """)
@@ -218,13 +230,13 @@ def test_failure_text_and_summary_and_junit(pytester, run):
     out = result.stdout.str()
     assert "12 of 16 sent messages were not delivered within 0.5 s" in out
     assert "missing (12): never-0, never-1" in out and "... and 2 more" in out
-    assert "duplicated (1): dup x2" in out
+    assert re.search(r"duplicated \(1\): dup x[23]\b", out)
     assert "latency:" not in out  # ids given as a list carry no send times
     assert "fault: drop_before_ack from" in out
     assert "1 messages were delivered more than once" in out
     assert "=== iothub failover ===" in out.replace("=" * 10, "===")
     assert "FAILED  test_failure_text_and_summary_and_junit.py::test_lossy: drop_before_ack" in out
-    assert "sent 16 delivered 4 duplicates 1 lost 12" in out
+    assert re.search(r"sent 16 delivered 4 duplicates [12] lost 12\b", out)
     xml = (pytester.path / "out.xml").read_text()
     assert 'name="iothub_fault" value="drop_before_ack"' in xml
     assert 'name="iothub_lost" value="12"' in xml
@@ -372,12 +384,12 @@ def test_faults_started_through_any_api_end_at_teardown(pytester, run):
 
 
 @pytest.mark.parametrize("written, message", [
-    ("failover(5)", "@pytest.mark.failover(5): the failover marker takes keywords only: "
-                    "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)"),
+    ("failover(5)", ("@pytest.mark.failover(5): the failover marker takes keywords only: "
+                     "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)")),
     ("failover(bogus=1)", "@pytest.mark.failover(bogus=1): unknown keyword 'bogus'"),
     ("failover(timeout=-1)", "@pytest.mark.failover(timeout=-1): timeout must be a positive number of seconds"),
-    ("failover(outage=-3)", "@pytest.mark.failover(outage=-3): outage must be a non-negative number of "
-                            "seconds, got -3"),
+    ("failover(outage=-3)", ("@pytest.mark.failover(outage=-3): outage must be a non-negative number of "
+                             "seconds, got -3")),
 ])
 def test_a_bad_failover_marker_is_a_collection_error_naming_it(pytester, run, written, message):
     pytester.makepyfile(f"""
@@ -523,3 +535,53 @@ def test_watchdog_interrupts_a_test_running_outside_the_main_thread():
     assert "it was stuck in teardown" in text
     assert "Thread xdist-like-runner (running the test):" in text and ", in busy_teardown" in text
     assert ended == []
+
+
+def test_a_fault_the_hub_cannot_produce_skips_the_test(pytester, run):
+    # a suite written for every hub: the real one cannot produce some faults, the test is skipped there
+    pytester.makepyfile("""
+        import pytest
+        from pytest_iotfailover.errors import FaultNotSupported
+
+        def cannot(*args, **kwargs):
+            raise FaultNotSupported("this hub has no such fault")
+
+        @pytest.fixture
+        def dropped(iothub, failover, monkeypatch):
+            monkeypatch.setattr(iothub.hub, "start_fault", cannot)
+            return failover.drop()
+
+        def test_in_the_body(iothub, failover, monkeypatch):
+            monkeypatch.setattr(iothub.hub, "start_fault", cannot)
+            failover.blackhole(1)
+            raise AssertionError("not reached")
+
+        def test_in_a_fixture(dropped):
+            raise AssertionError("not reached")
+    """)
+    result = run("-rs")
+    result.assert_outcomes(skipped=2)
+    out = result.stdout.str()
+    assert out.count("the hub cannot produce this fault: this hub has no such fault") == 2
+    # the test's own location, not the plugin's
+    assert "test_a_fault_the_hub_cannot_produce_skips_the_test.py:" in out and "hooks.py" not in out
+
+
+def test_a_delivery_failure_points_at_the_test_line(pytester, run):
+    pytester.makepyfile("""
+        from pytest_iotfailover import assert_all_delivered, assert_in_order
+
+        def test_missing(iothub):
+            iothub.add_device()
+            assert_all_delivered(iothub, ["never"], timeout=0.1)
+
+        def test_misuse(iothub):
+            assert_in_order(iothub, "one-id")
+    """)
+    result = run()
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    assert '>       assert_all_delivered(iothub, ["never"], timeout=0.1)' in out
+    assert '>       assert_in_order(iothub, "one-id")' in out
+    assert "1 of 1 sent messages were not delivered within 0.1 s" in out
+    assert "assertions.py" not in out, out

@@ -1,8 +1,12 @@
 """The embedded FakeHub behind the `Hub` interface."""
-from typing import Collection, List, Optional
+from collections.abc import Collection
+from typing import Any
 
-from ..fakehub.hub import FakeHub, HubEvent, Telemetry
-from . import FaultNotSupported, Hub
+from ..errors import FaultNotSupported
+from ..fakehub.hub import FakeHub
+from ..iothub.events import HubEvent
+from ..iothub.ledger import Telemetry
+from .base import Hub
 
 FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
                "throttle", "expire_tokens")
@@ -11,7 +15,7 @@ FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ac
 class FakeBackend(Hub):
     kind = "fake"
 
-    def __init__(self, hub_name: str = "testhub", **fakehub_kwargs):
+    def __init__(self, hub_name: str = "testhub", **fakehub_kwargs: Any):
         self.fakehub = FakeHub(hub_name, **fakehub_kwargs).start()
         self.hostname = self.fakehub.hostname
         self.ca_pem = self.fakehub.ca_pem
@@ -23,7 +27,7 @@ class FakeBackend(Hub):
         if self.fakehub.registry.get(device_id) is not None:
             self.fakehub.remove_device(device_id)
 
-    def telemetry(self, device_ids: Optional[Collection[str]] = None) -> List[Telemetry]:
+    def telemetry(self, device_ids: Collection[str] | None = None) -> list[Telemetry]:
         items = self.fakehub.telemetry()
         if device_ids is None:
             return items
@@ -33,7 +37,7 @@ class FakeBackend(Hub):
     def wait_until(self, predicate, timeout):
         return self.fakehub.ledger.wait_until(predicate, timeout)
 
-    def events(self, device_ids: Optional[Collection[str]] = None) -> List[HubEvent]:
+    def events(self, device_ids: Collection[str] | None = None) -> list[HubEvent]:
         evs = self.fakehub.events
         if device_ids is None:
             return evs

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from .. import wedge
-from ..backends import HubView
+from ..testing.view import HubView
 
 SHUTDOWN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 30.0

@@ -6,15 +6,15 @@ job can override what a repository commits to its ini file without editing it.
 import base64
 import binascii
 import importlib.util
+import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any
 
-from ..iothub.auth import parse_connection_string
 from ..errors import SettingsError
-
-
+from ..iothub.auth import parse_connection_string
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _positive_seconds(flag: str, raw: str) -> float:
         value = float(str(raw).strip())
     except ValueError:
         raise SettingsError(f"{flag} must be a number of seconds, got {raw!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
+    if not (value > 0 and math.isfinite(value)):
         raise SettingsError(f"{flag} must be a positive number of seconds, got {raw!r}")
     return value
 
@@ -63,7 +63,7 @@ def _hub_name(flag: str, raw: str) -> str:
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+")
 
 
-def _connection_string(flag: str, raw: str) -> Optional[str]:
+def _connection_string(flag: str, raw: str) -> str | None:
     """Everything the real backend would only find out when the first test opens the hub.
     Messages name keys, never values, and never write a key name followed by '=' (redaction would
     take the rest of the sentence for a secret)."""
@@ -104,7 +104,7 @@ def _connection_string(flag: str, raw: str) -> Optional[str]:
     return value
 
 
-def _missing_real_extra(service: bool) -> List[str]:
+def _missing_real_extra(service: bool) -> list[str]:
     """Distributions of the 'real' extra this connection string needs that cannot be imported."""
     needed = [("azure.eventhub", "azure-eventhub")]
     if service:
@@ -121,12 +121,12 @@ def _missing_real_extra(service: bool) -> List[str]:
     return missing
 
 
-def _text(flag: str, raw: str) -> Optional[str]:
+def _text(flag: str, raw: str) -> str | None:
     value = str(raw).strip()
     return value or None
 
 
-def _azure_name(flag: str, raw: str) -> Optional[str]:
+def _azure_name(flag: str, raw: str) -> str | None:
     value = str(raw).strip()
     if value and not re.fullmatch(r"[A-Za-z0-9._()\-]{1,90}", value):
         raise SettingsError(f"{flag} is not a valid Azure name: {value!r}")
@@ -183,23 +183,23 @@ OPTIONS = (
 
 @dataclass(frozen=True)
 class Settings:
-    connection_string: Optional[str] = field(default=None, repr=False)
+    connection_string: str | None = field(default=None, repr=False)
     hub_name: str = "testhub"
     keep_alive: int = 5
     retry_interval: int = 1
-    timeout: Optional[float] = None
+    timeout: float | None = None
     outage: float = 2.0
-    eventhub_connection_string: Optional[str] = field(default=None, repr=False)
-    allow_failover: Optional[str] = None
-    subscription: Optional[str] = None
-    resource_group: Optional[str] = None
+    eventhub_connection_string: str | None = field(default=None, repr=False)
+    allow_failover: str | None = None
+    subscription: str | None = None
+    resource_group: str | None = None
     failback: bool = False
 
     @property
     def backend(self) -> str:
         return "real" if self.connection_string else "fake"
 
-    def failover_timeout(self, outage: Optional[float] = None) -> float:
+    def failover_timeout(self, outage: float | None = None) -> float:
         """The default per-test timeout for a failover test: the option, else room for the outage,
         the SDK's reconnect and a margin for a loaded CI machine."""
         if self.timeout is not None:

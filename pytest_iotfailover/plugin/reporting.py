@@ -1,42 +1,45 @@
 """What a test did to the hub and what got through, for failure texts and the run summary.
 
-The plugin opens a `TestRecord` around each test; the `failover` fixture adds its faults and the
-delivery assertions add their figures. The figures travel as `user_properties` (so junit XML and
-pytest-xdist carry them) and come back together in the terminal summary.
+The plugin keeps a `TestRecord` in each test's `item.stash` from setup to the end of teardown and
+hands it to the test's `iothub` view (`HubView.recorder`): the `failover` fixture adds its faults
+and the delivery assertions add their figures through the view. The figures travel as
+`user_properties` (so junit XML and pytest-xdist carry them) and come back together in the
+terminal summary.
 """
+from __future__ import annotations
+
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
+
+import pytest
+
+from ..testing.assertions import DeliveryFigures
+from .keys import RECORD
+
+__all__ = ["PROPERTY", "DeliveryFigures", "TestRecord", "begin", "end", "record_of", "summary_lines"]
 
 PROPERTY = "iothub_failover"
 
 
 @dataclass
-class DeliveryFigures:
-    sent: int
-    delivered: int          # distinct sent ids the hub accepted
-    duplicates: int         # extra copies of sent ids
-    lost: int               # sent ids never accepted (and no longer pending in an Outbox)
-    pending: int = 0        # sent ids an Outbox still holds, not yet acknowledged
-    latency_p50: Optional[float] = None
-    latency_p99: Optional[float] = None
-    latency_max: Optional[float] = None
-
-
-@dataclass
 class TestRecord:
+    __test__ = False  # not a test class, whatever its name
     nodeid: str
-    handles: List[Any] = field(default_factory=list)         # faults started, live
-    faults: List[Any] = field(default_factory=list)          # their RecoveryReports, at teardown
-    deliveries: List[DeliveryFigures] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)         # faults started, live
+    faults: list[Any] = field(default_factory=list)          # their RecoveryReports, at teardown
+    deliveries: list[DeliveryFigures] = field(default_factory=list)
 
-    def fault_windows(self):
+    def fault_windows(self) -> list[tuple[str, float, float | None]]:
         return [(h.kind, h.started_at, h.ended_at) for h in self.handles if h.started_at is not None]
 
-    def summary(self) -> Optional[Dict[str, Any]]:
+    def add_delivery(self, figures: DeliveryFigures) -> None:
+        self.deliveries.append(figures)
+
+    def summary(self) -> dict[str, Any] | None:
         if not self.faults and not self.deliveries:
             return None
-        out: Dict[str, Any] = {"faults": []}
+        out: dict[str, Any] = {"faults": []}
         for r in self.faults:
             if r.started_at is None:
                 continue  # cancelled before it began
@@ -49,11 +52,11 @@ class TestRecord:
             out["delivery"] = asdict(last)
         return out
 
-    def user_properties(self):
+    def user_properties(self) -> list[tuple[str, Any]]:
         s = self.summary()
         if s is None:
             return []
-        props = [(PROPERTY, json.dumps(s, sort_keys=True))]
+        props: list[tuple[str, Any]] = [(PROPERTY, json.dumps(s, sort_keys=True))]
         if s["faults"]:
             f = s["faults"][0]
             props += [("iothub_fault", "+".join(x["fault"] for x in s["faults"])),
@@ -67,34 +70,33 @@ class TestRecord:
         return props
 
 
-def _num(v):
+def _num(v: float | None) -> Any:
     return "" if v is None else round(v, 3)
 
 
-_current: Optional[TestRecord] = None
+def begin(item: pytest.Item) -> TestRecord:
+    record = item.stash[RECORD] = TestRecord(item.nodeid)
+    return record
 
 
-def begin(nodeid: str) -> TestRecord:
-    global _current
-    _current = TestRecord(nodeid)
-    return _current
+def record_of(node: Any) -> TestRecord | None:
+    """The record of the test `node` is (None for a node that is not a running test)."""
+    stash = getattr(node, "stash", None)
+    return stash.get(RECORD, None) if stash is not None else None
 
 
-def current() -> Optional[TestRecord]:
-    return _current
+def end(item: pytest.Item) -> TestRecord | None:
+    record = item.stash.get(RECORD, None)
+    if record is not None:
+        del item.stash[RECORD]  # the item outlives the test; its fault handles need not
+    return record
 
 
-def end() -> Optional[TestRecord]:
-    global _current
-    rec, _current = _current, None
-    return rec
-
-
-def _fmt(v, unit="s"):
+def _fmt(v: float | None, unit: str = "s") -> str:
     return "-" if v is None else f"{v:.2f}{unit}"
 
 
-def summary_lines(rows) -> List[str]:
+def summary_lines(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
     """rows: (nodeid, outcome, summary dict) -> the lines of the terminal section."""
     lines = []
     for nodeid, outcome, s in rows:

@@ -24,7 +24,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -32,18 +33,18 @@ import pytest
 # disturbed. The handler is installed when the first hub test starts, only if nobody else has one
 # for this signal, and stays until the run ends: a signal still in flight when a test finishes
 # must find a handler that ignores it, not the default action (which ends the process).
-SIGNAL = getattr(signal, "SIGUSR2", None)
+SIGNAL: Any = getattr(signal, "SIGUSR2", None)
 
 # "armed": an interruption was sent for the test in progress and not yet raised or withdrawn
 _pending = {"message": "Timeout", "armed": False}
 
 
-class HubTestTimeout(pytest.fail.Exception):
+class HubTestTimeout(pytest.fail.Exception):  # type: ignore[name-defined]  # pytest's Failed, not public by name
     """Raised into the thread running a test that exceeded its hub limit.
 
     Built without arguments by PyThreadState_SetAsyncExc, hence the message from `_pending`."""
 
-    def __init__(self, msg: Optional[str] = None, pytrace: bool = True) -> None:
+    def __init__(self, msg: str | None = None, pytrace: bool = True) -> None:
         super().__init__(msg if msg is not None else _pending["message"], pytrace)
 
 
@@ -64,7 +65,7 @@ def _frames(frame) -> str:
     return "".join(traceback.format_list(entries)).rstrip()
 
 
-def thread_stacks(skip_ident: Optional[int] = None, test_ident: Optional[int] = None) -> str:
+def thread_stacks(skip_ident: int | None = None, test_ident: int | None = None) -> str:
     names = {t.ident: t.name for t in threading.enumerate()}
     blocks = []
     for ident, frame in sorted(sys._current_frames().items(), key=lambda kv: kv[0] != test_ident):
@@ -90,15 +91,15 @@ class _Job:
 
 class Watchdog:
     def __init__(self, grace: float = 10.0, strikes: int = 3,
-                 last_resort: Optional[Callable[[str], None]] = None):
+                 last_resort: Callable[[str], None] | None = None):
         self.grace = grace
         self.strikes = strikes
         self._last_resort = last_resort or _exit_process
         self._cond = threading.Condition()
-        self._job: Optional[_Job] = None
-        self._thread: Optional[threading.Thread] = None
+        self._job: _Job | None = None
+        self._thread: threading.Thread | None = None
         self._closed = False
-        self._previous_handler = None
+        self._previous_handler: Any = None
         self._installed = False
 
     # --- called from the thread running the tests --------------------------------------------
@@ -209,7 +210,8 @@ class Watchdog:
 
 def _exit_process(message: str) -> None:
     try:
-        sys.__stderr__.write("\n[iothub] " + message + "\n")
-        sys.__stderr__.flush()
+        if sys.__stderr__ is not None:  # None only in an embedded interpreter without a console
+            sys.__stderr__.write("\n[iothub] " + message + "\n")
+            sys.__stderr__.flush()
     finally:
         os._exit(1)

@@ -1,16 +1,40 @@
 """Delivery assertions: wait for the hub to have accepted what was sent, then say exactly what is
-missing, doubled or out of order, with latencies and the fault window."""
+missing, doubled or out of order, with latencies and the fault window.
+
+Under the plugin, `iothub` carries the test's recorder: the figures go to the run summary and the
+failure text names the faults the test started. A bare FakeHub has none; the checks are the same.
+Each assertion hides its own frame (`__tracebackhide__`), so a failure points at the test's line.
+"""
+from __future__ import annotations
+
 import time
 from collections import Counter
-from typing import Iterable, List, Optional, Sequence, Tuple
-
-from ..plugin import reporting
-from ..plugin.reporting import DeliveryFigures
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 _SHOW = 10  # ids listed in a failure before "... and N more"
 
 
-def _sent_ids(sent, call: str = "assert_all_delivered") -> List[str]:
+@dataclass
+class DeliveryFigures:
+    sent: int
+    delivered: int          # distinct sent ids the hub accepted
+    duplicates: int         # extra copies of sent ids
+    lost: int               # sent ids never accepted (and no longer pending in an Outbox)
+    pending: int = 0        # sent ids an Outbox still holds, not yet acknowledged
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    latency_max: float | None = None
+
+
+def _recorder(iothub: Any) -> Any:
+    """The test's recorder (see testing/view.py), None outside the plugin or for a bare FakeHub."""
+    return getattr(iothub, "recorder", None)
+
+
+def _sent_ids(sent, call: str = "assert_all_delivered") -> list[str]:
+    __tracebackhide__ = True
     ids = getattr(sent, "message_ids", None)
     if ids is not None:
         return list(ids)
@@ -32,6 +56,7 @@ def _sent_ids(sent, call: str = "assert_all_delivered") -> List[str]:
 
 
 def _check_hub(iothub, call: str) -> None:
+    __tracebackhide__ = True
     if not (callable(getattr(iothub, "telemetry", None)) and callable(getattr(iothub, "wait_until", None))):
         raise TypeError(f"{call}(iothub, sent): iothub must be the iothub fixture or a FakeHub, "
                         f"got {type(iothub).__name__}")
@@ -53,12 +78,12 @@ def _listing(ids: Sequence[str]) -> str:
 def _percentile(sorted_values, q):
     if not sorted_values:
         return None
-    k = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    k = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[k]
 
 
-def _fault_text() -> List[str]:
-    rec = reporting.current()
+def _fault_text(iothub: Any) -> list[str]:
+    rec = _recorder(iothub)
     if rec is None:
         return []
     lines = []
@@ -93,7 +118,7 @@ class DeliveryReport:
             latency_p50=_percentile(lat, 0.5), latency_p99=_percentile(lat, 0.99),
             latency_max=lat[-1] if lat else None)
 
-    def describe(self) -> List[str]:
+    def describe(self, iothub: Any = None) -> list[str]:
         f = self.figures
         lines = [f"  sent: {f.sent}, delivered: {f.delivered}, "
                  + (f"still pending in the Outbox: {f.pending}, " if f.pending else "")
@@ -112,18 +137,19 @@ class DeliveryReport:
         if f.latency_p50 is not None:
             lines.append(f"  latency: p50 {f.latency_p50 * 1000:.0f} ms, p99 {f.latency_p99 * 1000:.0f} ms, "
                          f"max {f.latency_max * 1000:.0f} ms")
-        return lines + _fault_text()
+        return lines + _fault_text(iothub)
 
 
-def _record(report: DeliveryReport) -> None:
-    rec = reporting.current()
+def _record(iothub: Any, report: DeliveryReport) -> None:
+    rec = _recorder(iothub)
     if rec is not None:
-        rec.deliveries.append(report.figures)
+        rec.add_delivery(report.figures)
 
 
-def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: Optional[str] = None) -> DeliveryReport:
+def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: str | None = None) -> DeliveryReport:
     """Wait up to `timeout` s until the hub accepted every message id in `sent` (an Outbox or a list
     of ids); fail with what is missing otherwise. Returns the DeliveryReport."""
+    __tracebackhide__ = True
     _check_hub(iothub, "assert_all_delivered")
     ids = _sent_ids(sent)
     wanted = set(ids)
@@ -132,32 +158,33 @@ def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: Optiona
         return wanted <= {t.message_id for t in _telemetry(iothub, device_id)}
     iothub.wait_until(all_there, timeout)
     report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent), sent)
-    _record(report)
+    _record(iothub, report)
     if report.missing:
         why = (f" ({len(report.pending)} still pending in the Outbox, {len(report.lost)} lost)"
                if report.pending else "")
         raise AssertionError("\n".join(
             [f"{len(report.missing)} of {len(wanted)} sent messages were not delivered within {timeout:g} s{why}"]
-            + report.describe()))
+            + report.describe(iothub)))
     return report
 
 
-def assert_no_duplicates(iothub, sent=None, device_id: Optional[str] = None) -> DeliveryReport:
+def assert_no_duplicates(iothub, sent=None, device_id: str | None = None) -> DeliveryReport:
     """No message id (of `sent`, or of everything this test's devices sent) was accepted twice."""
+    __tracebackhide__ = True
     _check_hub(iothub, "assert_no_duplicates")
     telemetry = _telemetry(iothub, device_id)
     ids = _sent_ids(sent, "assert_no_duplicates") if sent is not None else [t.message_id for t in telemetry if t.message_id]
     report = DeliveryReport(ids, telemetry, _submitted_at(sent) if sent is not None else {})
     if report.duplicated:
-        raise AssertionError("\n".join(
-            [f"{len(report.duplicated)} messages were delivered more than once "
-             "(at-least-once delivery: a lost PUBACK makes the client send again)"] + report.describe()))
+        head = (f"{len(report.duplicated)} messages were delivered more than once "
+                "(at-least-once delivery: a lost PUBACK makes the client send again)")
+        raise AssertionError("\n".join([head, *report.describe(iothub)]))
     return report
 
 
-def _first_out_of_order(order: Sequence[str], delivered: Iterable[Tuple[str, str]]):
+def _first_out_of_order(order: Sequence[str], delivered: Iterable[tuple[str, str]]):
     rank = {m: i for i, m in enumerate(order)}
-    last_by_device = {}
+    last_by_device: dict[str, str] = {}
     for device, mid in delivered:
         prev = last_by_device.get(device)
         if prev is not None and rank[mid] < rank[prev]:
@@ -166,8 +193,9 @@ def _first_out_of_order(order: Sequence[str], delivered: Iterable[Tuple[str, str
     return None
 
 
-def assert_in_order(iothub, sent, device_id: Optional[str] = None) -> None:
+def assert_in_order(iothub, sent, device_id: str | None = None) -> None:
     """Per device, first deliveries came in the order the ids were sent (re-sent copies ignored)."""
+    __tracebackhide__ = True
     _check_hub(iothub, "assert_in_order")
     ids = _sent_ids(sent, "assert_in_order")
     wanted = set(ids)
@@ -182,4 +210,4 @@ def assert_in_order(iothub, sent, device_id: Optional[str] = None) -> None:
         device, earlier, later = bad
         raise AssertionError(
             f"device {device!r} delivered {later!r} after {earlier!r}, but {later!r} was sent first"
-            + ("\n" + "\n".join(_fault_text()) if _fault_text() else ""))
+            + "".join("\n" + line for line in _fault_text(iothub)))

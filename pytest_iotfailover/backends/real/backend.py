@@ -31,7 +31,7 @@ from ...iothub.ledger import Telemetry
 from ...waiting import WaitingLedger as Ledger
 from ...iothub.registry import Device
 from ...redaction import redact, remember
-from .. import Hub
+from ..base import Hub
 from .errors import RealBackendError
 from .faults import FaultInjector, RealFaultHandle
 from .ledger import (

@@ -20,10 +20,10 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
+from ...errors import FaultNotSupported
 from ...iothub.ledger import Telemetry
 from ...model import DeviceRecovery, RecoveryReport, tally_messages
 from ...redaction import redact
-from .. import FaultNotSupported
 from .clients import StateTap, connected, is_device_client, sdk_client, send_through
 from .errors import RealBackendError
 
