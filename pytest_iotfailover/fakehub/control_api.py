@@ -28,8 +28,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
 
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
-`POST /faults/{kind}` holds the keyword arguments of that `Faults` method (an empty body takes the
-defaults); `report` is the fault's `RecoveryReport` as nested objects.
+`POST /faults/{kind}` holds the arguments of that kind's fault spec (model.py), which are those of
+the `Faults` method of that name (an empty body takes the defaults); `report` is the fault's
+`RecoveryReport` as nested objects.
 
 Every request must name this API in `Host` (its address or `localhost`, with the port; 421
 otherwise) and be complete within `request_timeout` of its first byte (408 otherwise). At most
@@ -40,7 +41,6 @@ import binascii
 import concurrent.futures
 import dataclasses
 import hmac
-import inspect
 import io
 import ipaddress
 import json
@@ -52,14 +52,16 @@ import socket
 import sys
 import threading
 import time
+import typing
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..iothub.auth import redact
-from .faults import FaultHandle, Faults
 from ..iothub.core import HubOperationError
+from ..model import SPECS, FaultKind, FaultSpec, spec_for
+from .faults import FaultHandle
 from ..iothub.registry import check_device_id
 
 __all__ = ["ControlServer", "MAX_BODY_SIZE", "MAX_CONNECTIONS", "MAX_JSON_DEPTH", "REQUEST_TIMEOUT",
@@ -87,9 +89,8 @@ MAX_JSON_DEPTH = 64
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 16 * 1024 * 1024
 
-# The `Faults` methods the API exposes; each is also the {kind} of POST /faults/{kind}.
-FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
-               "throttle", "expire_tokens")
+# The fault vocabulary's kinds (model.FaultKind); each is the {kind} of POST /faults/{kind}.
+FAULT_KINDS = tuple(kind.value for kind in FaultKind)
 MAX_FAULT_WAIT = 300.0
 DEFAULT_FAULT_WAIT = 60.0
 # A waiting handler wakes this often to notice that the server or the hub is going away.
@@ -102,20 +103,22 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
 
-# JSON types of the fault arguments, by name: a name means the same thing in every kind. The
-# names themselves come from the method signatures, so the API follows the Python one.
-_FAULT_ARG_TYPES = {
-    "device_id": "string", "refuse": "string",
-    "keep_sessions": "boolean", "graceful": "boolean",
-    "after_messages": "integer", "code": "integer", "count": "integer", "burst": "integer",
-    "at": "number", "outage": "number", "seconds": "number", "duration": "number", "rate": "number",
-    "max_delay": "number",
-}
-_FAULT_PARAMS = {
-    kind: {name: param for name, param in inspect.signature(getattr(Faults, kind)).parameters.items()
-           if name != "self"}
-    for kind in FAULT_KINDS
-}
+
+
+def _json_types(cls: type) -> Dict[str, Tuple[str, bool, bool]]:
+    """(JSON type, nullable, required) of each argument of a fault spec, from its annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        base = next(a for a in args if a is not type(None))
+        out[f.name] = (_JSON_NAMES[base], type(None) in args, f.default is dataclasses.MISSING)
+    return out
+
+
+_JSON_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+# JSON types of each kind's arguments: the spec's own field types, held to strictly
+_FAULT_ARGS = {kind.value: _json_types(cls) for kind, cls in SPECS.items()}
 
 
 class ApiError(Exception):
@@ -623,27 +626,22 @@ def _fault_arg_ok(kind: str, value: Any) -> bool:
     return kind == "number" and isinstance(value, float) and math.isfinite(value)
 
 
-def _fault_kwargs(kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
-    """`obj` checked against the signature of `Faults.<kind>`, with JSON types held to strictly.
-
-    Values are only type-checked here: their ranges and combinations are the `Faults` method's
-    business, and its ValueError/TypeError messages reach the client unchanged.
-    """
-    params = _FAULT_PARAMS[kind]
-    extra = sorted(set(obj) - set(params))
+def _fault_spec(kind: str, obj: Dict[str, Any]) -> FaultSpec:
+    """The fault spec of `obj`, its JSON types held to strictly (true is no number, 2.0 no
+    integer); ranges and combinations are the spec's own checks, named after this request."""
+    args = _FAULT_ARGS[kind]
+    extra = sorted(set(obj) - set(args))
     if extra:
         raise ApiError(400, f"unknown argument{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
-                            f"for {kind} (allowed: {', '.join(params) or 'none'})")
-    for name, param in params.items():
-        want = _FAULT_ARG_TYPES.get(name)
-        nullable = param.default is None
-        what = f"{'an' if want == 'integer' else 'a'} {want or 'value'}{' or null' if nullable else ''}"
+                            f"for {kind} (allowed: {', '.join(args) or 'none'})")
+    for name, (want, nullable, required) in args.items():
+        what = f"{'an' if want == 'integer' else 'a'} {want}{' or null' if nullable else ''}"
         if name not in obj:
-            if param.default is inspect.Parameter.empty:
+            if required:
                 raise ApiError(400, f"missing argument {name!r} for {kind} ({what})")
             continue
         value = obj[name]
-        if want is None or (value is None and nullable):
+        if value is None and nullable:
             continue
         if not _fault_arg_ok(want, value):
             got = _json_type(value)
@@ -651,7 +649,10 @@ def _fault_kwargs(kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
                 out_of_range = isinstance(value, int) or not math.isfinite(value)
                 got = "a number out of range" if out_of_range else repr(value)
             raise ApiError(400, f"argument {name!r} of {kind} must be {what}, not {got}")
-    return dict(obj)
+    try:
+        return spec_for(kind, obj, what=f"POST /faults/{kind}")
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _fault_json(index: int, handle: FaultHandle) -> Dict[str, Any]:
@@ -847,17 +848,17 @@ class ControlServer:
 
     def start_fault(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
         self.check_fault_kind(kind)
-        kwargs = _fault_kwargs(kind, obj)
-        start = getattr(self.hub.faults, kind)
+        spec = _fault_spec(kind, obj)
 
         def run():
             # history only grows, and only on this thread: the new fault lands at its current length
             index = len(self.hub.faults.history())
-            return _fault_json(index, start(**kwargs))
+            return _fault_json(index, self.hub.faults.start(spec))
         try:
             return self.hub._call(run)
         except (ValueError, TypeError) as exc:
-            raise ApiError(400, str(exc)) from None
+            # the hub's own refusals: an unknown device, an outage overlapping another
+            raise ApiError(400, f"POST /faults/{kind}: {exc}") from None
 
     def list_faults(self) -> List[Dict[str, Any]]:
         return self.hub._call(lambda: [_fault_json(i, h) for i, h in enumerate(self.hub.faults.history())])
