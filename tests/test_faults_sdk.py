@@ -359,3 +359,34 @@ def test_overlapping_outages_are_refused(hub, device):
     counting.cancel()
     hub.faults.drop()  # other kinds are not outages
     assert [h.state for h in hub.faults.history()] == ["ended", "cancelled", "cancelled", "cancelled", "ended"]
+
+
+# every kind with each of its parameters changed from the default: the embedded hub honours them all
+FAKE_CASES = [
+    ("region_failover", {"outage": 5, "keep_sessions": True, "refuse": "connack"}),
+    ("drop", {"graceful": True}), ("blackhole", {"seconds": 3}), ("refuse", {"code": 5, "seconds": 2}),
+    ("drop_before_ack", {"count": 4}), ("delay_acks", {"seconds": 0.5, "duration": 2}),
+    ("throttle", {"rate": 5, "seconds": 2, "burst": 3, "max_delay": 1}), ("throttle", {"seconds": 2}),
+    ("expire_tokens", {}),
+]
+
+
+@pytest.mark.parametrize("kind, kwargs", FAKE_CASES, ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_the_embedded_backend_honours_every_parameter(kind, kwargs):
+    from pytest_iotfailover.backends.fake import FakeBackend
+    from pytest_iotfailover.model import spec_for
+    backend = FakeBackend("specshub")
+    try:
+        backend.create_device("d1")
+        mark = backend.fault_mark()
+        spec = spec_for(kind, dict(kwargs, device_id="d1", at=60))
+        handle = backend.start_fault(spec)
+        assert handle.spec is spec and handle.kind == kind and handle.state is FaultState.PENDING
+        assert handle.device_id == "d1" and handle._fault.due_at is not None
+        shown = handle.params
+        for name, value in kwargs.items():
+            assert shown[name] == value, (name, shown)
+        assert spec.lasts == handle._fault.duration
+        assert [h.state for h in backend.end_faults_since(mark)] == ["cancelled"]
+    finally:
+        backend.close()

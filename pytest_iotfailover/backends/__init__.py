@@ -11,6 +11,7 @@ from typing import Any, Callable, Collection, Dict, List, Optional
 from ..fakehub.hub import Device, HubEvent, MethodResponse, Telemetry
 from ..redaction import forget_device, remember_device
 from ..errors import FaultNotSupported, RealHubUnavailable
+from ..model import FaultSpec
 
 
 
@@ -50,8 +51,9 @@ class Hub(abc.ABC):
     def update_desired(self, device_id: str, patch: Dict[str, Any]) -> int: ...
 
     @abc.abstractmethod
-    def start_fault(self, kind: str, **kwargs):
-        """Start a fault of the shared vocabulary; returns its handle. FaultNotSupported if impossible."""
+    def start_fault(self, spec: FaultSpec):
+        """Start the fault `spec` describes (model.py, the vocabulary both hubs share); returns its
+        handle. FaultNotSupported naming the kind or the changed parameter this hub cannot honour."""
 
     def client_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments every SDK client for this hub needs (e.g. the CA to trust)."""

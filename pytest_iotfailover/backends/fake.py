@@ -1,11 +1,13 @@
 """The embedded FakeHub behind the `Hub` interface."""
-from typing import Collection, List, Optional
+from collections.abc import Collection
 
 from ..fakehub.hub import FakeHub, HubEvent, Telemetry
-from . import FaultNotSupported, Hub
+from ..model import FaultKind, FaultSpec, Support, check_support
+from . import Hub
 
-FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
-               "throttle", "expire_tokens")
+HUB = "the embedded hub"
+# The embedded hub is where the vocabulary comes from: it honours every kind and parameter.
+SUPPORT = {kind: Support.everything(kind) for kind in FaultKind}
 
 
 class FakeBackend(Hub):
@@ -23,7 +25,7 @@ class FakeBackend(Hub):
         if self.fakehub.registry.get(device_id) is not None:
             self.fakehub.remove_device(device_id)
 
-    def telemetry(self, device_ids: Optional[Collection[str]] = None) -> List[Telemetry]:
+    def telemetry(self, device_ids: Collection[str] | None = None) -> list[Telemetry]:
         items = self.fakehub.telemetry()
         if device_ids is None:
             return items
@@ -33,7 +35,7 @@ class FakeBackend(Hub):
     def wait_until(self, predicate, timeout):
         return self.fakehub.ledger.wait_until(predicate, timeout)
 
-    def events(self, device_ids: Optional[Collection[str]] = None) -> List[HubEvent]:
+    def events(self, device_ids: Collection[str] | None = None) -> list[HubEvent]:
         evs = self.fakehub.events
         if device_ids is None:
             return evs
@@ -52,10 +54,9 @@ class FakeBackend(Hub):
     def update_desired(self, device_id, patch):
         return self.fakehub.update_desired(device_id, patch)
 
-    def start_fault(self, kind, **kwargs):
-        if kind not in FAULT_KINDS:
-            raise FaultNotSupported(f"unknown fault {kind!r}; the fake hub knows {', '.join(FAULT_KINDS)}")
-        return getattr(self.fakehub.faults, kind)(**kwargs)
+    def start_fault(self, spec: FaultSpec):
+        check_support(spec, SUPPORT, HUB)
+        return self.fakehub.faults.start(spec)
 
     def fault_mark(self):
         return len(self.fakehub.faults.history()) if self.fakehub.running else 0
