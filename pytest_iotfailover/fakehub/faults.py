@@ -122,7 +122,7 @@ class Faults:
     accepted messages; on the whole hub or one `device_id=`. Each method's arguments are its
     kind's `FaultSpec` (model.py); `start(spec)` takes one built elsewhere."""
 
-    def __init__(self, hub):
+    def __init__(self, hub) -> None:
         self._hub = hub
         self._lock = threading.Lock()
         self._specs: weakref.WeakKeyDictionary[Fault, FaultSpec] = weakref.WeakKeyDictionary()

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any, Self
 
+from ...errors import FaultNotSupported
 from ...iothub.ledger import Telemetry
 from ...model import (
     DeviceRecovery,
@@ -34,7 +35,6 @@ from ...model import (
     tally_messages,
 )
 from ...redaction import redact
-from .. import FaultNotSupported
 from .clients import StateTap, connected, is_device_client, sdk_client, send_through
 from .errors import RealBackendError
 
