@@ -11,12 +11,11 @@ import time
 
 import pytest
 from azure.iot.device import Message, MethodResponse, exceptions
+from sdk_support import Inbox, bounded, make_client
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.fakehub.faults import Faults
 from pytest_iotfailover.model import SPECS, Drop, FaultState
-
-from sdk_support import Inbox, bounded, make_client
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -480,8 +480,8 @@ def test_a_fault_the_hub_cannot_honour_skips_with_the_reason(pytester, run):
     """)
     result = run("-rs")
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*failover.throttle(): throttle(rate=10.0) cannot be honoured on the embedded "
-                                 "hub: it has no rate here*"])
+    reason = "*failover.throttle(): throttle(rate=10.0) cannot be honoured on the embedded hub: it has no rate here*"
+    result.stdout.fnmatch_lines([reason])
 
 
 def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pytester, run):

@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
@@ -32,23 +32,28 @@ import pytest
 pytest.importorskip("azure.iot.hub", reason="the real-hub backend needs azure-iot-hub (and six)")
 pytest.importorskip("azure.eventhub", reason="the real-hub backend needs azure-eventhub")
 
-from azure.eventhub import EventData, PartitionContext  # noqa: E402
-from azure.eventhub._pyamqp import _decode, _encode  # noqa: E402
-from azure.eventhub._pyamqp import performatives as amqp  # noqa: E402
-from azure.eventhub._pyamqp.error import AMQPError  # noqa: E402
-from azure.eventhub._pyamqp.message import Message as AmqpMessage, Properties  # noqa: E402
-from azure.eventhub._pyamqp.types import TYPE, VALUE, AMQPTypes  # noqa: E402
-from azure.iot.device import IoTHubDeviceClient  # noqa: E402
+from azure.eventhub import EventData, PartitionContext
+from azure.eventhub._pyamqp import _decode, _encode
+from azure.eventhub._pyamqp import performatives as amqp
+from azure.eventhub._pyamqp.error import AMQPError
+from azure.eventhub._pyamqp.message import Message as AmqpMessage
+from azure.eventhub._pyamqp.message import Properties
+from azure.eventhub._pyamqp.types import TYPE, VALUE, AMQPTypes
+from azure.iot.device import IoTHubDeviceClient
 
-from pytest_iotfailover import FakeHub  # noqa: E402
-from pytest_iotfailover.backends import FaultNotSupported, HubView  # noqa: E402
-from pytest_iotfailover.backends.real import faults as real_faults  # noqa: E402
-from pytest_iotfailover.model import SPECS, FaultKind, FaultState, spec_for  # noqa: E402
-from pytest_iotfailover.backends.real.backend import (RealBackend, RealBackendError,  # noqa: E402
-                                              derive_eventhub_connection_string, telemetry_from_event)
-from pytest_iotfailover.plugin.factory import run_bounded  # noqa: E402
-from pytest_iotfailover.fakehub.hub import HubOperationError, MethodResponse  # noqa: E402
-from pytest_iotfailover.iothub.auth import parse_sas_token  # noqa: E402
+from pytest_iotfailover import FakeHub
+from pytest_iotfailover.backends import FaultNotSupported, HubView
+from pytest_iotfailover.backends.real import faults as real_faults
+from pytest_iotfailover.backends.real.backend import (
+    RealBackend,
+    RealBackendError,
+    derive_eventhub_connection_string,
+    telemetry_from_event,
+)
+from pytest_iotfailover.fakehub.hub import HubOperationError, MethodResponse
+from pytest_iotfailover.iothub.auth import parse_sas_token
+from pytest_iotfailover.model import SPECS, FaultKind, FaultState, spec_for
+from pytest_iotfailover.plugin.factory import run_bounded
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -86,8 +91,8 @@ def server_context(ca) -> ssl.SSLContext:
 class Request(NamedTuple):
     method: str
     path: str
-    query: Dict[str, List[str]]
-    headers: Dict[str, str]
+    query: dict[str, list[str]]
+    headers: dict[str, str]
     body: Any
 
 
@@ -95,11 +100,11 @@ class RegistryStub:
     """Devices, twins and direct methods as IoT Hub's REST API (api-version 2021-04-12) answers them."""
 
     def __init__(self, ca):
-        self.requests: List[Request] = []
-        self.devices: Dict[str, dict] = {}
-        self.twins: Dict[str, dict] = {}
-        self.methods: Dict[str, tuple] = {}
-        self.overrides: Dict[tuple, tuple] = {}
+        self.requests: list[Request] = []
+        self.devices: dict[str, dict] = {}
+        self.twins: dict[str, dict] = {}
+        self.methods: dict[str, tuple] = {}
+        self.overrides: dict[tuple, tuple] = {}
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -172,7 +177,7 @@ class RegistryStub:
                     "desired": dict(twin["desired"], **{"$metadata": dict(meta), "$version": twin["dv"]}),
                     "reported": dict(twin["reported"], **{"$metadata": dict(meta), "$version": twin["rv"]})}}
 
-    def of(self, method: str, prefix: str = "/") -> List[Request]:
+    def of(self, method: str, prefix: str = "/") -> list[Request]:
         return [r for r in self.requests if r.method == method and r.path.startswith(prefix)]
 
     def close(self):
@@ -195,10 +200,10 @@ class FakeConsumer:
     def __init__(self, connection_string, partitions=("0", "1")):
         self.connection_string = connection_string
         self.partitions = partitions
-        self.kwargs: Dict[str, Any] = {}
+        self.kwargs: dict[str, Any] = {}
         self.receiving = threading.Event()
         self.closed = threading.Event()
-        self.inbox: "queue.Queue" = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
 
     def receive(self, **kwargs):
         self.kwargs = kwargs
@@ -240,8 +245,8 @@ def _timestamp(ms: int):
 _sequence = iter(range(1, 10**6))
 
 
-def iot_event(device_id: Optional[str], body: bytes = b'{"n":1}', message_id: Optional[str] = "m1",
-              properties=None, hub_ms: int = int(NOW * 1000), eventhub_ms: Optional[int] = None) -> EventData:
+def iot_event(device_id: str | None, body: bytes = b'{"n":1}', message_id: str | None = "m1",
+              properties=None, hub_ms: int = int(NOW * 1000), eventhub_ms: int | None = None) -> EventData:
     """An event as IoT Hub writes it to the built-in endpoint, through the AMQP encoder and decoder."""
     annotations = {b"iothub-message-source": b"Telemetry", b"iothub-enqueuedtime": _timestamp(hub_ms),
                    b"x-opt-enqueued-time": _timestamp(eventhub_ms or hub_ms + 20),
@@ -451,7 +456,7 @@ def test_events_become_telemetry_like_the_fake_hubs():
     assert sp["content_type"] == "application/json" and sp["content_encoding"] == "utf-8"
     assert sp["connection_device_id"] == "dev-a" and sp["message_source"] == "Telemetry"
     assert json.loads(sp["connection_auth_method"])["type"] == "sas"
-    assert sp["enqueued_time_utc"] == datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc).isoformat()
+    assert sp["enqueued_time_utc"] == datetime.datetime.fromtimestamp(NOW, datetime.UTC).isoformat()
     assert sp["sequence_number"].isdigit() and sp["partition_id"] == "3"
     assert telemetry_from_event(iot_event(None)) is None
 
@@ -524,8 +529,8 @@ class AmqpRedirectStub:
 
     def __init__(self, ca, error: AMQPError):
         self.error = error
-        self.sasl: List[Any] = []
-        self.sources: List[bytes] = []
+        self.sasl: list[Any] = []
+        self.sources: list[bytes] = []
         self.context = server_context(ca)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)

@@ -1,9 +1,9 @@
 """End to end: the standalone hub process, its info file and control API, and the real device SDK."""
 import base64
 import http.client
-import select
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -15,12 +15,11 @@ import urllib.request
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse
+from sdk_support import Inbox, bounded
 
 from pytest_iotfailover.fakehub import control_api as control
 from pytest_iotfailover.fakehub.control_api import ControlServer
 from pytest_iotfailover.model import SPECS
-
-from sdk_support import Inbox, bounded
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -154,7 +153,7 @@ def raw_request(info, head, body=b"", host=None, token=...):
     token = info["control_token"] if token is ... else token
     lines = [head]
     if host is not False:
-        lines.append(f"Host: {host or '%s:%d' % address}")
+        lines.append(f"Host: {host or f'{address[0]}:{address[1]}'}")
     if token is not None:
         lines.append(f"Authorization: Bearer {token}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
@@ -627,7 +626,7 @@ def test_invalid_arguments_exit_2(info, tmp_path, args, words):
         args = ["--host", info["gateway_host"], "--port", str(info["port"])]
     proc = subprocess.run([sys.executable, "-m", "pytest_iotfailover.fakehub", *args,
                            "--info-file", str(tmp_path / "info.json")],
-                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+                          check=False, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("iotfailover-hub: error:")
     assert words in proc.stderr
@@ -833,7 +832,7 @@ def test_connections_beyond_the_limit_get_503_and_no_thread(quick_hub):
 
 def run_hub(tmp_path, *args):
     return subprocess.run([sys.executable, "-m", "pytest_iotfailover.fakehub", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+                          check=False, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.parametrize("existing", ["info.json", "info-ca.pem"])
@@ -884,7 +883,8 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_path):
     hub = HubProcess(tmp_path, "--port", "0")
     with open(hub.stdout_path, "wb") as out, open(hub.stderr_path, "wb") as err:
         hub.proc = subprocess.Popen([sys.executable, "-m", "pytest_iotfailover.fakehub", *hub.args],
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, preexec_fn=low_soft_limit)
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    preexec_fn=low_soft_limit)  # noqa: PLW1509 - setrlimit only, before exec
     try:
         hub._wait_for_info()
         with open(f"/proc/{hub.proc.pid}/limits") as f:
