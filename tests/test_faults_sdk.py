@@ -230,7 +230,8 @@ def test_throttle_without_a_rate_closes_every_publisher_like_the_hubs_own_inject
     assert hub.wait_for_event("disconnect", device.device_id, after=f.started_at).reason == "throttled"
     f.wait(5)
     assert f.report().fault == "throttle" and f.report().devices.keys() == {device.device_id}
-    assert [t.message_id for t in hub.telemetry(device.device_id)] == ["t-1"]
+    # at least once: the SDK (or the retry above) may have sent it again after the window
+    assert {t.message_id for t in hub.telemetry(device.device_id)} == {"t-1"}
 
 
 def test_service_fault_injection_properties_kill_tcp(hub, device, client):
