@@ -15,12 +15,29 @@ from enum import Enum
 from typing import Any, ClassVar
 
 from . import checks
-
+from .errors import FaultNotSupported
 from .iothub.ledger import Telemetry
 
-__all__ = ["DeviceRecovery", "RecoveryReport", "tally_messages", "FaultKind", "FaultState", "FaultSpec",
-           "RegionFailover", "Drop", "Blackhole", "Refuse", "DropBeforeAck", "DelayAcks", "Throttle",
-           "ExpireTokens", "SPECS", "spec_for"]
+__all__ = [
+    "SPECS",
+    "Blackhole",
+    "DelayAcks",
+    "DeviceRecovery",
+    "Drop",
+    "DropBeforeAck",
+    "ExpireTokens",
+    "FaultKind",
+    "FaultSpec",
+    "FaultState",
+    "RecoveryReport",
+    "Refuse",
+    "RegionFailover",
+    "Support",
+    "Throttle",
+    "check_support",
+    "spec_for",
+    "tally_messages",
+]
 
 
 class FaultKind(str, Enum):
@@ -101,19 +118,20 @@ class FaultSpec:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any], *, what: str | None = None) -> "FaultSpec":
+    def from_kwargs(cls, kwargs: Mapping[str, Any], *, what: str | None = None) -> FaultSpec:
         """Build from keyword arguments, naming `what` (the call the user wrote) in errors."""
         what = what or f"{cls.kind.value}()"
         names = cls.parameter_names()
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
-            raise TypeError(f"{what} got unexpected argument{'s' if len(unknown) > 1 else ''} "
-                            f"{', '.join(unknown)}; it takes {', '.join(names)}")
+            got = "an unexpected keyword argument" if len(unknown) == 1 else "unexpected keyword arguments"
+            raise TypeError(f"{what} got {got} {', '.join(repr(n) for n in unknown)}; it takes "
+                            f"{', '.join(n + '=' for n in names)}")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in kwargs]
         if missing:
-            raise TypeError(f"{what} needs {', '.join(missing)}")
+            raise TypeError(f"{what} needs {', '.join(n + '=' for n in missing)}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -230,18 +248,30 @@ class DelayAcks(FaultSpec):
 class Throttle(FaultSpec):
     """Above `rate` messages/s PUBACKs are delayed (IoT Hub's traffic shaping); a message that
     would wait more than `max_delay` s closes its connection unacknowledged, as a throttled IoT Hub
-    does over MQTT (iothub-mqtt.md §8.2)."""
+    does over MQTT (iothub-mqtt.md §8.2). For `seconds` s (None: until cancelled).
+
+    `rate=None`: no shaping, the hub is over its limit outright: every publish during the window
+    closes its connection unacknowledged. That is what IoT Hub's own fault injection
+    (InvokeThrottling) does over MQTT (iothub-mqtt.md §8.3), so it is the one throttle both hubs
+    can produce. `burst` and `max_delay` shape traffic at `rate` and need it.
+    """
     kind: ClassVar[FaultKind] = FaultKind.THROTTLE
-    rate: float
+    rate: float | None = None
     seconds: float | None = None
     burst: int = 1
     max_delay: float = 10.0
 
     def check(self) -> None:
-        self._set("rate", checks.number("rate", self.rate, positive=True))
+        if self.rate is not None:
+            self._set("rate", checks.number("rate", self.rate, positive=True))
         self._set("seconds", checks.seconds("seconds", self.seconds, allow_none=True))
         checks.positive_int("burst", self.burst)
         self._set("max_delay", checks.required_seconds("max_delay", self.max_delay))
+        if self.rate is None:
+            shaping = [n for n in ("burst", "max_delay") if n in self.changed_params()]
+            if shaping:
+                raise ValueError(f"{' and '.join(n + '=' for n in shaping)} only apply with rate= "
+                                 "(they shape traffic at that rate)")
 
     @property
     def lasts(self) -> float | None:
@@ -250,7 +280,11 @@ class Throttle(FaultSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class ExpireTokens(FaultSpec):
-    """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again."""
+    """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again.
+
+    No parameters of its own: the expiry is one moment. (A real hub produces it with its fault
+    injection InvokeAuthError, whose "fault mode" duration the real backend keeps at its default.)
+    """
     kind: ClassVar[FaultKind] = FaultKind.EXPIRE_TOKENS
 
 
@@ -268,6 +302,37 @@ def spec_for(kind: str | FaultKind, kwargs: Mapping[str, Any], *, what: str | No
         known = ", ".join(k.value for k in FaultKind)
         raise ValueError(f"unknown fault {kind!r}; the faults are {known}") from None
     return SPECS[fault_kind].from_kwargs(kwargs, what=what)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend does with one fault kind.
+
+    `honours`: the parameters (targeting included) it acts on as the vocabulary says; `cannot`: for
+    each of the others, why not and what to do instead. `missing`: why the backend cannot produce
+    the kind at all (None: it can). A parameter left at its default asks nothing of a backend, so
+    only changed ones are held against this.
+    """
+    honours: frozenset[str] = frozenset()
+    cannot: Mapping[str, str] = field(default_factory=dict)
+    missing: str | None = None
+
+    @classmethod
+    def everything(cls, kind: FaultKind) -> Support:
+        return cls(honours=frozenset(SPECS[kind].parameter_names()))
+
+
+def check_support(spec: FaultSpec, table: Mapping[FaultKind, Support], hub: str) -> None:
+    """FaultNotSupported naming the kind or the first changed parameter `hub` (e.g. "a real IoT
+    Hub") cannot honour, and why; nothing if it can do all of `spec`."""
+    support = table.get(spec.kind)
+    if support is None or support.missing is not None:
+        why = support.missing if support is not None else "it has no such fault"
+        raise FaultNotSupported(f"{spec.kind} cannot be produced on {hub}: {why}")
+    for name, value in spec.changed_params().items():
+        if name not in support.honours:
+            why = support.cannot.get(name, "it has no way to act on it")
+            raise FaultNotSupported(f"{spec.kind}({name}={value!r}) cannot be honoured on {hub}: {why}")
 
 
 @dataclass

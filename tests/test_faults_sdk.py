@@ -3,15 +3,19 @@
 Clients use keep_alive 1-5 s and connection_retry_interval=1 (the SDK's floors are 1 s) so
 every scenario fits in a few seconds; each test says when it needs more than two.
 """
+import dataclasses
+import inspect
+import re
 import threading
 import time
 
 import pytest
 from azure.iot.device import Message, MethodResponse, exceptions
+from sdk_support import Inbox, bounded, make_client
 
 from pytest_iotfailover import FakeHub
-
-from sdk_support import Inbox, bounded, make_client
+from pytest_iotfailover.fakehub.faults import Faults
+from pytest_iotfailover.model import SPECS, Drop, FaultState
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -217,6 +221,19 @@ def test_throttle_shapes_then_disconnects(hub, device, client):
     assert {t.message_id for t in hub.telemetry(device.device_id)} == {str(i) for i in range(8)}
 
 
+def test_throttle_without_a_rate_closes_every_publisher_like_the_hubs_own_injection(hub, device, client):
+    # the throttle a real hub can produce too (InvokeThrottling): no shaping, every publish in the
+    # window closes its connection; the SDK re-sends until the window is over
+    f = hub.faults.throttle(seconds=1)
+    assert f.kind == "throttle" and f.spec.rate is None
+    send_with_retry(client, Message("x", message_id="t-1"), time.monotonic() + 10)
+    assert hub.wait_for_event("disconnect", device.device_id, after=f.started_at).reason == "throttled"
+    f.wait(5)
+    assert f.report().fault == "throttle" and f.report().devices.keys() == {device.device_id}
+    # at least once: the SDK (or the retry above) may have sent it again after the window
+    assert {t.message_id for t in hub.telemetry(device.device_id)} == {"t-1"}
+
+
 def test_service_fault_injection_properties_kill_tcp(hub, device, client):
     msg = Message("fault", message_id="fi-1")
     msg.custom_properties["AzIoTHub_FaultOperationType"] = "KillTcp"
@@ -260,30 +277,49 @@ def test_fault_at_offset_cancel_and_targeting(hub):
         bounded(cb.shutdown)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda f: f.region_failover(outage=-1), "outage must be a non-negative"),
-    (lambda f: f.region_failover(refuse="udp"), "refuse must be 'tcp' or 'connack'"),
-    (lambda f: f.refuse(7), "CONNACK refusal code must be 1-5"),
-    (lambda f: f.drop(after_messages=0), "after_messages= must be a positive integer"),
-    (lambda f: f.drop(at=1, after_messages=2), "not both"),
-    (lambda f: f.throttle(0), "rate must be a positive"),
-    (lambda f: f.drop_before_ack(count=0), "count must be a positive integer"),
+@pytest.mark.parametrize("call, error, message", [
+    (lambda f: f.region_failover(outage=-1), ValueError, "outage must be a non-negative"),
+    (lambda f: f.region_failover(refuse="udp"), ValueError, "refuse must be one of 'tcp', 'connack', got 'udp'"),
+    (lambda f: f.refuse(7), ValueError, "code must be at most 5, got 7"),
+    (lambda f: f.drop(after_messages=0), ValueError, "after_messages= must be at least 1, got 0"),
+    (lambda f: f.drop(at=1, after_messages=2), ValueError, "not both"),
+    (lambda f: f.throttle(0), ValueError, "rate must be a positive"),
+    (lambda f: f.throttle(burst=3), ValueError, r"burst= only apply with rate="),
+    (lambda f: f.drop_before_ack(count=0), ValueError, "count must be at least 1"),
+    # a value of the wrong type is a TypeError, as Python's own calls raise
+    (lambda f: f.refuse(True), TypeError, "code must be a whole number, got True"),
+    (lambda f: f.blackhole(float("nan")), TypeError, "seconds must be a number of seconds, got nan"),
+    (lambda f: f.throttle(float("inf")), TypeError, "rate must be a number, got inf"),
+    (lambda f: f.drop(at=True), TypeError, "at= must be a number of seconds, got True"),
+    (lambda f: f.drop(device_id=5), TypeError, "device_id must be a non-empty string, got 5"),
+    (lambda f: f.region_failover(device_id="dev1", refuse="tcp"), ValueError, "refuse='tcp' needs the whole hub"),
 ])
-def test_bad_fault_arguments_are_named(hub, call, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_fault_arguments_are_named(hub, call, error, message):
+    with pytest.raises(error) as e:
         call(hub.faults)
+    assert re.search(message, str(e.value)), str(e.value)
+    assert str(e.value).startswith("hub.faults."), "the error names the call"
+    assert hub.faults.history() == []
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda f: f.refuse(True), "CONNACK refusal code must be 1-5"),
-    (lambda f: f.blackhole(float("nan")), "seconds must be a non-negative"),
-    (lambda f: f.throttle(float("inf")), "rate must be a positive"),
-    (lambda f: f.drop(at=True), "at= must be a non-negative"),
-    (lambda f: f.region_failover(device_id="dev1", refuse="tcp"), "refuse='tcp' needs the whole hub"),
-])
-def test_bools_and_non_finite_numbers_are_refused(hub, call, message):
-    with pytest.raises(ValueError, match=message):
-        call(hub.faults)
+def test_a_spec_built_elsewhere_starts_the_same_fault(hub, device):
+    handle = hub.faults.start(Drop(device_id=device.device_id, at=30))
+    assert handle.kind == "drop" and handle.state is FaultState.PENDING and handle.spec == Drop(
+        device_id=device.device_id, at=30.0)
+    assert handle.params == {"graceful": False, "reason": "drop"}
+    assert hub.faults.history()[0].spec is handle.spec, "history keeps the spec"
+    handle.cancel()
+    assert handle.state == "cancelled"
+    with pytest.raises(TypeError, match="takes a FaultSpec"):
+        hub.faults.start({"kind": "drop"})
+
+
+def test_every_fault_method_takes_its_specs_names_and_defaults():
+    for kind, cls in SPECS.items():
+        params = inspect.signature(getattr(Faults, kind.value)).parameters
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        assert {n: p.default for n, p in params.items() if n != "self"} == {
+            n: (inspect.Parameter.empty if d is dataclasses.MISSING else d) for n, d in fields.items()}, kind
 
 
 def test_fault_ids_count_per_hub_and_cancelled_faults_never_start(hub):
@@ -323,3 +359,34 @@ def test_overlapping_outages_are_refused(hub, device):
     counting.cancel()
     hub.faults.drop()  # other kinds are not outages
     assert [h.state for h in hub.faults.history()] == ["ended", "cancelled", "cancelled", "cancelled", "ended"]
+
+
+# every kind with each of its parameters changed from the default: the embedded hub honours them all
+FAKE_CASES = [
+    ("region_failover", {"outage": 5, "keep_sessions": True, "refuse": "connack"}),
+    ("drop", {"graceful": True}), ("blackhole", {"seconds": 3}), ("refuse", {"code": 5, "seconds": 2}),
+    ("drop_before_ack", {"count": 4}), ("delay_acks", {"seconds": 0.5, "duration": 2}),
+    ("throttle", {"rate": 5, "seconds": 2, "burst": 3, "max_delay": 1}), ("throttle", {"seconds": 2}),
+    ("expire_tokens", {}),
+]
+
+
+@pytest.mark.parametrize("kind, kwargs", FAKE_CASES, ids=lambda v: v if isinstance(v, str) else ",".join(v))
+def test_the_embedded_backend_honours_every_parameter(kind, kwargs):
+    from pytest_iotfailover.backends.fake import FakeBackend
+    from pytest_iotfailover.model import spec_for
+    backend = FakeBackend("specshub")
+    try:
+        backend.create_device("d1")
+        mark = backend.fault_mark()
+        spec = spec_for(kind, dict(kwargs, device_id="d1", at=60))
+        handle = backend.start_fault(spec)
+        assert handle.spec is spec and handle.kind == kind and handle.state is FaultState.PENDING
+        assert handle.device_id == "d1" and handle._fault.due_at is not None
+        shown = handle.params
+        for name, value in kwargs.items():
+            assert shown[name] == value, (name, shown)
+        assert spec.lasts == handle._fault.duration
+        assert [h.state for h in backend.end_faults_since(mark)] == ["cancelled"]
+    finally:
+        backend.close()

@@ -429,6 +429,20 @@ def test_mistaken_calls_name_what_the_user_wrote(pytester, run):
                 failover.outage(-3)
             assert str(e.value) == "failover.outage(): seconds must be a non-negative number of seconds, got -3"
 
+        def test_fault_arguments_are_the_vocabularys(failover):
+            with pytest.raises(TypeError) as e:
+                failover.expire_tokens(seconds=1)
+            assert str(e.value).startswith("failover.expire_tokens() got an unexpected keyword argument 'seconds'")
+            with pytest.raises(ValueError) as e:
+                failover.throttle(burst=2)
+            assert str(e.value).startswith("failover.throttle(): burst= only apply with rate=")
+            with pytest.raises(TypeError) as e:
+                failover.drop(graceful="yes")
+            assert str(e.value) == "failover.drop(): graceful must be True or False, got 'yes'"
+            with pytest.raises(TypeError) as e:
+                failover.outage(2, outage=3)
+            assert "failover.outage() got an unexpected keyword argument 'outage'" in str(e.value)
+
         def test_overlapping_outages(failover, device_client):
             first = failover.outage(30)
             with pytest.raises(ValueError) as e:
@@ -460,7 +474,26 @@ def test_mistaken_calls_name_what_the_user_wrote(pytester, run):
                 outbox.close(timeout=1)
     """)
     result = run("-p", "no:randomly")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
+
+
+def test_a_fault_the_hub_cannot_honour_skips_with_the_reason(pytester, run):
+    # the embedded hub honours everything, so the inner test narrows its table the way a real hub's is
+    pytester.makepyfile("""
+        from pytest_iotfailover.backends import fake
+        from pytest_iotfailover.model import FaultKind, Support
+
+        def test_shaped_throttle(failover, monkeypatch):
+            monkeypatch.setitem(fake.SUPPORT, FaultKind.THROTTLE, Support(
+                honours=frozenset({"device_id", "at", "seconds"}), cannot={"rate": "it has no rate here"}))
+            failover.throttle(seconds=1).wait(5)   # honoured
+            failover.throttle(10, seconds=1)       # not: the test skips
+            raise AssertionError("not reached")
+    """)
+    result = run("-rs")
+    result.assert_outcomes(skipped=1)
+    reason = "*failover.throttle(): throttle(rate=10.0) cannot be honoured on the embedded hub: it has no rate here*"
+    result.stdout.fnmatch_lines([reason])
 
 
 def test_a_test_that_swallows_every_interruption_ends_its_worker_not_the_run(pytester, run):
@@ -562,7 +595,9 @@ def test_a_fault_the_hub_cannot_produce_skips_the_test(pytester, run):
     result = run("-rs")
     result.assert_outcomes(skipped=2)
     out = result.stdout.str()
-    assert out.count("the hub cannot produce this fault: this hub has no such fault") == 2
+    # the reason names the call the test made
+    assert "the hub cannot produce this fault: failover.blackhole(): this hub has no such fault" in out
+    assert "the hub cannot produce this fault: failover.drop(): this hub has no such fault" in out
     # the test's own location, not the plugin's
     assert "test_a_fault_the_hub_cannot_produce_skips_the_test.py:" in out and "hooks.py" not in out
 

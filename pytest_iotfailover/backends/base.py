@@ -13,7 +13,7 @@ from ..iothub.core import MethodResponse
 from ..iothub.events import HubEvent
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device
-from ..model import RecoveryReport
+from ..model import FaultSpec, RecoveryReport
 
 
 @runtime_checkable
@@ -78,8 +78,9 @@ class Hub(abc.ABC):
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int: ...
 
     @abc.abstractmethod
-    def start_fault(self, kind: str, **kwargs: Any) -> Any:
-        """Start a fault of the shared vocabulary; returns its handle. FaultNotSupported if impossible."""
+    def start_fault(self, spec: FaultSpec) -> Any:
+        """Start the fault `spec` describes; returns its handle. FaultNotSupported naming the
+        parameter when this hub cannot honour it."""
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every SDK client for this hub needs (e.g. the CA to trust)."""

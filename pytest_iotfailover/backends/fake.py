@@ -2,14 +2,15 @@
 from collections.abc import Collection
 from typing import Any
 
-from ..errors import FaultNotSupported
 from ..fakehub.hub import FakeHub
 from ..iothub.events import HubEvent
 from ..iothub.ledger import Telemetry
+from ..model import FaultKind, FaultSpec, Support, check_support
 from .base import Hub
 
-FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
-               "throttle", "expire_tokens")
+HUB = "the embedded hub"
+# The embedded hub is where the vocabulary comes from: it honours every kind and parameter.
+SUPPORT = {kind: Support.everything(kind) for kind in FaultKind}
 
 
 class FakeBackend(Hub):
@@ -56,10 +57,9 @@ class FakeBackend(Hub):
     def update_desired(self, device_id, patch):
         return self.fakehub.update_desired(device_id, patch)
 
-    def start_fault(self, kind, **kwargs):
-        if kind not in FAULT_KINDS:
-            raise FaultNotSupported(f"unknown fault {kind!r}; the fake hub knows {', '.join(FAULT_KINDS)}")
-        return getattr(self.fakehub.faults, kind)(**kwargs)
+    def start_fault(self, spec: FaultSpec):
+        check_support(spec, SUPPORT, HUB)
+        return self.fakehub.faults.start(spec)
 
     def fault_mark(self):
         return len(self.fakehub.faults.history()) if self.fakehub.running else 0

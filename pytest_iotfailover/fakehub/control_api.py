@@ -28,8 +28,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
 
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
-`POST /faults/{kind}` holds the keyword arguments of that `Faults` method (an empty body takes the
-defaults); `report` is the fault's `RecoveryReport` as nested objects.
+`POST /faults/{kind}` holds the arguments of that kind's fault spec (model.py), which are those of
+the `Faults` method of that name (an empty body takes the defaults); `report` is the fault's
+`RecoveryReport` as nested objects.
 
 Every request must name this API in `Host` (its address or `localhost`, with the port; 421
 otherwise) and be complete within `request_timeout` of its first byte (408 otherwise). At most
@@ -40,7 +41,6 @@ import binascii
 import concurrent.futures
 import dataclasses
 import hmac
-import inspect
 import io
 import ipaddress
 import json
@@ -52,18 +52,26 @@ import socket
 import sys
 import threading
 import time
+import typing
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..iothub.auth import redact
-from .faults import FaultHandle, Faults
 from ..iothub.core import HubOperationError
 from ..iothub.registry import check_device_id
+from ..model import SPECS, FaultKind, FaultSpec, spec_for
+from .faults import FaultHandle
 
-__all__ = ["ControlServer", "MAX_BODY_SIZE", "MAX_CONNECTIONS", "MAX_JSON_DEPTH", "REQUEST_TIMEOUT",
-           "FAULT_KINDS"]
+__all__ = [
+    "FAULT_KINDS",
+    "MAX_BODY_SIZE",
+    "MAX_CONNECTIONS",
+    "MAX_JSON_DEPTH",
+    "REQUEST_TIMEOUT",
+    "ControlServer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +95,8 @@ MAX_JSON_DEPTH = 64
 DRAIN_SECONDS = 2.0
 DRAIN_BYTES = 16 * 1024 * 1024
 
-# The `Faults` methods the API exposes; each is also the {kind} of POST /faults/{kind}.
-FAULT_KINDS = ("region_failover", "drop", "blackhole", "refuse", "drop_before_ack", "delay_acks",
-               "throttle", "expire_tokens")
+# The fault vocabulary's kinds (model.FaultKind); each is the {kind} of POST /faults/{kind}.
+FAULT_KINDS = tuple(kind.value for kind in FaultKind)
 MAX_FAULT_WAIT = 300.0
 DEFAULT_FAULT_WAIT = 60.0
 # A waiting handler wakes this often to notice that the server or the hub is going away.
@@ -102,24 +109,26 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                   b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
 
-# JSON types of the fault arguments, by name: a name means the same thing in every kind. The
-# names themselves come from the method signatures, so the API follows the Python one.
-_FAULT_ARG_TYPES = {
-    "device_id": "string", "refuse": "string",
-    "keep_sessions": "boolean", "graceful": "boolean",
-    "after_messages": "integer", "code": "integer", "count": "integer", "burst": "integer",
-    "at": "number", "outage": "number", "seconds": "number", "duration": "number", "rate": "number",
-    "max_delay": "number",
-}
-_FAULT_PARAMS = {
-    kind: {name: param for name, param in inspect.signature(getattr(Faults, kind)).parameters.items()
-           if name != "self"}
-    for kind in FAULT_KINDS
-}
+
+
+def _json_types(cls: type) -> dict[str, tuple[str, bool, bool]]:
+    """(JSON type, nullable, required) of each argument of a fault spec, from its annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name]) or (hints[f.name],)
+        base = next(a for a in args if a is not type(None))
+        out[f.name] = (_JSON_NAMES[base], type(None) in args, f.default is dataclasses.MISSING)
+    return out
+
+
+_JSON_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+# JSON types of each kind's arguments: the spec's own field types, held to strictly
+_FAULT_ARGS = {kind.value: _json_types(cls) for kind, cls in SPECS.items()}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -195,9 +204,9 @@ class _Server(ThreadingHTTPServer):
     # a burst of connections beyond the default backlog of 5 would wait out SYN retransmits
     request_queue_size = 128
 
-    def __init__(self, address: Tuple[str, int], control: "ControlServer"):
+    def __init__(self, address: tuple[str, int], control: "ControlServer"):
         self.control = control
-        self.open_sockets = set()
+        self.open_sockets: set = set()
         self.sockets_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -267,7 +276,7 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self._idle_timeout = idle_timeout
         self._request_timeout = request_timeout
-        self.deadline: Optional[float] = None
+        self.deadline: float | None = None
         self.idle = False
         self.expired = False  # the last request ran out of time after its first byte
 
@@ -314,8 +323,9 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self._reader.await_request()
         self._responded = False
-        # what parse_request would set, for a 408 to a request line that never ended
-        self.command, self.requestline, self.request_version = None, "", self.protocol_version
+        # what parse_request would set, for a 408 to a request line that never ended (no command yet)
+        self.command = None  # type: ignore[assignment]
+        self.requestline, self.request_version = "", self.protocol_version
         super().handle_one_request()
         if self._reader.expired and not self._responded:
             # http.server drops a request that times out in its headers without a word
@@ -333,7 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         log.debug("control API %s: " + format, self.address_string(), *args)
 
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server calls this for malformed requests and unknown methods; keep answers JSON
         self.close_connection = True
         try:
@@ -342,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
             text = f"HTTP error {code}"
         self._send_json(code, {"error": text})
 
-    def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._responded = True
         # the request is in; writes get the idle timeout, as a bound on a client that stops reading
         self._reader.deadline = None
@@ -380,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
-        except Exception as exc:  # one bad request must not take the server thread down
+        except Exception as exc:  # noqa: BLE001 - one bad request must not take the server thread down
             if not self.server.control.hub.running:
                 status, result = 503, {"error": "the hub is not running"}
             else:
@@ -547,7 +557,7 @@ class _Handler(BaseHTTPRequestHandler):
                            {"Allow": ", ".join(allowed)})
 
     @staticmethod
-    def _params(query: str, *known: str) -> Dict[str, str]:
+    def _params(query: str, *known: str) -> dict[str, str]:
         try:
             parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, errors="strict")
         except UnicodeDecodeError:
@@ -563,7 +573,7 @@ class _Handler(BaseHTTPRequestHandler):
         return out
 
     @staticmethod
-    def _json_object(body: bytes, allow_empty: bool = False) -> Dict[str, Any]:
+    def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
         if not body.strip():
             if allow_empty:
                 return {}
@@ -584,7 +594,7 @@ class _Handler(BaseHTTPRequestHandler):
         return obj
 
 
-def _field(obj: Dict[str, Any], name: str, types, type_name: str, required: bool = True,
+def _field(obj: dict[str, Any], name: str, types, type_name: str, required: bool = True,
            default: Any = None) -> Any:
     if name not in obj:
         if required:
@@ -623,27 +633,22 @@ def _fault_arg_ok(kind: str, value: Any) -> bool:
     return kind == "number" and isinstance(value, float) and math.isfinite(value)
 
 
-def _fault_kwargs(kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
-    """`obj` checked against the signature of `Faults.<kind>`, with JSON types held to strictly.
-
-    Values are only type-checked here: their ranges and combinations are the `Faults` method's
-    business, and its ValueError/TypeError messages reach the client unchanged.
-    """
-    params = _FAULT_PARAMS[kind]
-    extra = sorted(set(obj) - set(params))
+def _fault_spec(kind: str, obj: dict[str, Any]) -> FaultSpec:
+    """The fault spec of `obj`, its JSON types held to strictly (true is no number, 2.0 no
+    integer); ranges and combinations are the spec's own checks, named after this request."""
+    args = _FAULT_ARGS[kind]
+    extra = sorted(set(obj) - set(args))
     if extra:
         raise ApiError(400, f"unknown argument{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
-                            f"for {kind} (allowed: {', '.join(params) or 'none'})")
-    for name, param in params.items():
-        want = _FAULT_ARG_TYPES.get(name)
-        nullable = param.default is None
-        what = f"{'an' if want == 'integer' else 'a'} {want or 'value'}{' or null' if nullable else ''}"
+                            f"for {kind} (allowed: {', '.join(args) or 'none'})")
+    for name, (want, nullable, required) in args.items():
+        what = f"{'an' if want == 'integer' else 'a'} {want}{' or null' if nullable else ''}"
         if name not in obj:
-            if param.default is inspect.Parameter.empty:
+            if required:
                 raise ApiError(400, f"missing argument {name!r} for {kind} ({what})")
             continue
         value = obj[name]
-        if want is None or (value is None and nullable):
+        if value is None and nullable:
             continue
         if not _fault_arg_ok(want, value):
             got = _json_type(value)
@@ -651,21 +656,24 @@ def _fault_kwargs(kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
                 out_of_range = isinstance(value, int) or not math.isfinite(value)
                 got = "a number out of range" if out_of_range else repr(value)
             raise ApiError(400, f"argument {name!r} of {kind} must be {what}, not {got}")
-    return dict(obj)
+    try:
+        return spec_for(kind, obj, what=f"POST /faults/{kind}")
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, str(exc)) from None
 
 
-def _fault_json(index: int, handle: FaultHandle) -> Dict[str, Any]:
+def _fault_json(index: int, handle: FaultHandle) -> dict[str, Any]:
     return {"id": index, "kind": handle.kind, "device_id": handle.device_id, "params": handle.params,
             "state": handle.state, "started_at": handle.started_at, "ended_at": handle.ended_at}
 
 
-def _fault_with_report(index: int, handle: FaultHandle) -> Dict[str, Any]:
+def _fault_with_report(index: int, handle: FaultHandle) -> dict[str, Any]:
     out = _fault_json(index, handle)
     out["report"] = dataclasses.asdict(handle.report())
     return out
 
 
-def _no_extra_fields(obj: Dict[str, Any], *known: str) -> None:
+def _no_extra_fields(obj: dict[str, Any], *known: str) -> None:
     extra = sorted(set(obj) - set(known))
     if extra:
         raise ApiError(400, f"unknown field{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
@@ -675,7 +683,7 @@ def _no_extra_fields(obj: Dict[str, Any], *known: str) -> None:
 class ControlServer:
     """The HTTP control API for `hub`, served from its own daemon thread on a loopback address."""
 
-    def __init__(self, hub, host: Optional[str] = "127.0.0.1", port: int = 0, token: Optional[str] = None,
+    def __init__(self, hub, host: str | None = "127.0.0.1", port: int = 0, token: str | None = None,
                  request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.hub = hub
         self.host = _loopback_address(host or "127.0.0.1")
@@ -700,13 +708,13 @@ class ControlServer:
         from ..redaction import remember
         remember(token)
         self._port = port
-        self._httpd: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
         self._closing = threading.Event()
 
     # --- life cycle ----------------------------------------------------------------------------
 
-    def start(self) -> "ControlServer":
+    def start(self) -> typing.Self:
         if self._httpd is not None:
             raise RuntimeError("this ControlServer was already started")
         try:
@@ -735,7 +743,7 @@ class ControlServer:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> "ControlServer":
+    def __enter__(self) -> typing.Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -761,7 +769,7 @@ class ControlServer:
         if self.hub.registry.get(device_id) is None:
             raise ApiError(404, f"no device {device_id!r} on hub {self.hub.hub_name!r}")
 
-    def telemetry(self, device_id: Optional[str]) -> List[Dict[str, Any]]:
+    def telemetry(self, device_id: str | None) -> list[dict[str, Any]]:
         if device_id is not None:
             self._known_device(device_id)
         return [{
@@ -776,15 +784,15 @@ class ControlServer:
             "enqueued_at": t.enqueued_at,
         } for t in self.hub.telemetry(device_id)]
 
-    def events(self, kind: Optional[str], device_id: Optional[str]) -> List[Dict[str, Any]]:
+    def events(self, kind: str | None, device_id: str | None) -> list[dict[str, Any]]:
         return [{"kind": e.kind, "device_id": e.device_id, "at": e.at, "detail": e.detail}
                 for e in self.hub.event_log.list(kind, device_id)]
 
-    def list_devices(self) -> List[Dict[str, Any]]:
+    def list_devices(self) -> list[dict[str, Any]]:
         return [{"device_id": d.device_id, "enabled": d.enabled, "connection_string": d.connection_string}
                 for d in self.hub.devices]
 
-    def add_device(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+    def add_device(self, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "device_id", "primary_key")
         device_id = _field(obj, "device_id", str, "a string")
         primary_key = _field(obj, "primary_key", str, "a base64 string", required=False)
@@ -801,7 +809,7 @@ class ControlServer:
             raise ApiError(status, str(exc)) from None
         return {"device_id": dev.device_id, "connection_string": dev.connection_string}
 
-    def send_c2d(self, device_id: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+    def send_c2d(self, device_id: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "body", "body_base64", "properties", "message_id")
         if ("body" in obj) == ("body_base64" in obj):
             raise ApiError(400, "give exactly one of 'body' (a string) and 'body_base64'")
@@ -820,7 +828,7 @@ class ControlServer:
         self._known_device(device_id)
         return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id)}
 
-    def invoke_method(self, device_id: str, method_name: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+    def invoke_method(self, device_id: str, method_name: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "payload", "timeout")
         timeout = _field(obj, "timeout", (int, float), "a number of seconds", required=False, default=30.0)
         if not 0 < timeout <= MAX_METHOD_TIMEOUT:
@@ -830,11 +838,11 @@ class ControlServer:
         response = self.hub.invoke_method(device_id, method_name, obj.get("payload"), float(timeout))
         return {"status": response.status, "payload": response.payload}
 
-    def get_twin(self, device_id: str) -> Dict[str, Any]:
+    def get_twin(self, device_id: str) -> dict[str, Any]:
         self._known_device(device_id)
         return self.hub.get_twin(device_id)
 
-    def update_desired(self, device_id: str, patch: Dict[str, Any]) -> Dict[str, Any]:
+    def update_desired(self, device_id: str, patch: dict[str, Any]) -> dict[str, Any]:
         self._known_device(device_id)
         return {"version": self.hub.update_desired(device_id, patch)}
 
@@ -845,35 +853,35 @@ class ControlServer:
         if kind not in FAULT_KINDS:
             raise ApiError(404, f"unknown fault kind {kind!r}; the kinds are {', '.join(FAULT_KINDS)}")
 
-    def start_fault(self, kind: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+    def start_fault(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         self.check_fault_kind(kind)
-        kwargs = _fault_kwargs(kind, obj)
-        start = getattr(self.hub.faults, kind)
+        spec = _fault_spec(kind, obj)
 
         def run():
             # history only grows, and only on this thread: the new fault lands at its current length
             index = len(self.hub.faults.history())
-            return _fault_json(index, start(**kwargs))
+            return _fault_json(index, self.hub.faults.start(spec))
         try:
             return self.hub._call(run)
         except (ValueError, TypeError) as exc:
-            raise ApiError(400, str(exc)) from None
+            # the hub's own refusals: an unknown device, an outage overlapping another
+            raise ApiError(400, f"POST /faults/{kind}: {exc}") from None
 
-    def list_faults(self) -> List[Dict[str, Any]]:
+    def list_faults(self) -> list[dict[str, Any]]:
         return self.hub._call(lambda: [_fault_json(i, h) for i, h in enumerate(self.hub.faults.history())])
 
-    def _fault(self, fault_id: str) -> Tuple[int, FaultHandle]:
+    def _fault(self, fault_id: str) -> tuple[int, FaultHandle]:
         history = self.hub.faults.history()
         if _FAULT_ID.fullmatch(fault_id) and int(fault_id) < len(history):
             return int(fault_id), history[int(fault_id)]
         known = f"ids are 0 to {len(history) - 1}" if history else "no fault has been started"
         raise ApiError(404, f"no fault {fault_id!r} on hub {self.hub.hub_name!r}; {known} (GET /faults)")
 
-    def get_fault(self, fault_id: str) -> Dict[str, Any]:
+    def get_fault(self, fault_id: str) -> dict[str, Any]:
         index, handle = self._fault(fault_id)
         return self.hub._call(_fault_with_report, index, handle)
 
-    def cancel_fault(self, fault_id: str) -> Dict[str, Any]:
+    def cancel_fault(self, fault_id: str) -> dict[str, Any]:
         index, handle = self._fault(fault_id)
 
         def run():
@@ -881,7 +889,7 @@ class ControlServer:
             return _fault_json(index, handle)
         return self.hub._call(run)
 
-    def wait_fault(self, fault_id: str, obj: Dict[str, Any]) -> Dict[str, Any]:
+    def wait_fault(self, fault_id: str, obj: dict[str, Any]) -> dict[str, Any]:
         index, handle = self._fault(fault_id)
         _no_extra_fields(obj, "timeout")
         timeout = _field(obj, "timeout", (int, float), "a number of seconds", required=False,

@@ -1,49 +1,62 @@
-"""`hub.faults`: the thread-safe face of the fault engine (iothub/faults.py). Every call returns a
-`FaultHandle`; `build_report` turns the hub's event log and ledger into a `RecoveryReport`."""
-import math
-from typing import List, Optional
+"""`hub.faults`: the thread-safe face of the fault engine (iothub/faults.py). Every call builds the
+fault's `FaultSpec` (model.py: the one vocabulary of both hubs, which checks the arguments) and
+returns a `FaultHandle`; `build_report` turns the hub's event log and ledger into a `RecoveryReport`.
+
+`engine_fault(spec)` is the one place that knows how the engine wants a fault described.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any, Self
 
 from ..iothub.faults import _ATTEMPT_KINDS, _CLIENT_SIDE_REASONS, Fault
-from ..model import DeviceRecovery, RecoveryReport, tally_messages
+from ..model import DeviceRecovery, FaultKind, FaultSpec, FaultState, RecoveryReport, Throttle, spec_for, tally_messages
+
 
 class FaultHandle:
     """A scheduled or running fault. Thread-safe; also a context manager for its duration."""
 
-    def __init__(self, hub, fault: Fault):
+    def __init__(self, hub, fault: Fault, spec: FaultSpec | None = None):
         self._hub = hub
         self._fault = fault
+        self.spec = spec  # None for a fault a device asked for (service fault injection)
 
-    kind = property(lambda self: self._fault.kind)
+    @property
+    def kind(self) -> str:
+        return _kind_of(self._fault, self.spec)
+
     device_id = property(lambda self: self._fault.device_id)
     params = property(lambda self: dict(self._fault.params))
     started_at = property(lambda self: self._fault.started_at)
     ended_at = property(lambda self: self._fault.ended_at)
-    state = property(lambda self: self._fault.state)
-    active = property(lambda self: self._fault.state == "active")
+    state = property(lambda self: FaultState(self._fault.state))
+    active = property(lambda self: self._fault.state == FaultState.ACTIVE)
 
-    def wait_started(self, timeout: Optional[float] = 30.0) -> "FaultHandle":
+    def wait_started(self, timeout: float | None = 30.0) -> FaultHandle:
         if not self._fault.started.wait(timeout) and self._fault.state == "pending":
             raise TimeoutError(f"fault {self.kind} did not start within {timeout:g} s")
         if self._fault.state == "cancelled":
             raise RuntimeError(f"fault {self.kind} was cancelled before it started")
         return self
 
-    def wait(self, timeout: Optional[float] = 60.0) -> "FaultHandle":
+    def wait(self, timeout: float | None = 60.0) -> FaultHandle:
         """Block until the fault is over (the hub is back); TimeoutError if it is not by then."""
         if not self._fault.done.wait(timeout):
             raise TimeoutError(f"fault {self.kind} still {self._fault.state} after {timeout:g} s")
         return self
 
-    def cancel(self) -> "FaultHandle":
+    def cancel(self) -> FaultHandle:
         """Never start it, or end it now."""
         if self._hub.running:
             self._hub._call(self._hub._faults_engine.end, self._fault, True)
         return self
 
     def report(self) -> RecoveryReport:
-        return self._hub._call(build_report, self._hub, self._fault)
+        return self._hub._call(build_report, self._hub, self._fault, self.spec)
 
-    def __enter__(self) -> "FaultHandle":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -54,8 +67,13 @@ class FaultHandle:
         return f"<FaultHandle {self.kind} {self.state}{' @' + self.device_id if self.device_id else ''}>"
 
 
-def build_report(hub, fault: Fault) -> RecoveryReport:
-    rep = RecoveryReport(fault.kind, fault.device_id, dict(fault.params), fault.started_at, fault.ended_at)
+def _kind_of(fault: Fault, spec: FaultSpec | None) -> str:
+    # the vocabulary's name, also where the engine runs the fault as another of its kinds
+    return fault.kind if spec is None else spec.kind.value
+
+
+def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryReport:
+    rep = RecoveryReport(_kind_of(fault, spec), fault.device_id, dict(fault.params), fault.started_at, fault.ended_at)
     if fault.started_at is None:
         return rep
     start = fault.started_at
@@ -85,124 +103,111 @@ def build_report(hub, fault: Fault) -> RecoveryReport:
     return rep
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive_int(name, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return v
-
-
-def _check_target(device_id, at, after_messages):
-    if device_id is not None and not isinstance(device_id, str):
-        raise TypeError(f"device_id must be a string, not {type(device_id).__name__}")
-    if at is not None and (not _is_number(at) or at < 0):
-        raise ValueError(f"at= must be a non-negative number of seconds, got {at!r}")
-    if after_messages is not None:
-        _positive_int("after_messages=", after_messages)
-    if at and after_messages:
-        raise ValueError("give at= or after_messages=, not both")
-
-
-def _seconds(name, value, allow_none=True):
-    if value is None and allow_none:
-        return None
-    if not _is_number(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
-    return float(value)
+def engine_fault(spec: FaultSpec) -> Fault:
+    """The engine's description of `spec`: its kind, target, window and parameters (also what
+    `handle.params` and the event log show)."""
+    params: dict[str, Any] = spec.params()
+    kind = spec.kind.value
+    if spec.kind is FaultKind.REGION_FAILOVER:
+        params["refuse"] = spec.refusal  # type: ignore[attr-defined]
+    elif spec.kind is FaultKind.DROP:
+        params["reason"] = "drop"
+    elif spec.kind is FaultKind.DROP_BEFORE_ACK:
+        params["remaining"] = params["count"]
+    elif isinstance(spec, Throttle) and spec.rate is None:
+        # over the limit outright: what the engine does for IoT Hub's own InvokeThrottling request
+        kind, params = "reject_publishes", {"reason": "throttled", "seconds": spec.seconds, "source": "throttle"}
+    return Fault(kind, spec.device_id, spec.lasts, **params)
 
 
 class Faults:
     """`hub.faults`: start faults now (default), `at=` seconds from now, or `after_messages=` N more
-    accepted messages; on the whole hub or one `device_id=`."""
+    accepted messages; on the whole hub or one `device_id=`. Each method's arguments are its
+    kind's `FaultSpec` (model.py); `start(spec)` takes one built elsewhere."""
 
-    def __init__(self, hub):
+    def __init__(self, hub) -> None:
         self._hub = hub
+        self._lock = threading.Lock()
+        self._specs: weakref.WeakKeyDictionary[Fault, FaultSpec] = weakref.WeakKeyDictionary()
 
-    def _schedule(self, kind, device_id, at, after_messages, lasts, **params) -> FaultHandle:
-        _check_target(device_id, at, after_messages)
-        if device_id is not None and self._hub.registry.get(device_id) is None:
+    def start(self, spec: FaultSpec) -> FaultHandle:
+        """Start (or schedule) the fault `spec` describes."""
+        if not isinstance(spec, FaultSpec):
+            raise TypeError(f"hub.faults.start() takes a FaultSpec (pytest_iotfailover.model), "
+                            f"not {type(spec).__name__}")
+        if spec.device_id is not None and self._hub.registry.get(spec.device_id) is None:
             # a fault on a device the hub does not know would affect nothing and pass silently
-            raise ValueError(f"device_id={device_id!r}: no such device on this hub")
-        fault = Fault(kind, device_id, lasts, **params)
+            raise ValueError(f"device_id={spec.device_id!r}: no such device on this hub")
+        fault = engine_fault(spec)
+        with self._lock:
+            self._specs[fault] = spec
         engine = self._hub._faults_engine
-        self._hub._call(engine.schedule, fault, at, after_messages)
-        return FaultHandle(self._hub, fault)
+        self._hub._call(engine.schedule, fault, spec.at, spec.after_messages)
+        return FaultHandle(self._hub, fault, spec)
 
-    def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: Optional[str] = None,
+    def _start(self, kind: FaultKind, kwargs: Mapping[str, Any]) -> FaultHandle:
+        return self.start(spec_for(kind, kwargs, what=f"hub.faults.{kind.value}()"))
+
+    def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
         MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
         `refuse`: "tcp" (default for the whole hub) or "connack" (CONNACK 3; the only choice for one
         device, since a TCP refusal cannot know which device is knocking)."""
-        if refuse is None:
-            refuse = "tcp" if device_id is None else "connack"
-        if refuse not in ("tcp", "connack"):
-            raise ValueError(f"refuse must be 'tcp' or 'connack', got {refuse!r}")
-        if refuse == "tcp" and device_id is not None:
-            raise ValueError("refuse='tcp' needs the whole hub: a refused TCP connection names no device")
-        if not isinstance(keep_sessions, bool):
-            raise TypeError(f"keep_sessions must be True or False, got {keep_sessions!r}")
-        return self._schedule("region_failover", device_id, at, after_messages,
-                              _seconds("outage", outage, False), outage=float(outage),
-                              keep_sessions=bool(keep_sessions), refuse=refuse)
+        return self._start(FaultKind.REGION_FAILOVER, {
+            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "device_id": device_id, "at": at,
+            "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""
-        if not isinstance(graceful, bool):
-            raise TypeError(f"graceful must be True or False, got {graceful!r}")
-        return self._schedule("drop", device_id, at, after_messages, None, graceful=graceful, reason="drop")
+        return self._start(FaultKind.DROP, {"graceful": graceful, "device_id": device_id, "at": at,
+                                                "after_messages": after_messages})
 
-    def blackhole(self, seconds: Optional[float] = None, *, device_id=None, at=None,
+    def blackhole(self, seconds: float | None = None, *, device_id=None, at=None,
                   after_messages=None) -> FaultHandle:
         """Connections stay open but the hub reads and sends nothing; new ones get no CONNACK.
         `seconds=None`: until cancelled or the `with` block ends."""
-        seconds = _seconds("seconds", seconds)
-        return self._schedule("blackhole", device_id, at, after_messages, seconds, seconds=seconds)
+        return self._start(FaultKind.BLACKHOLE, {"seconds": seconds, "device_id": device_id, "at": at,
+                                                     "after_messages": after_messages})
 
-    def refuse(self, code: int = 3, seconds: Optional[float] = None, *, device_id=None, at=None,
+    def refuse(self, code: int = 3, seconds: float | None = None, *, device_id=None, at=None,
                after_messages=None) -> FaultHandle:
         """New CONNECTs answered with this CONNACK code (3 server unavailable; 4 and 5 make the
         Python SDK stop retrying for good)."""
-        if isinstance(code, bool) or code not in (1, 2, 3, 4, 5):
-            raise ValueError(f"CONNACK refusal code must be 1-5, got {code!r}")
-        seconds = _seconds("seconds", seconds)
-        return self._schedule("refuse", device_id, at, after_messages, seconds, code=code, seconds=seconds)
+        return self._start(FaultKind.REFUSE, {"code": code, "seconds": seconds, "device_id": device_id, "at": at,
+                                                  "after_messages": after_messages})
 
     def drop_before_ack(self, count: int = 1, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """The next `count` publishes are accepted (recorded) but the connection is reset before
         the PUBACK, so the client re-sends them: the ledger shows the duplicates."""
-        _positive_int("count", count)
-        return self._schedule("drop_before_ack", device_id, at, after_messages, None,
-                              count=count, remaining=count)
+        return self._start(FaultKind.DROP_BEFORE_ACK, {"count": count, "device_id": device_id, "at": at,
+                                                           "after_messages": after_messages})
 
-    def delay_acks(self, seconds: float, duration: Optional[float] = None, *, device_id=None, at=None,
+    def delay_acks(self, seconds: float, duration: float | None = None, *, device_id=None, at=None,
                    after_messages=None) -> FaultHandle:
         """Every PUBACK goes out `seconds` late, for `duration` s (None: until cancelled)."""
-        duration = _seconds("duration", duration)
-        return self._schedule("delay_acks", device_id, at, after_messages, duration,
-                              seconds=_seconds("seconds", seconds, False), duration=duration)
+        return self._start(FaultKind.DELAY_ACKS, {"seconds": seconds, "duration": duration, "device_id": device_id,
+                                                      "at": at, "after_messages": after_messages})
 
-    def throttle(self, rate: float, seconds: Optional[float] = None, *, burst: int = 1,
+    def throttle(self, rate: float | None = None, seconds: float | None = None, *, burst: int = 1,
                  max_delay: float = 10.0, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Above `rate` messages/s PUBACKs are delayed (IoT Hub's traffic shaping); a message that
         would wait more than `max_delay` s closes its connection unacknowledged, as a throttled
-        IoT Hub does over MQTT."""
-        if not _is_number(rate) or rate <= 0:
-            raise ValueError(f"rate must be a positive number of messages per second, got {rate!r}")
-        _positive_int("burst", burst)
-        seconds = _seconds("seconds", seconds)
-        return self._schedule("throttle", device_id, at, after_messages, seconds, rate=float(rate), burst=burst,
-                              max_delay=_seconds("max_delay", max_delay, False), seconds=seconds)
+        IoT Hub does over MQTT. `rate=None`: every publish closes its connection, as IoT Hub's own
+        fault injection (InvokeThrottling) does."""
+        return self._start(FaultKind.THROTTLE, {"rate": rate, "seconds": seconds, "burst": burst, "max_delay": max_delay,
+                                                    "device_id": device_id, "at": at, "after_messages": after_messages})
 
     def expire_tokens(self, *, device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Disconnect as IoT Hub does when a SAS token expires; clients must authenticate again."""
-        return self._schedule("expire_tokens", device_id, at, after_messages, None)
+        return self._start(FaultKind.EXPIRE_TOKENS, {"device_id": device_id, "at": at, "after_messages": after_messages})
 
-    def active(self) -> List[FaultHandle]:
-        return [FaultHandle(self._hub, f) for f in self._hub._call(lambda: list(self._hub._faults_engine.active))]
+    def _handles(self, faults: list[Fault]) -> list[FaultHandle]:
+        with self._lock:
+            return [FaultHandle(self._hub, f, self._specs.get(f)) for f in faults]
 
-    def history(self) -> List[FaultHandle]:
-        return [FaultHandle(self._hub, f) for f in self._hub._call(lambda: list(self._hub._faults_engine.history))]
+    def active(self) -> list[FaultHandle]:
+        return self._handles(self._hub._call(lambda: list(self._hub._faults_engine.active)))
+
+    def history(self) -> list[FaultHandle]:
+        return self._handles(self._hub._call(lambda: list(self._hub._faults_engine.history)))

@@ -30,6 +30,7 @@ from ...iothub.events import HubEvent
 from ...iothub.ledger import Telemetry
 from ...waiting import WaitingLedger as Ledger
 from ...iothub.registry import Device
+from ...model import FaultSpec
 from ...redaction import redact, remember
 from ..base import Hub
 from .errors import RealBackendError
@@ -53,8 +54,14 @@ from .registry import (
 )
 from .service import ServiceCalls
 
-__all__ = ["RealBackend", "RealBackendError", "RealFaultHandle",
-           "derive_eventhub_connection_string", "telemetry_from_event", "DEVICE_PREFIX"]
+__all__ = [
+    "DEVICE_PREFIX",
+    "RealBackend",
+    "RealBackendError",
+    "RealFaultHandle",
+    "derive_eventhub_connection_string",
+    "telemetry_from_event",
+]
 
 _OPTION = "--iothub-connection"
 
@@ -234,8 +241,10 @@ class RealBackend(Hub):
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         return self._service.update_desired(device_id, patch)
 
-    def start_fault(self, kind: str, **kwargs: Any) -> Any:
-        return self._faults.start(kind, **kwargs)
+    def start_fault(self, spec: FaultSpec) -> Any:
+        """Start `spec` through the service's fault injection or ARM (faults.SUPPORT says which
+        parameters a real hub honours); FaultNotSupported naming any other."""
+        return self._faults.start(spec)
 
     def finish(self, failback: bool = False) -> None:
         """End of the session: with `failback`, return a hub this run failed over to its

@@ -18,35 +18,76 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, Self
 
 from ...errors import FaultNotSupported
 from ...iothub.ledger import Telemetry
-from ...model import DeviceRecovery, RecoveryReport, tally_messages
+from ...model import (
+    DeviceRecovery,
+    Drop,
+    FaultKind,
+    FaultSpec,
+    FaultState,
+    RecoveryReport,
+    Support,
+    Throttle,
+    check_support,
+    tally_messages,
+)
 from ...redaction import redact
 from .clients import StateTap, connected, is_device_client, sdk_client, send_through
 from .errors import RealBackendError
 
-__all__ = ["FaultInjector", "RealFaultHandle", "FAKE_ONLY", "FAULT_KINDS"]
+__all__ = ["HUB", "SUPPORT", "FaultInjector", "RealFaultHandle"]
 
 log = logging.getLogger(__name__)
 
 _FAULT_POLL = 0.05
 _DROP_GRACE = 1.0  # how late the SDK's state-change callbacks may run
-# DurationInSecs when throttle/auth faults name none, as the C# SDK's e2e tests do
+# DurationInSecs when a throttle names none (a request cannot be withdrawn, so "until cancelled"
+# is not on offer) and for InvokeAuthError, as the C# SDK's e2e tests do (iothub-mqtt.md §8.3)
 _INVOKE_DURATION = 5
-FAKE_ONLY = {
-    "blackhole": "holding connections open in silence",
-    "refuse": "answering CONNECT with a chosen CONNACK refusal",
-    "drop_before_ack": "closing a connection after accepting a message but before its "
-                       "PUBACK",
-    "delay_acks": "delaying PUBACKs",
+HUB = "a real IoT Hub"
+_COUNTING = ("it would have to count the messages it accepts as they arrive, which only the "
+             "embedded hub can do")
+_NO_COUNTING = _COUNTING + "; use at= instead"
+
+
+def _injection_lacks(operation: str, name: str) -> str:
+    return f"its fault injection ({operation}) has no {name}; use the embedded hub"
+
+
+def _fake_only(need: str) -> Support:
+    return Support(missing=f"it needs {need}, which only the embedded fake hub can do")
+
+
+# What a real hub honours of each fault: the service's fault-injection properties carry a delay
+# (at=) and, for the Invoke* kinds, a duration (iothub-mqtt.md §8.3); nothing else.
+SUPPORT: dict[FaultKind, Support] = {
+    FaultKind.REGION_FAILOVER: Support(cannot={
+        "device_id": "a regional failover moves the whole hub; device_id= cannot narrow it",
+        "at": "a manual failover through Azure Resource Manager starts when it is requested; leave at= out",
+        "after_messages": _COUNTING,
+        "outage": "a manual failover takes as long as Azure needs (about 10 min to 2 h, "
+                  "failover-facts.md), so its outage cannot be chosen; use the embedded hub",
+        "keep_sessions": "whether a failover keeps MQTT sessions is not documented and cannot be "
+                         "chosen; use the embedded hub",
+        "refuse": "how the hub refuses connections during a failover cannot be chosen; use the "
+                  "embedded hub"}),
+    FaultKind.DROP: Support(honours=frozenset({"device_id", "at", "graceful"}),
+                            cannot={"after_messages": _NO_COUNTING}),
+    FaultKind.THROTTLE: Support(honours=frozenset({"device_id", "at", "seconds"}), cannot={
+        "after_messages": _NO_COUNTING,
+        "rate": _injection_lacks("InvokeThrottling", "rate"),
+        "burst": _injection_lacks("InvokeThrottling", "burst"),
+        "max_delay": _injection_lacks("InvokeThrottling", "max_delay")}),
+    FaultKind.EXPIRE_TOKENS: Support(honours=frozenset({"device_id", "at"}),
+                                     cannot={"after_messages": _NO_COUNTING}),
+    FaultKind.BLACKHOLE: _fake_only("holding connections open in silence"),
+    FaultKind.REFUSE: _fake_only("answering CONNECT with a chosen CONNACK refusal"),
+    FaultKind.DROP_BEFORE_ACK: _fake_only("closing a connection after accepting a message but before its PUBACK"),
+    FaultKind.DELAY_ACKS: _fake_only("delaying PUBACKs"),
 }
-FAULT_KINDS = ("region_failover", "drop", "throttle", "expire_tokens", *FAKE_ONLY)
-_FAULT_KWARGS = {"region_failover": {"outage", "keep_sessions", "refuse"},
-                 "drop": {"graceful"},
-                 "throttle": {"rate", "seconds", "burst", "max_delay"},
-                 "expire_tokens": {"seconds"}}
 _OPT_IN = ("a regional failover of a real IoT Hub is a manual failover through Azure "
            "Resource Manager and must be allowed explicitly: pass "
            "--iothub-allow-failover=<hub name>, --iothub-subscription and "
@@ -56,28 +97,17 @@ _OPT_IN = ("a regional failover of a real IoT Hub is a manual failover through A
 TelemetryOf = Callable[[Collection[str]], list[Telemetry]]
 
 
-def whole_seconds(name: str, value: Any) -> int:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError(f"{name} must be a non-negative number of seconds, "
-                         f"got {value!r}")
-    return int(math.ceil(value))
-
-
-def fault_request(kind: str, kwargs: dict[str, Any], at: Any) -> tuple[str, int, int]:
-    """(FaultOperationType, DelayInSecs, DurationInSecs) for a drop, throttle or
-    expiry."""
-    if kind == "drop":
-        graceful = kwargs.get("graceful", False)
-        if not isinstance(graceful, bool):
-            raise TypeError(f"graceful must be True or False, got {graceful!r}")
-        operation, duration = ("ShutDownMqtt" if graceful else "KillTcp"), 0
+def fault_request(spec: FaultSpec) -> tuple[str, int, int]:
+    """(FaultOperationType, DelayInSecs, DurationInSecs) for a drop, throttle or expiry.
+    The properties take whole seconds: a fraction is rounded up."""
+    if isinstance(spec, Drop):
+        operation, duration = ("ShutDownMqtt" if spec.graceful else "KillTcp"), 0
+    elif isinstance(spec, Throttle):
+        operation = "InvokeThrottling"
+        duration = math.ceil(_INVOKE_DURATION if spec.seconds is None else spec.seconds)
     else:
-        operation = "InvokeThrottling" if kind == "throttle" else "InvokeAuthError"
-        seconds = kwargs.get("seconds")
-        duration = whole_seconds("seconds",
-                                 _INVOKE_DURATION if seconds is None else seconds)
-    delay = whole_seconds("at", at) if at is not None else 1
+        operation, duration = "InvokeAuthError", _INVOKE_DURATION
+    delay = 1 if spec.at is None else math.ceil(spec.at)
     return operation, delay, duration
 
 
@@ -97,22 +127,10 @@ def fault_message(properties: dict[str, str]) -> Any:
     return message
 
 
-def _check_kind(kind: str, kwargs: dict[str, Any], after_messages: Any) -> None:
-    if kind in FAKE_ONLY:
-        raise FaultNotSupported(f"{kind} cannot be produced on a real IoT Hub: it "
-                                f"needs {FAKE_ONLY[kind]}, which only the embedded "
-                                "fake hub can do")
-    if kind not in FAULT_KINDS:
-        raise FaultNotSupported(
-            f"unknown fault {kind!r}; a real hub knows {', '.join(FAULT_KINDS[:4])}")
-    unknown = set(kwargs) - _FAULT_KWARGS[kind]
-    if unknown:
-        raise TypeError(
-            f"{kind}() got unexpected keyword arguments {', '.join(sorted(unknown))}")
-    if after_messages is not None:
-        raise FaultNotSupported("after_messages= needs the hub to count accepted "
-                                "messages as they arrive; a real hub cannot: use at= "
-                                "instead")
+def _honoured(spec: FaultSpec) -> dict[str, Any]:
+    """The kind's own parameters this hub acts on: what the handle reports it was started with."""
+    honours = SUPPORT[spec.kind].honours
+    return {name: value for name, value in spec.params().items() if name in honours}
 
 
 class FaultInjector:
@@ -151,20 +169,23 @@ class FaultInjector:
             if client is None or self._clients.get(full_id) is client:
                 self._clients.pop(full_id, None)
 
-    def start(self, kind: str, **kwargs: Any) -> Any:
-        device_id = kwargs.pop("device_id", None)
-        at = kwargs.pop("at", None)
-        _check_kind(kind, kwargs, kwargs.pop("after_messages", None))
-        if kind == "region_failover":
-            return self._region_failover(device_id, at, kwargs)
-        operation, delay, duration = fault_request(kind, kwargs, at)
-        targets = self._targets(kind, device_id)
-        params = dict(kwargs, operation=operation, delay=delay, duration=duration)
-        target = None if device_id is None else self._resolve(device_id)
+    def start(self, spec: FaultSpec) -> Any:
+        """Start `spec` on the hub; FaultNotSupported if it asks for anything a real hub cannot
+        do (SUPPORT)."""
+        if not isinstance(spec, FaultSpec):
+            raise TypeError(f"start() takes a FaultSpec (pytest_iotfailover.model), not {type(spec).__name__}")
+        check_support(spec, SUPPORT, HUB)
+        kind = spec.kind.value
+        if spec.kind is FaultKind.REGION_FAILOVER:
+            return self._region_failover()
+        operation, delay, duration = fault_request(spec)
+        targets = self._targets(kind, spec.device_id)
+        params = dict(_honoured(spec), operation=operation, delay=delay, duration=duration)
+        target = None if spec.device_id is None else self._resolve(spec.device_id)
         handle = RealFaultHandle(kind, target, params, targets,
                                  fault_properties(operation, delay, duration),
                                  float(delay), float(duration), self._watch,
-                                 clock=self._clock, telemetry=self._telemetry)
+                                 clock=self._clock, telemetry=self._telemetry, spec=spec)
         return handle.begin()
 
     def _targets(self, kind: str, device_id: str | None) -> dict[str, Any]:
@@ -186,21 +207,14 @@ class FaultInjector:
                                        f"register_client({full_id!r}, client)")
             return {full_id: client}
 
-    def _region_failover(self, device_id: str | None, at: Any,
-                         kwargs: dict[str, Any]) -> FailoverHandle:
+    def _region_failover(self) -> FailoverHandle:
         if self._arm is None:
             raise FaultNotSupported(_OPT_IN)
-        if device_id is not None:
-            raise FaultNotSupported("a regional failover moves the whole hub; "
-                                    "device_id= cannot narrow it on a real hub")
-        if at:
-            raise FaultNotSupported(
-                "a real regional failover starts when requested; at= is not available")
         # without the opt-in, ArmFailover raises FailoverNotAllowed: the test errors (it
         # asked for something it may not have) rather than skipping quietly
         inner = self._arm.failover()
         self._failed_over = True
-        return FailoverHandle(inner, dict(kwargs), self._after_failover)
+        return FailoverHandle(inner, {}, self._after_failover)
 
     def finish(self, failback: bool = False) -> None:
         """With `failback`, return a hub this run failed over to its first region."""
@@ -236,10 +250,10 @@ class FailoverHandle:
             self._after()
         return self
 
-    def __enter__(self) -> FailoverHandle:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         # an ARM failover cannot be cancelled: whatever its own __exit__ does
         exit_ = getattr(self._inner, "__exit__", None)
         if exit_ is not None:
@@ -268,8 +282,9 @@ class RealFaultHandle:
                  targets: dict[str, Any], properties: dict[str, str], delay: float,
                  duration: float, watch: float, *,
                  clock: Callable[[], float] = time.time,
-                 telemetry: TelemetryOf = lambda ids: []):
+                 telemetry: TelemetryOf = lambda ids: [], spec: FaultSpec | None = None):
         self.kind = kind
+        self.spec = spec
         self.device_id = device_id
         self._params = dict(params)
         self._targets = dict(targets)
@@ -295,7 +310,7 @@ class RealFaultHandle:
         self._initially_up: dict[str, bool | None] = {}
 
     params = property(lambda self: dict(self._params))
-    state = property(lambda self: self._state)
+    state = property(lambda self: FaultState(self._state))
     active = property(lambda self: self._state == "active")
 
     def begin(self) -> RealFaultHandle:
@@ -319,7 +334,7 @@ class RealFaultHandle:
         # this returns. Shutting the client down ends it too.
         try:
             send_through(client, device_id, message)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the send is reported below
             # A client without its own retry (a pool's) cancels the pending request when
             # the hub drops it, a moment before its state-change callback runs: that is
             # the fault working.
@@ -476,10 +491,10 @@ class RealFaultHandle:
                                                     rec.detected_at, rec.reconnected_at)
         return tally_messages(rep, self._telemetry(list(self._targets)))
 
-    def __enter__(self) -> RealFaultHandle:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._state in ("pending", "active"):
             self.cancel()
 
