@@ -40,6 +40,12 @@ __all__ = [
 ]
 
 
+# A backend keeping up with the built-in endpoint reads a message about a second after it was
+# enqueued: an assumption (no document gives a consumer's lag), see README "failover".
+DEFAULT_UNREAD = 1.0
+MAX_RPO = 300.0
+
+
 class FaultKind(str, Enum):
     REGION_FAILOVER = "region_failover"
     DROP = "drop"
@@ -149,19 +155,37 @@ class RegionFailover(FaultSpec):
     document says what a failover does to persistent MQTT sessions; losing them is an assumption
     (failover-facts.md). `refuse`: "tcp" (the whole hub) or "connack" (CONNACK 3; the only choice
     for one device, since a refused TCP connection names no device).
+
+    Data loss (failover-facts.md "Data loss (RPO)", from reliability-iot-hub.md): `unread` s of
+    telemetry before the start were accepted but never read by the backend and are lost from the
+    hub's telemetry view (the ledger keeps them, marked `lost_in_failover`); `keep_c2d=False` drops
+    queued and un-acknowledged C2D (a manual failover recovers none); `rpo` s (0..300) of twin and
+    registry changes are rolled back.
     """
     kind: ClassVar[FaultKind] = FaultKind.REGION_FAILOVER
     outage: float = 2.0
     keep_sessions: bool = False
     refuse: str | None = None
+    unread: float = DEFAULT_UNREAD
+    keep_c2d: bool = False
+    rpo: float = 0.0
 
     def check(self) -> None:
         self._set("outage", checks.required_seconds("outage", self.outage))
         checks.boolean("keep_sessions", self.keep_sessions)
+        self._check_data_loss()
         if self.refuse is not None:
             checks.choice("refuse", self.refuse, ("tcp", "connack"))
         if self.refuse == "tcp" and self.device_id is not None:
             raise ValueError("refuse='tcp' needs the whole hub: a refused TCP connection names no device")
+
+    def _check_data_loss(self) -> None:
+        self._set("unread", checks.required_seconds("unread", self.unread))
+        checks.boolean("keep_c2d", self.keep_c2d)
+        # the documents give 0-5 min for twins and the registry: more would claim a loss no one saw
+        self._set("rpo", checks.required_seconds("rpo", self.rpo, maximum=MAX_RPO))
+        if self.rpo and self.device_id is not None:
+            raise ValueError("rpo= needs the whole hub: the registry and twins fail over with the hub, not per device")
 
     @property
     def refusal(self) -> str:

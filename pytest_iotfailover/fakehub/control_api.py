@@ -141,6 +141,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 404
     if code == 403004:
         return 409
+    if code == 503001:  # ServiceUnavailable: the hub is failing over
+        return 503
     return 400
 
 

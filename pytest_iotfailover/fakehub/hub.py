@@ -332,7 +332,8 @@ class FakeHub:
                    secondary_key: str | None = None, enabled: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
-        return self.registry.add(device_id, primary_key, secondary_key, enabled)
+        # through the core: refused during a failover, and remembered for its rollback (rpo=)
+        return self._act(self._running_core().add_device, device_id, primary_key, secondary_key, enabled)
 
     def device(self, device_id: str) -> Device:
         dev = self.registry.get(device_id)
@@ -364,12 +365,23 @@ class FakeHub:
 
     # --- telemetry ---------------------------------------------------------------------------
 
-    def telemetry(self, device_id: str | None = None) -> list[Telemetry]:
-        return self.ledger.items(device_id)
+    def telemetry(self, device_id: str | None = None, *, include_lost: bool = False) -> list[Telemetry]:
+        """What a backend reading the built-in endpoint has: messages a failover lost unread
+        (`Telemetry.lost_in_failover`) only with include_lost=True; `hub.ledger` keeps them all."""
+        items = self.ledger.items(device_id)
+        return items if include_lost else [t for t in items if not t.lost_in_failover]
 
     def wait_for_telemetry(self, count: int, device_id: str | None = None,
                            timeout: float = 10.0) -> list[Telemetry]:
-        return self.ledger.wait_for(count, device_id, timeout)
+        """Block until the telemetry view holds `count` messages (of `device_id`, if given)."""
+        if self.ledger.wait_until(lambda: len(self.telemetry(device_id)) >= count, timeout):
+            return self.telemetry(device_id)
+        items = self.ledger.items(device_id)
+        lost = sum(1 for t in items if t.lost_in_failover)
+        who = f" from device {device_id!r}" if device_id else ""
+        also = f" (and {lost} the hub accepted were lost in a failover)" if lost else ""
+        raise TimeoutError(f"waited {timeout:g} s for {count} telemetry messages{who}; "
+                           f"{len(items) - lost} arrived{also}")
 
     # --- service-side operations -------------------------------------------------------------
 
@@ -405,11 +417,7 @@ class FakeHub:
             None, self.invoke_method, device_id, method_name, payload, timeout)
 
     def get_twin(self, device_id: str) -> dict[str, Any]:
-        def get():
-            if self.registry.get(device_id) is None:
-                raise HubOperationError(f"device {device_id!r} is not registered", 404001)
-            return self._running_core().twin(device_id).document()
-        return self._call(get)
+        return self._act(self._running_core().get_twin, device_id)
 
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         return self._act(self._running_core().update_desired, device_id, patch)

@@ -26,7 +26,8 @@ from .faults import FaultEngine
 from .ledger import Ledger, Telemetry
 from .mqtt import codec
 from .mqtt import packets as p
-from .registry import Registry
+from .registry import Device, Registry
+from .rpo import ChangeHistory
 from .session import (
     C2DMessage,
     C2DQueue,
@@ -107,6 +108,7 @@ class _Steps:
     twins: dict[str, Twin]
     ledger: Ledger
     faults: FaultEngine
+    history: ChangeHistory
     retain_property: str
 
     def __init__(self) -> None:
@@ -155,6 +157,17 @@ class _Steps:
         if self.registry.get(device_id) is None:
             raise HubOperationError(f"device {device_id!r} is not registered", 404001)
 
+    def _service_available(self, device_id: str | None, what: str) -> None:
+        """During a regional failover the whole hub is unavailable, service APIs included
+        (failover-facts.md "Time and endpoints"). 503001 is IoT Hub's ServiceUnavailable code
+        (Microsoft.Azure.Devices ErrorCode enum); that a failover answers with it is an assumption."""
+        if self.faults.service_outage(device_id):
+            raise HubOperationError(f"{what}: the IoT hub is failing over to its paired region; "
+                                    "try again after the failover", 503001)
+
+    def _twin_changing(self, device_id: str) -> None:
+        self.history.twin_changing(device_id, self.twins.get(device_id), self.now)
+
 
 class _TwinsAndMethods(_Steps):
     """Twin GET/PATCH and direct methods (§5, §6)."""
@@ -190,6 +203,7 @@ class _TwinsAndMethods(_Steps):
         merged, why = merged_section(twin.reported, patch, "reported")
         if merged is None:
             return self._twin_reply(conn, 400, rid, _error_body(400004, why, self.now))
+        self._twin_changing(conn.device_id)
         twin.reported = merged
         twin.reported_version += 1
         self.events.add("twin_reported", conn.device_id, version=twin.reported_version)
@@ -202,6 +216,7 @@ class _TwinsAndMethods(_Steps):
         return twin
 
     def _update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        self._service_available(device_id, "update_desired")
         self._registered(device_id)
         if not isinstance(patch, dict):
             raise HubOperationError("desired patch must be a JSON object (dict)", 400004)
@@ -216,6 +231,7 @@ class _TwinsAndMethods(_Steps):
         merged, why = merged_section(twin.desired, body_obj, "desired")
         if merged is None:
             raise HubOperationError(why, 400004)
+        self._twin_changing(device_id)
         twin.desired = merged
         twin.desired_version += 1
         conn = self.connections.get(device_id)
@@ -228,6 +244,7 @@ class _TwinsAndMethods(_Steps):
 
     def _invoke_method(self, device_id: str, name: str, payload: Any, timeout: float,
                        notify: Callable[[MethodResponse], None]) -> None:
+        self._service_available(device_id, "invoke_method")
         if not name or any(c in name for c in "/#+?&") or not name.isprintable():
             raise HubOperationError(f"invalid method name {name!r}", 400000)
         try:
@@ -285,6 +302,7 @@ class _CloudToDevice(_Steps):
 
     def _send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
                   message_id: str | None) -> str:
+        self._service_available(device_id, "send_c2d")
         self._registered(device_id)
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
         session = self.sessions.get(device_id)
@@ -456,6 +474,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self.sessions: dict[str, Session] = {}
         self.c2d_queues: dict[str, C2DQueue] = {}
         self.twins: dict[str, Twin] = {}
+        self.history = ChangeHistory()
         self.region = "primary"
         self.faults = FaultEngine(self)
         self._method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]] = {}
@@ -512,6 +531,13 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         (404 at once, 504 from timer_fired, or the device's answer from receive)."""
         return self._step(now, self._invoke_method, device_id, name, payload, timeout, notify)[1]
 
+    def add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
+                   enabled: bool, now: float) -> tuple[Device, list[Action]]:
+        return self._step(now, self._add_device, device_id, primary_key, secondary_key, enabled)
+
+    def get_twin(self, device_id: str, now: float) -> tuple[dict[str, Any], list[Action]]:
+        return self._step(now, self._get_twin, device_id)
+
     def device_disabled(self, device_id: str, removed: bool, now: float) -> list[Action]:
         return self._step(now, self._device_disabled, device_id, removed)[1]
 
@@ -531,6 +557,25 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                 conn.last_rx = self.now  # what it sent meanwhile arrives now, as after a healed partition
             self._emit(Pause(conn, on))
 
+    def roll_back(self, since: float) -> tuple[dict[str, int], list[str]]:
+        """The replica's view after a failover: twin changes and devices created since `since`
+        are gone. Returns the twin versions restored and the devices forgotten."""
+        restored: dict[str, int] = {}
+        for device_id, before in self.history.twins_at(since).items():
+            if before is None:
+                self.twins.pop(device_id, None)
+            else:
+                self.twins[device_id] = before
+            restored[device_id] = before.desired_version if before else 1
+        forgotten = [d for d in self.history.created_since(since) if self.registry.get(d) is not None]
+        for device_id in forgotten:
+            self.registry.remove(device_id)
+            self.history.device_removed(device_id)
+            self.twins.pop(device_id, None)
+            self.c2d_queues.pop(device_id, None)
+            self.sessions.pop(device_id, None)
+        return restored, forgotten
+
     def in_scope(self, device_id: str | None) -> list[Connection]:
         return [c for c in self.open_connections if device_id is None or c.device_id == device_id]
 
@@ -538,6 +583,18 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self._timer(key, deadline)
 
     # --- connections -------------------------------------------------------------------------
+
+    def _add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
+                    enabled: bool) -> Device:
+        self._service_available(None, "add_device")
+        device = self.registry.add(device_id, primary_key, secondary_key, enabled)
+        self.history.device_created(device_id, self.now)
+        return device
+
+    def _get_twin(self, device_id: str) -> dict[str, Any]:
+        self._service_available(device_id, "get_twin")
+        self._registered(device_id)
+        return self.twin(device_id).document()
 
     def _open(self, peer: str) -> Connection:
         conn = Connection(peer, self.now)

@@ -1,4 +1,5 @@
 """The delivery ledger: every telemetry message the hub accepted, in acceptance order."""
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 
@@ -13,6 +14,7 @@ class Telemetry:
     dup: bool = False          # the MQTT DUP flag: the client says it is re-sending
     duplicate: bool = False    # this device already delivered a message with this message id
     qos: int = 1
+    lost_in_failover: bool = False  # accepted, then lost unread from the built-in endpoint
 
 
 class Ledger:
@@ -47,3 +49,18 @@ class Ledger:
         if device_id is None:
             return items
         return [t for t in items if t.device_id == device_id]
+
+    def mark_lost_in_failover(self, since: float, until: float,
+                              device_ids: Collection[str] | None = None) -> int:
+        """Mark the records enqueued in [since, until) (of `device_ids`, all when None) as lost
+        in a failover; how many were newly marked. Records stay: only the telemetry view hides them."""
+        marked = 0
+        for t in reversed(self._items[:]):
+            if t.enqueued_at < since:
+                break  # acceptance order is enqueue order
+            if t.enqueued_at >= until or t.lost_in_failover:
+                continue
+            if device_ids is None or t.device_id in device_ids:
+                t.lost_in_failover = True
+                marked += 1
+        return marked
