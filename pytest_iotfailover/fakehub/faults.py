@@ -12,7 +12,17 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from ..iothub.faults import _ATTEMPT_KINDS, _CLIENT_SIDE_REASONS, Fault
-from ..model import DeviceRecovery, FaultKind, FaultSpec, FaultState, RecoveryReport, Throttle, spec_for, tally_messages
+from ..model import (
+    DEFAULT_UNREAD,
+    DeviceRecovery,
+    FaultKind,
+    FaultSpec,
+    FaultState,
+    RecoveryReport,
+    Throttle,
+    spec_for,
+    tally_messages,
+)
 
 
 class FaultHandle:
@@ -149,13 +159,17 @@ class Faults:
         return self.start(spec_for(kind, kwargs, what=f"hub.faults.{kind.value}()"))
 
     def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
+                        unread: float = DEFAULT_UNREAD, keep_c2d: bool = False, rpo: float = 0.0,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
-        MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
-        `refuse`: "tcp" (default for the whole hub) or "connack" (CONNACK 3; the only choice for one
-        device, since a TCP refusal cannot know which device is knocking)."""
+        MQTT sessions (subscriptions) gone unless keep_sessions (an assumption). `refuse`: "tcp"
+        (default for the whole hub) or "connack" (CONNACK 3; the only choice for one device, since
+        a TCP refusal cannot know which device is knocking). Data loss (model.RegionFailover):
+        `unread` s of telemetry lost unread, C2D dropped unless keep_c2d, `rpo` s of twin and
+        registry changes rolled back."""
         return self._start(FaultKind.REGION_FAILOVER, {
-            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "device_id": device_id, "at": at,
+            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "unread": unread,
+            "keep_c2d": keep_c2d, "rpo": rpo, "device_id": device_id, "at": at,
             "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
