@@ -3,11 +3,11 @@ Harness): what the wire adds nothing to. The SDK's view is in test_failover_rpo.
 import json
 
 import pytest
+from test_core_memory import Harness, c2d_filter
 
 from pytest_iotfailover.errors import HubOperationError
 from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.model import DEFAULT_UNREAD, RegionFailover, spec_for
-from test_core_memory import Harness, c2d_filter
 
 
 @pytest.fixture

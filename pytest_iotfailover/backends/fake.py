@@ -28,8 +28,8 @@ class FakeBackend(Hub):
         if self.fakehub.registry.get(device_id) is not None:
             self.fakehub.remove_device(device_id)
 
-    def telemetry(self, device_ids: Collection[str] | None = None) -> list[Telemetry]:
-        items = self.fakehub.telemetry()
+    def telemetry(self, device_ids: Collection[str] | None = None, *, include_lost: bool = False) -> list[Telemetry]:
+        items = self.fakehub.telemetry(include_lost=include_lost)
         if device_ids is None:
             return items
         wanted = set(device_ids)
