@@ -4,7 +4,7 @@ import pytest
 from azure.iot.device import Message, exceptions
 from sdk_support import Inbox, bounded, make_client
 
-from pytest_iotfailover import HubOperationError
+from pytest_iotfailover import HubOperationError, Outbox
 from pytest_iotfailover.testing.assertions import DeliveryReport, lost_in_failover_ids
 
 pytestmark = pytest.mark.timeout(30)
@@ -117,3 +117,35 @@ def test_service_calls_fail_with_service_unavailable_during_the_outage(hub, devi
         assert info.value.error_code == 503001
     f.cancel()
     assert hub.get_twin(device.device_id)["desired"]["$version"] == 1
+
+
+def run_outbox(hub, client, **outbox_kwargs):
+    """30 messages through an Outbox, a failover after the 10th; the ids the backend can read."""
+    f = hub.faults.region_failover(outage=2, after_messages=10, unread=60)
+    with Outbox(client, send_timeout=5, **outbox_kwargs) as outbox:
+        ids = [outbox.send(Message(f"r{i}", message_id=f"r{i}")) for i in range(30)]
+        outbox.flush(timeout=20)
+    f.wait(10)
+    return ids, {t.message_id for t in hub.telemetry()}, outbox
+
+
+def test_plain_outbox_loses_what_the_failover_ate(hub, device, client):
+    ids, readable, _ = run_outbox(hub, client)
+    assert lost_in_failover_ids(hub) == set(ids[:10]) and not readable & set(ids[:10])
+    assert readable == set(ids[10:])
+
+
+def test_outbox_replay_restores_end_to_end_delivery(hub, device, client):
+    ids, readable, outbox = run_outbox(hub, client, replay=120)
+    assert readable == set(ids)                          # nothing lost from what the backend reads
+    assert set(outbox.replayed_ids) == set(ids[:10])     # what was acknowledged before the failover
+    assert lost_in_failover_ids(hub) == set(ids[:10])    # the first copies are still gone
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"replay": -1}, "replay must be a non-negative"),
+    ({"replay": 5, "replay_outage": 0}, "replay_outage must be a positive"),
+])
+def test_bad_replay_arguments_are_named(hub, device, client, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Outbox(client, **kwargs)

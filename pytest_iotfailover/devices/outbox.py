@@ -54,7 +54,7 @@ class OutboxClosed(RuntimeError):
 
 
 class _Entry:
-    __slots__ = ("seq", "message_id", "message", "device_id", "state")
+    __slots__ = ("seq", "message_id", "message", "device_id", "state", "first_try")
 
     def __init__(self, seq: int, message: Message, device_id: Optional[str]):
         self.seq = seq
@@ -62,6 +62,7 @@ class _Entry:
         self.message = message
         self.device_id = device_id
         self.state = "pending"      # "pending" | "acked" | "dropped"
+        self.first_try: float | None = None  # monotonic time of its first attempt (replay=)
 
 
 class _Attempt:
@@ -71,6 +72,39 @@ class _Attempt:
         self.entry = entry
         self.finished = False
         self.error: Optional[BaseException] = None
+
+
+class _Replay:
+    """What `replay=` re-sends. A regional failover loses messages the hub acknowledged but no
+    backend had read yet (failover-facts.md "Data loss (RPO)"); the device cannot tell which, so
+    after a stall of at least `outage` s (no acknowledgement while a message waited: the hub was
+    away, longer than a blip) it re-sends every message of that lane acknowledged in the `seconds`
+    before the stall began. The same message ids go out again: the backend deduplicates."""
+
+    def __init__(self, seconds: float, outage: float, capacity: int):
+        self.seconds = _check_seconds("replay", seconds, positive=False)
+        self.outage = _check_seconds("replay_outage", outage, positive=True)
+        # bounded like the outbox itself: at most `capacity` acknowledged messages remembered per lane
+        self.capacity = capacity
+        self._recent: dict[str | None, collections.deque[tuple[float, _Entry]]] = {}
+        self._last_ack: dict[str | None, float] = {}
+
+    def acked(self, entry: _Entry, now: float) -> list[_Entry]:
+        """Note `entry`'s acknowledgement at `now`; the entries to send again (oldest first)."""
+        if not self.seconds:
+            return []
+        key = entry.device_id
+        recent = self._recent.setdefault(key, collections.deque(maxlen=self.capacity))
+        began = max(self._last_ack.get(key, float("-inf")), entry.first_try or now)
+        again: list[_Entry] = []
+        if now - began >= self.outage:
+            again = [e for at, e in recent if began - self.seconds <= at <= began and e.state == "acked"]
+            recent.clear()
+        self._last_ack[key] = now
+        recent.append((now, entry))
+        while recent and recent[0][0] < now - self.seconds:
+            recent.popleft()
+        return again
 
 
 class _Lane:
@@ -130,6 +164,12 @@ class Outbox:
     "drop_oldest" evicts the oldest message not being sent at that moment (listed in
     `dropped_ids`), "raise" raises `OutboxFull`.
 
+    `replay` (seconds, default 0: off): a regional failover loses messages the hub acknowledged but
+    no backend had read yet. After a lane stalled for at least `replay_outage` s (default 2), the
+    messages it had acknowledged in the `replay` s before the stall are sent again, first, with
+    their message ids (`replayed_ids`); the backend deduplicates. Choose `replay` above the
+    backend's lag.
+
     The outbox never connects, disconnects or shuts down its target: the caller owns it.
     """
 
@@ -138,7 +178,8 @@ class Outbox:
 
     def __init__(self, target, *, capacity: int = 10_000, on_overflow: str = "block",
                  send_timeout: float = 30.0, min_backoff: float = 0.1, max_backoff: float = 10.0,
-                 name: Optional[str] = None):
+                 name: Optional[str] = None, replay: float = 0.0, replay_outage: float = 2.0):
+        self._replay = _Replay(replay, replay_outage, capacity)
         self._is_pool = hasattr(target, "device_ids")
         self._check_target(target)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -166,6 +207,7 @@ class Outbox:
         self._submitted_at: Dict[str, float] = {}
         self._sent_ids: List[str] = []
         self._dropped_ids: List[str] = []
+        self._replayed_ids: list[str] = []
         self._failures: Deque[Tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
         self._closed = False
         self._last_progress = time.monotonic()
@@ -305,6 +347,8 @@ class Outbox:
                     return
                 entry = lane.entries[0]
                 lane.current = entry
+                if entry.first_try is None:
+                    entry.first_try = time.monotonic()
                 attempt = _Attempt(entry)
             try:
                 self._launch(attempt)
@@ -398,7 +442,22 @@ class Outbox:
                 self._pending -= 1
                 self._sent_ids.append(entry.message_id)
                 self._last_progress = time.monotonic()
+                self._requeue(self._lanes[entry.device_id], self._replay.acked(entry, self._last_progress))
             self._cond.notify_all()
+
+    def _requeue(self, lane: _Lane, again: list[_Entry]) -> None:
+        """Send `again` (acknowledged before a failover) once more, first; caller holds the lock."""
+        for entry in reversed(again):
+            entry.state, entry.first_try = "pending", None
+            lane.entries.appendleft(entry)
+            self._pending += 1
+            self._replayed_ids.append(entry.message_id)
+
+    @property
+    def replayed_ids(self) -> list[str]:
+        """Ids sent again after a failover (replay=), in the order they were queued again."""
+        with self._cond:
+            return list(self._replayed_ids)
 
     # --- observing -------------------------------------------------------------------------------
 
