@@ -89,7 +89,8 @@ def test_naive_sender_loses_telemetry(iothub, device_client, failover):
 
 
 def test_bare_sdk_stops_receiving_c2d_after_failover(iothub, iothub_device, device_client, failover):
-    """The secondary region has no MQTT session and the Python SDK never subscribes again."""
+    """The secondary region has no MQTT session (the embedded hub's assumption: no document says) and the
+    Python SDK never subscribes again."""
     received = []
     device_client.on_message_received = received.append
     iothub.send_c2d(iothub_device.device_id, "before")

@@ -215,7 +215,8 @@ class FaultEngine:
         self._close_in_scope(fault, "region_failover", abort=True)
         self._failover_data_loss(fault)
         if not fault.params.get("keep_sessions"):
-            # the secondary region has no MQTT sessions: subscriptions and un-acked C2D are gone
+            # the secondary region has no MQTT sessions (an assumption: no document says what a
+            # failover does to them): subscriptions and un-acked C2D are gone
             for device_id in [d for d in hub.sessions if fault.targets(d)]:
                 self._requeue_inflight(device_id)
                 del hub.sessions[device_id]
