@@ -77,6 +77,13 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
 
 
 
+def _telemetry_timeout(items: list[Telemetry], count: int, device_id: str | None, timeout: float) -> TimeoutError:
+    lost = sum(1 for t in items if t.lost_in_failover)
+    who = f" from device {device_id!r}" if device_id else ""
+    also = f" (and {lost} the hub accepted were lost in a failover)" if lost else ""
+    return TimeoutError(f"waited {timeout:g} s for {count} telemetry messages{who}; {len(items) - lost} arrived{also}")
+
+
 def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, token_grace: Any, connect_timeout: Any,
                     max_events: Any, max_connect_size: Any, max_unauthenticated: Any, send_buffer_pause: Any,
                     send_buffer_limit: Any) -> None:
@@ -376,12 +383,7 @@ class FakeHub:
         """Block until the telemetry view holds `count` messages (of `device_id`, if given)."""
         if self.ledger.wait_until(lambda: len(self.telemetry(device_id)) >= count, timeout):
             return self.telemetry(device_id)
-        items = self.ledger.items(device_id)
-        lost = sum(1 for t in items if t.lost_in_failover)
-        who = f" from device {device_id!r}" if device_id else ""
-        also = f" (and {lost} the hub accepted were lost in a failover)" if lost else ""
-        raise TimeoutError(f"waited {timeout:g} s for {count} telemetry messages{who}; "
-                           f"{len(items) - lost} arrived{also}")
+        raise _telemetry_timeout(self.ledger.items(device_id), count, device_id, timeout)
 
     # --- service-side operations -------------------------------------------------------------
 

@@ -157,6 +157,12 @@ class _Steps:
         if self.registry.get(device_id) is None:
             raise HubOperationError(f"device {device_id!r} is not registered", 404001)
 
+
+
+class _Failover(_Steps):
+    """What a regional failover changes on the service side: refusals while it lasts, and the
+    change history its rollback (rpo=, rpo.py) needs."""
+
     def _service_available(self, device_id: str | None, what: str) -> None:
         """During a regional failover the whole hub is unavailable, service APIs included
         (failover-facts.md "Time and endpoints"). 503001 is IoT Hub's ServiceUnavailable code
@@ -168,8 +174,15 @@ class _Steps:
     def _twin_changing(self, device_id: str) -> None:
         self.history.twin_changing(device_id, self.twins.get(device_id), self.now)
 
+    def _add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
+                    enabled: bool) -> Device:
+        self._service_available(None, "add_device")
+        device = self.registry.add(device_id, primary_key, secondary_key, enabled)
+        self.history.device_created(device_id, self.now)
+        return device
 
-class _TwinsAndMethods(_Steps):
+
+class _TwinsAndMethods(_Failover):
     """Twin GET/PATCH and direct methods (§5, §6)."""
     _method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]]
     _rids: Iterator[int]
@@ -214,6 +227,11 @@ class _TwinsAndMethods(_Steps):
         if twin is None:
             twin = self.twins[device_id] = Twin()
         return twin
+
+    def _get_twin(self, device_id: str) -> dict[str, Any]:
+        self._service_available(device_id, "get_twin")
+        self._registered(device_id)
+        return self.twin(device_id).document()
 
     def _update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         self._service_available(device_id, "update_desired")
@@ -296,7 +314,7 @@ class _TwinsAndMethods(_Steps):
         return self._emit(Reply(notify, MethodResponse(int(status_text), result)))
 
 
-class _CloudToDevice(_Steps):
+class _CloudToDevice(_Failover):
     """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7)."""
     _c2d_ids: Iterator[int]
 
@@ -557,25 +575,6 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                 conn.last_rx = self.now  # what it sent meanwhile arrives now, as after a healed partition
             self._emit(Pause(conn, on))
 
-    def roll_back(self, since: float) -> tuple[dict[str, int], list[str]]:
-        """The replica's view after a failover: twin changes and devices created since `since`
-        are gone. Returns the twin versions restored and the devices forgotten."""
-        restored: dict[str, int] = {}
-        for device_id, before in self.history.twins_at(since).items():
-            if before is None:
-                self.twins.pop(device_id, None)
-            else:
-                self.twins[device_id] = before
-            restored[device_id] = before.desired_version if before else 1
-        forgotten = [d for d in self.history.created_since(since) if self.registry.get(d) is not None]
-        for device_id in forgotten:
-            self.registry.remove(device_id)
-            self.history.device_removed(device_id)
-            self.twins.pop(device_id, None)
-            self.c2d_queues.pop(device_id, None)
-            self.sessions.pop(device_id, None)
-        return restored, forgotten
-
     def in_scope(self, device_id: str | None) -> list[Connection]:
         return [c for c in self.open_connections if device_id is None or c.device_id == device_id]
 
@@ -583,18 +582,6 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self._timer(key, deadline)
 
     # --- connections -------------------------------------------------------------------------
-
-    def _add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
-                    enabled: bool) -> Device:
-        self._service_available(None, "add_device")
-        device = self.registry.add(device_id, primary_key, secondary_key, enabled)
-        self.history.device_created(device_id, self.now)
-        return device
-
-    def _get_twin(self, device_id: str) -> dict[str, Any]:
-        self._service_available(device_id, "get_twin")
-        self._registered(device_id)
-        return self.twin(device_id).document()
 
     def _open(self, peer: str) -> Connection:
         conn = Connection(peer, self.now)

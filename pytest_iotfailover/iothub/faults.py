@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .mqtt import packets as p
-from .session import new_c2d_queue
+from .rpo import data_loss, requeue_inflight
 
 FAULT_PROPERTY = "AzIoTHub_FaultOperationType"
 _DELAY_PROPERTY = "AzIoTHub_FaultOperationDelayInSecs"
@@ -218,44 +218,13 @@ class FaultEngine:
             # the secondary region has no MQTT sessions (an assumption: no document says what a
             # failover does to them): subscriptions and un-acked C2D are gone
             for device_id in [d for d in hub.sessions if fault.targets(d)]:
-                self._requeue_inflight(device_id)
+                if fault.params.get("keep_c2d"):
+                    requeue_inflight(hub, device_id)
                 del hub.sessions[device_id]
 
     def _failover_data_loss(self, fault: Fault) -> None:
-        """What the paired region never had (failover-facts.md "Data loss (RPO)", from
-        reliability-iot-hub.md): unread telemetry, cloud-to-device messages, the last `rpo` s of
-        twin and registry changes. Recorded in one `failover_data_loss` event."""
-        hub, now = self.hub, self.hub.now
-        scope = None if fault.device_id is None else [fault.device_id]
-        unread = fault.params.get("unread", 0.0)
-        # what was accepted at the very instant the failover began is included: it came first
-        until = math.nextafter(now, math.inf)
-        lost = hub.ledger.mark_lost_in_failover(now - unread, until, scope) if unread else 0
-        dropped = 0 if fault.params.get("keep_c2d") else self._drop_c2d(fault)
-        rpo = fault.params.get("rpo", 0.0)
-        restored, forgotten = hub.roll_back(now - rpo) if rpo and fault.device_id is None else ({}, [])
-        self.events.add("failover_data_loss", fault.device_id, fault_id=fault.id, unread=unread,
-                        telemetry_lost=lost, c2d_dropped=dropped, rpo=rpo,
-                        twins_rolled_back=sorted(restored), devices_forgotten=forgotten)
-
-    def _drop_c2d(self, fault: Fault) -> int:
-        """Queued and un-acknowledged cloud-to-device messages of the devices in scope."""
-        hub, dropped = self.hub, 0
-        for device_id in [d for d in hub.c2d_queues if fault.targets(d)]:
-            dropped += len(hub.c2d_queues.pop(device_id))
-        for device_id, session in hub.sessions.items():
-            if fault.targets(device_id):
-                dropped += len(session.inflight)
-                session.inflight.clear()
-        return dropped
-
-    def _requeue_inflight(self, device_id: str) -> None:
-        """keep_c2d with sessions lost: un-acknowledged C2D goes back to the front of the queue."""
-        session = self.hub.sessions[device_id]
-        if session.inflight:
-            queue = self.hub.c2d_queues.setdefault(device_id, new_c2d_queue())
-            queue.extendleft(msg for _, msg in sorted(session.inflight.items(), reverse=True))
-            session.inflight.clear()
+        loss = data_loss(self.hub, fault)
+        self.events.add("failover_data_loss", fault.device_id, fault_id=fault.id, **loss)
 
     def service_outage(self, device_id: str | None) -> bool:
         """Whether a regional failover covering `device_id` (None: the whole hub) is under way."""
