@@ -5,11 +5,10 @@ import signal
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message
+from sdk_support import CLIENT_KWARGS, bounded
 
 from pytest_iotfailover.devices.fleet import MAX_PER_PROCESS, FleetError, FleetRunner, fleet_device_ids
 from pytest_iotfailover.fakehub.process import StandaloneHub
-
-from sdk_support import CLIENT_KWARGS, bounded
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,13 +18,13 @@ PER_PROCESS = 10
 
 @pytest.fixture
 def hub():
-    with StandaloneHub() as h:
+    with StandaloneHub(devices=fleet_device_ids(COUNT)) as h:
         yield h
 
 
 @pytest.fixture
 def fleet_info(hub):
-    return hub.fleet_info(hub.add_devices(fleet_device_ids(COUNT)))
+    return hub.fleet_info()
 
 
 def spawned_children():

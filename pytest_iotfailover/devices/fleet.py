@@ -42,6 +42,7 @@ __all__ = [
     "FleetRunner",
     "WorkerReport",
     "fleet_device_ids",
+    "percentile",
     "process_cpu_seconds",
 ]
 
@@ -326,6 +327,10 @@ class _Device:
             self.dead_since = now
         return now - self.dead_since >= WEDGE_GRACE
 
+    def back_at(self, since: float) -> float | None:
+        with self.lock:
+            return self.report.back_at(since)
+
     def snapshot(self) -> DeviceReport:
         with self.lock:
             r = self.report
@@ -394,6 +399,9 @@ class _Worker:
                 break
             if command[0] == "report":
                 self.send("report", command[1], self.report())
+            elif command[0] == "back":
+                # a count only: asked several times a second during a storm, and cheap to answer
+                self.send("report", command[1], {"back": sum(1 for d in self.devices if d.back_at(command[2]))})
             elif command[0] == "stop":
                 self._shutdown(command[1])
                 self.send("final", self.report())
@@ -641,6 +649,13 @@ class FleetRunner:
         limit = checks.required_seconds("timeout", timeout, positive=True)
         if self._final is not None:
             return self._final
+        replies = self._ask(("report",), limit)
+        with self._cond:
+            # a worker that ended before answering may have left its final report
+            return self._build({i: r or self._workers[i].final for i, r in replies.items()})
+
+    def _ask(self, command: tuple, limit: float) -> dict[int, dict[str, Any] | None]:
+        """Send `command` to every live worker; each one's answer (None from one that ended)."""
         if not self._started:
             raise RuntimeError("call start() first")
         with self._cond:
@@ -649,7 +664,7 @@ class FleetRunner:
             asked = [w for w in self._workers if w.alive]
         for worker in asked:
             try:
-                worker.conn.send(("report", request))
+                worker.conn.send((command[0], request, *command[1:]))
             except (OSError, EOFError):
                 pass  # it is gone; the receiver notices
         deadline = time.monotonic() + limit
@@ -660,10 +675,9 @@ class FleetRunner:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"fleet workers {[w.index for w in waiting]} did not report within {limit:g} s")
+                    raise TimeoutError(f"fleet workers {[w.index for w in waiting]} did not answer within {limit:g} s")
                 self._cond.wait(left)
-            replies = {w.index: w.replies.pop(request, None) or w.final for w in self._workers}
-        return self._build(replies)
+            return {w.index: w.replies.pop(request, None) for w in self._workers}
 
     def _build(self, replies: Mapping[int, dict[str, Any] | None]) -> FleetReport:
         devices: dict[str, DeviceReport] = {}
@@ -692,10 +706,10 @@ class FleetRunner:
         limit = checks.required_seconds("timeout", timeout)
         deadline = time.monotonic() + limit
         while True:
-            report = self.report(max(deadline - time.monotonic(), 1.0))
-            back = sum(1 for d in report.devices.values() if d.back_at(since) is not None)
+            replies = self._ask(("back", since), max(deadline - time.monotonic(), 1.0))
+            back = sum(r["back"] for r in replies.values() if r)
             if back >= self.count:
-                return report
+                return self.report(max(deadline - time.monotonic(), 30.0))
             with self._cond:
                 dead = self._dead_worker()
                 if dead is not None:
@@ -703,7 +717,7 @@ class FleetRunner:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{back} of {self.count} fleet clients back within {limit:g} s")
-                # the workers report on request only; this paces the requests
+                # the workers answer on request only; this paces the requests
                 self._cond.wait(min(poll, left))
 
     # --- stopping ------------------------------------------------------------------------------

@@ -57,11 +57,15 @@ class StandaloneHub:
     ends it (SIGTERM, then SIGKILL after `stop_timeout`).
 
     `args` go to the command line unchanged (`--hub-name`, and options a later hub may have).
+    `devices` are registered at start-up (`--device`), which is much faster for a thousand than
+    `add_devices`: each control API request costs about 40 ms here (see `add_devices`).
     """
 
-    def __init__(self, *args: str, start_timeout: float = 30.0, stop_timeout: float = 10.0,
-                 port: int = SDK_PORT):
+    def __init__(self, *args: str, devices: Iterable[str] = (), start_timeout: float = 30.0,
+                 stop_timeout: float = 10.0, port: int = SDK_PORT):
         self._args = [str(a) for a in args]
+        for device_id in devices:
+            self._args += ["--device", device_id]
         self._start_timeout = checks.required_seconds("start_timeout", start_timeout, positive=True)
         self._stop_timeout = checks.required_seconds("stop_timeout", stop_timeout, positive=True)
         self._port = checks.integer("port", port, minimum=0, maximum=65535)
@@ -169,10 +173,16 @@ class StandaloneHub:
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.pid)
 
-    def fleet_info(self, devices: dict[str, str]) -> dict[str, Any]:
-        """The plain data `FleetRunner` takes: host names, CA PEM and the devices' connection strings."""
+    @property
+    def devices(self) -> dict[str, str]:
+        """The devices registered at start-up: id -> connection string."""
+        return dict(self._info.get("devices", {}))
+
+    def fleet_info(self, devices: dict[str, str] | None = None) -> dict[str, Any]:
+        """The plain data `FleetRunner` takes: host names, CA PEM and the devices' connection
+        strings (by default those registered at start-up)."""
         return {"hostname": self.hostname, "gateway_host": self.gateway_host, "ca_pem": self.ca_pem,
-                "devices": dict(devices)}
+                "devices": dict(self.devices if devices is None else devices)}
 
     # --- control API -----------------------------------------------------------------------------
 
@@ -211,7 +221,10 @@ class StandaloneHub:
         return self._conn
 
     def add_devices(self, device_ids: Iterable[str]) -> dict[str, str]:
-        """Register each device; id -> connection string."""
+        """Register each device; id -> connection string.
+
+        One request per device; the control API answers each in two TCP segments (headers, then
+        body), so Nagle's algorithm and the client's delayed ACK make each take about 40 ms."""
         out = {}
         for device_id in device_ids:
             answer = self.request("POST", "/devices", {"device_id": device_id})
