@@ -88,7 +88,19 @@ def run_once(count: int, args: argparse.Namespace, hub_args: list[str]) -> dict[
             "p50": percentile(times, 50), "p99": percentile(times, 99), "last": max(times, default=None),
             "back": len(times), "wedged": final.wedged if final else None,
             "acked": len(final.acknowledged_ids()) if final else 0, "missing": len(missing),
-            "cpu": cpu_shares(before, after), "load_before": load_before, "load_after": loadavg()}
+            "cpu": cpu_shares(before, after), "load_before": load_before, "load_after": loadavg(),
+            "deaths": thread_deaths(final.workers if final else [])}
+
+
+def thread_deaths(workers: list) -> str:
+    """Uncaught exceptions that ended SDK threads, by type: what wedged the wedged clients."""
+    kinds: dict[str, int] = {}
+    for w in workers:
+        for text in w.thread_deaths:
+            # "<time> <thread name>: <type>: <message>"
+            kind = text.split(": ", 2)[1] if text.count(": ") >= 1 else text
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
 
 
 def fmt(value: float | None, unit: str = " s") -> str:
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     ok = False
                     continue
                 print(row(tier, result), flush=True)
+                if result["wedged"] or result["deaths"] != "none":
+                    print(f"{'':<11} SDK threads that died: {result['deaths']}", flush=True)
                 ok = ok and result["back"] == count and result["missing"] == 0
     return 0 if ok else 1
 

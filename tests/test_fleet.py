@@ -123,3 +123,22 @@ def test_bad_arguments_are_named(fleet_info, kwargs, words):
     with pytest.raises((ValueError, TypeError)) as err:
         FleetRunner(fleet_info, COUNT, **kwargs)
     assert words in str(err.value)
+
+
+def test_fleet_against_the_embedded_hub():
+    # the embedded hub serves its sockets with asyncio (epoll): only the clients need spreading
+    from pytest_iotfailover import FakeHub
+    with FakeHub("testhub") as embedded:
+        devices = {d: embedded.add_device(d).connection_string for d in fleet_device_ids(4)}
+        info = {"hostname": embedded.hostname, "gateway_host": embedded.gateway_host,
+                "ca_pem": embedded.ca_pem, "devices": devices}
+        with FleetRunner(info, 4, rate=2, per_process=2, client_kwargs=CLIENT_KWARGS) as fleet:
+            fleet.wait_connected(timeout=60)
+            handle = embedded.faults.region_failover(outage=1)
+            report = handle.wait(60).report()
+            fleet.wait_recovered(report.started_at, timeout=60)
+        final = fleet.report()
+        ledger = {(t.device_id, t.message_id) for t in embedded.telemetry()}
+    assert final.acknowledged_ids() and final.acknowledged_ids() <= ledger
+    assert all(back is not None for back in final.recovery(report.started_at, report.ended_at).values())
+    assert multiprocessing.active_children() == [] and spawned_children() == []
