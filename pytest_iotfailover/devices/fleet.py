@@ -48,7 +48,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PER_PROCESS = 200
+# Well under the descriptor limit below: every SDK client runs several threads (paho's loop, its
+# timers, the fleet's sender), and with 200 clients to a process their contention for the GIL
+# made a 1,000-client reconnect storm take two to three times as long as with 100 (bench/README.md
+# "Fleet benchmark"); 50 gained little more and costs twice the processes.
+DEFAULT_PER_PROCESS = 100
 # 300 clients at three descriptors each, plus the interpreter's own, stays under select()'s 1024
 # with room for replacements in flight.
 MAX_PER_PROCESS = 300
