@@ -142,3 +142,15 @@ def test_fleet_against_the_embedded_hub():
     assert final.acknowledged_ids() and final.acknowledged_ids() <= ledger
     assert all(back is not None for back in final.recovery(report.started_at, report.ended_at).values())
     assert multiprocessing.active_children() == [] and spawned_children() == []
+
+
+def test_a_worker_that_cannot_create_its_clients_says_why(fleet_info):
+    # the SDK refuses an unknown option; the worker's error reaches the caller, not just its stderr
+    fleet = FleetRunner(fleet_info, COUNT, per_process=PER_PROCESS, client_kwargs={"no_such_option": 1})
+    try:
+        fleet.start()
+        with pytest.raises(FleetError, match=r"ended unexpectedly with exit code 1: .*no_such_option"):
+            fleet.wait_connected(timeout=60)
+    finally:
+        fleet.stop(timeout=30)
+    assert multiprocessing.active_children() == [] and spawned_children() == []

@@ -48,10 +48,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Well under the descriptor limit below: every SDK client runs several threads (paho's loop, its
-# timers, the fleet's sender), and with 200 clients to a process their contention for the GIL
-# made a 1,000-client reconnect storm take two to three times as long as with 100 (bench/README.md
-# "Fleet benchmark"); 50 gained little more and costs twice the processes.
+# Well under the descriptor limit below: every connected SDK client has four threads, five with
+# the fleet's sender, and with 200 clients to a process their contention for the GIL made a
+# 1,000-client reconnect storm about 2.5 times slower than with 100 (bench/README.md "Fleet
+# benchmark"); 50 gained little more and costs twice the processes.
 DEFAULT_PER_PROCESS = 100
 # 300 clients at three descriptors each, plus the interpreter's own, stays under select()'s 1024
 # with room for replacements in flight.
@@ -445,12 +445,19 @@ def _worker_main(conn: Any, spec: dict[str, Any]) -> None:
     # the SDK logs a warning per refused retry; what matters goes into the report instead
     logging.getLogger("azure.iot.device").setLevel(spec.get("sdk_log_level", logging.CRITICAL))
     logging.getLogger("paho").setLevel(logging.CRITICAL)
+    code = 1
     try:
         _Worker(conn, spec).run()
+        code = 0
+    except Exception as exc:  # noqa: BLE001 - handed to the parent, which names it in its FleetError
+        try:
+            conn.send(("error", redact(f"{type(exc).__name__}: {exc}")[:500]))
+        except (OSError, EOFError):
+            pass  # the parent is gone: nobody to tell
     finally:
         conn.close()
         # SDK threads stuck in a wedged client must not keep the process alive
-        os._exit(0)
+        os._exit(code)
 
 
 # --- the parent side --------------------------------------------------------------------------
@@ -465,6 +472,7 @@ class _WorkerHandle:
         self.alive = True
         self.replies: dict[int, dict[str, Any]] = {}
         self.final: dict[str, Any] | None = None
+        self.error: str | None = None
         self.cpu_seconds: float | None = None
 
 
@@ -611,6 +619,8 @@ class FleetRunner:
                         worker.replies[message[1]] = message[2]
                     elif message[0] == "final":
                         worker.final = message[1]
+                    elif message[0] == "error":
+                        worker.error = message[1]
                     self._cond.notify_all()
 
     def _dead_worker(self) -> _WorkerHandle | None:
@@ -619,7 +629,8 @@ class FleetRunner:
     def _dead_error(self, worker: _WorkerHandle) -> FleetError:
         worker.process.join(1)
         return FleetError(f"fleet worker {worker.index} (pid {worker.process.pid}, {worker.devices} clients) "
-                          f"ended unexpectedly with exit code {worker.process.exitcode}")
+                          f"ended unexpectedly with exit code {worker.process.exitcode}"
+                          + (f": {worker.error}" if worker.error else ""))
 
     def connected(self) -> int:
         """Clients connected now, as their workers last said."""
