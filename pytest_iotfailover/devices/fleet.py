@@ -70,6 +70,16 @@ _RESEND_WAIT = 5.0
 _OWNED_KWARGS = ("server_verification_cert",)
 
 
+def _remember_keys(*connection_strings: str) -> None:
+    """Hide the keys of these connection strings from every later output; only the keys: the
+    host and device names around them must stay readable."""
+    for cs in connection_strings:
+        for part in cs.split(";"):
+            name, _, value = part.partition("=")
+            if name.strip() == "SharedAccessKey" and value:
+                remember(value)
+
+
 class FleetError(IoTFailoverError):
     """A fleet could not start, or a worker process ended unexpectedly."""
 
@@ -371,7 +381,7 @@ class _Worker:
         self.send_lock = threading.Lock()
         self.thread_deaths: list[str] = []
         self._changed = threading.Event()
-        remember(*(cs for _, cs in spec["devices"]))
+        _remember_keys(*(cs for _, cs in spec["devices"]))
         self.devices = [_Device(self, d, cs) for d, cs in spec["devices"]]
 
     def changed(self) -> None:
@@ -529,7 +539,7 @@ class FleetRunner:
             if name in self.client_kwargs:
                 raise ValueError(f"client_kwargs: {name} comes from hub_info['ca_pem']; do not pass it")
         available = _devices_of(hub_info)
-        remember(*available.values())
+        _remember_keys(*available.values())
         self.device_ids = fleet_device_ids(self.count, id_prefix)
         missing = [d for d in self.device_ids if d not in available]
         if missing:

@@ -33,6 +33,16 @@ __all__ = ["StandaloneHub", "hub_supports_option", "process_cpu_seconds"]
 SDK_PORT = 8883
 
 
+def _remember_keys(*connection_strings: str) -> None:
+    """Hide the keys of these connection strings from every later output; only the keys: the
+    host and device names around them must stay readable."""
+    for cs in connection_strings:
+        for part in cs.split(";"):
+            name, _, value = part.partition("=")
+            if name.strip() == "SharedAccessKey" and value:
+                remember(value)
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process `pid` (all its threads) from /proc, or None."""
     try:
@@ -90,7 +100,8 @@ class StandaloneHub:
             info_path = self._read_info_path()
             with open(info_path, encoding="utf-8") as f:
                 self._info = json.load(f)
-            remember(self._info["control_token"], *self._info["devices"].values())
+            remember(self._info["control_token"])
+            _remember_keys(*self._info["devices"].values())
             with open(self._info["ca_pem_path"], encoding="utf-8") as f:
                 self._ca_pem = f.read()
         except BaseException:
@@ -229,7 +240,7 @@ class StandaloneHub:
         for device_id in device_ids:
             answer = self.request("POST", "/devices", {"device_id": device_id})
             out[device_id] = answer["connection_string"]
-            remember(answer["connection_string"])
+            _remember_keys(answer["connection_string"])
         return out
 
     def start_fault(self, kind: str, **kwargs: Any) -> dict[str, Any]:
