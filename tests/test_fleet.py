@@ -10,6 +10,8 @@ from sdk_support import CLIENT_KWARGS, bounded
 from pytest_iotfailover.devices.fleet import MAX_PER_PROCESS, FleetError, FleetRunner, fleet_device_ids
 from pytest_iotfailover.fakehub.process import StandaloneHub
 
+pytest_plugins = ["pytester"]
+
 pytestmark = pytest.mark.timeout(180)
 
 COUNT = 20
@@ -154,3 +156,23 @@ def test_a_worker_that_cannot_create_its_clients_says_why(fleet_info):
     finally:
         fleet.stop(timeout=30)
     assert multiprocessing.active_children() == [] and spawned_children() == []
+
+
+def test_the_iothub_fleet_fixture_runs_beside_the_tests_own_device(pytester):
+    # a fleet of real SDK clients storms the hub while the test's own client must recover too
+    pytester.makepyfile("""
+        from pytest_iotfailover import Outbox, assert_all_delivered
+
+        def test_storm(iothub, device_client, failover, iothub_fleet):
+            fleet = iothub_fleet(4, rate=2, per_process=2)
+            outbox = Outbox(device_client)
+            handle = failover.outage(1)
+            for i in range(10):
+                outbox.send({"reading": i})
+            assert_all_delivered(iothub, outbox, timeout=60)
+            handle.wait(60)
+            fleet.wait_recovered(handle.started_at, timeout=60)
+            assert fleet.acknowledged_ids()
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=1)
