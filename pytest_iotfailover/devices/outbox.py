@@ -21,7 +21,6 @@ import collections
 import inspect
 import itertools
 import json
-import random
 import threading
 import time
 import uuid
@@ -29,7 +28,10 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from azure.iot.device import Message
 
-from .. import wedge as _wedge
+from .. import checks
+from ..deadline import Call
+from . import wedge as _wedge
+from .backoff import MAX_BACKOFF, MIN_BACKOFF, Backoff
 
 __all__ = ["Outbox", "AsyncOutbox", "OutboxFull", "OutboxClosed"]
 
@@ -84,14 +86,6 @@ class _Lane:
         self.thread: Optional[threading.Thread] = None
 
 
-def _check_seconds(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value < 0 or (positive and value == 0) or value == float("inf"):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"{name} must be {kind} finite number of seconds, got {value!r}")
-    return float(value)
-
-
 def _as_message(message: Any) -> Message:
     if isinstance(message, Message):
         return message
@@ -137,22 +131,17 @@ class Outbox:
     block_timeout: float = 600.0
 
     def __init__(self, target, *, capacity: int = 10_000, on_overflow: str = "block",
-                 send_timeout: float = 30.0, min_backoff: float = 0.1, max_backoff: float = 10.0,
+                 send_timeout: float = 30.0, min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
                  name: Optional[str] = None):
         self._is_pool = hasattr(target, "device_ids")
         self._check_target(target)
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        if on_overflow not in _OVERFLOW_POLICIES:
-            raise ValueError(f"on_overflow must be one of {', '.join(map(repr, _OVERFLOW_POLICIES))}, "
-                             f"got {on_overflow!r}")
-        self._send_timeout = _check_seconds("send_timeout", send_timeout, positive=True)
-        self._min_backoff = _check_seconds("min_backoff", min_backoff, positive=False)
-        self._max_backoff = _check_seconds("max_backoff", max_backoff, positive=False)
-        if self._max_backoff < self._min_backoff:
-            raise ValueError(f"max_backoff ({max_backoff!r}) must not be less than min_backoff ({min_backoff!r})")
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"name must be a string, got {name!r}")
+        checks.positive_int("capacity", capacity)
+        checks.choice("on_overflow", on_overflow, _OVERFLOW_POLICIES)
+        self._send_timeout = checks.required_seconds("send_timeout", send_timeout, positive=True)
+        # the pool's formula, its step as long as the shortest delay
+        self._backoff = Backoff.checked(min_backoff, max_backoff, min_backoff)
+        if name != "":  # "" picks the default name, as None does
+            checks.text("name", name, allow_none=True)
         self.target = target
         self.capacity = capacity
         self.on_overflow = on_overflow
@@ -331,7 +320,7 @@ class Outbox:
                     "(the call was abandoned and may still complete)")
                 self._failures.append((entry.message_id, repr(error), time.time()))
                 failures_in_a_row += 1
-                delay_until = time.monotonic() + self._backoff(failures_in_a_row)
+                delay_until = time.monotonic() + self._backoff.delay(failures_in_a_row - 1)
                 # an abandoned call that completes meanwhile ends the wait: nothing left to retry
                 while not self._closed and entry.state != "acked":
                     left = delay_until - time.monotonic()
@@ -358,15 +347,10 @@ class Outbox:
         # a no-op if someone (the fixtures' monitor) revived it already
         _wedge.revive(self.target, timeout=0)
 
-    def _backoff(self, failures_in_a_row: int) -> float:
-        ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures_in_a_row - 1, 62))
-        # "equal jitter": never shorter than half the step, so lanes that failed together spread out
-        return max(self._min_backoff, random.uniform(ceiling / 2, ceiling))
 
     def _launch(self, attempt: _Attempt) -> None:
         """Start one SDK call for `attempt` that reports to `_attempt_done`; it must not block."""
-        threading.Thread(target=self._call_target, args=(attempt,), daemon=True,
-                         name=f"{self.name}:send:{attempt.entry.message_id}").start()
+        Call(lambda: self._call_target(attempt), f"{self.name}:send:{attempt.entry.message_id}")
 
     def _call_target(self, attempt: _Attempt) -> None:
         entry = attempt.entry
@@ -463,7 +447,7 @@ class Outbox:
     def flush(self, timeout: float = 60.0) -> None:
         """Block until the hub acknowledged every accepted message; TimeoutError if it did not
         within `timeout` seconds, OutboxClosed if the outbox is closed with messages pending."""
-        timeout = _check_seconds("timeout", timeout, positive=False)
+        timeout = checks.required_seconds("timeout", timeout)
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._pending:
@@ -487,7 +471,7 @@ class Outbox:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers; unacknowledged messages stay in `pending_ids`. Calls in flight are
         abandoned, not cancelled: the hub may still receive (and acknowledge) them."""
-        timeout = _check_seconds("timeout", timeout, positive=False)
+        timeout = checks.required_seconds("timeout", timeout)
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -514,23 +498,19 @@ def _run_in_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> "asyncio.Futur
     waits for on exit: an abandoned flush would hold up the end of the program."""
     fut = loop.create_future()
 
-    def settle(result, error):
+    def settle(call: Call) -> None:
         if not fut.done():
-            if error is not None:
-                fut.set_exception(error)
+            if call.error is not None:
+                fut.set_exception(call.error)
             else:
-                fut.set_result(result)
+                fut.set_result(call.result)
 
-    def run():
+    def report(call: Call) -> None:
         try:
-            result, error = fn(*args), None
-        except BaseException as exc:
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, call)
         except RuntimeError:
             pass  # the loop is gone; nobody is waiting any more
-    threading.Thread(target=run, daemon=True, name=f"outbox:{getattr(fn, '__name__', 'call')}").start()
+    Call(lambda: fn(*args), f"outbox:{getattr(fn, '__name__', 'call')}", on_done=report)
     return fut
 
 

@@ -12,17 +12,20 @@ Two recovery strategies, matching the two cases in DESIGN.md ("Pooled and non-po
   patches survive a lost session with the pool.
 """
 import logging
-import random
 import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device import exceptions as sdk_errors
 
-from .. import wedge
-from ..iothub.auth import parse_connection_string, redact
+from .. import checks
+from ..connstr import device_fields
+from ..deadline import Call, call_with_deadline
+from ..redaction import redact
+from . import wedge
+from .backoff import DELTA_BACKOFF, MAX_BACKOFF, MIN_BACKOFF, OPERATION_TIMEOUT, Backoff
+from .client import check_server_cert, create_client
 
 __all__ = ["create_client", "DevicePool", "Recreation", "DeviceConnectionError", "DeviceTimeoutError"]
 
@@ -41,24 +44,6 @@ _HANDLER_NAMES = ("on_message_received", "on_method_request_received",
 _POOL_OWNED_KWARGS = ("connection_retry", "auto_connect")
 # Errors after which the same message may go out again on the same or the next client.
 _RETRIABLE = (sdk_errors.ClientError, sdk_errors.OperationCancelled, sdk_errors.OperationTimeout)
-
-
-def create_client(connection_string: str, *, server_verification_cert: Optional[str] = None,
-                  aio: bool = False, **sdk_kwargs):
-    """An `IoTHubDeviceClient` (or its `aio` twin) for `connection_string`, not connected yet.
-
-    Everything in `sdk_kwargs` goes to `create_from_connection_string` unchanged, so recovery is
-    the SDK's own unless you pass `connection_retry=False`.
-    """
-    _check_connection_string("connection_string", connection_string)
-    if server_verification_cert is not None:
-        if not isinstance(server_verification_cert, str) or not server_verification_cert.strip():
-            raise ValueError("server_verification_cert must be PEM text (str) or None")
-        sdk_kwargs["server_verification_cert"] = server_verification_cert
-    if aio:
-        from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
-        return AioIoTHubDeviceClient.create_from_connection_string(connection_string, **sdk_kwargs)
-    return IoTHubDeviceClient.create_from_connection_string(connection_string, **sdk_kwargs)
 
 
 class Recreation(NamedTuple):
@@ -114,67 +99,12 @@ class _Slot:
         self.handler_lock = threading.Lock()
 
 
-class _Call:
-    """One SDK call on a helper thread, so that callers can stop waiting for it."""
-
-    def __init__(self, fn: Callable[[], Any], name: str, cond: Optional[threading.Condition] = None):
-        self.done = threading.Event()
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self._fn = fn
-        self._cond = cond
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            self.result = self._fn()
-        except BaseException as exc:  # handed to whoever waits for this call
-            self.error = exc
-        finally:
-            self._fn = None
-            self.done.set()
-            if self._cond is not None:
-                with self._cond:
-                    self._cond.notify_all()
-
-    def outcome(self):
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-def _bounded(fn: Callable[[], Any], timeout: float, what: str):
-    call = _Call(fn, f"DevicePool:{what}")
-    if not call.done.wait(timeout):
-        raise TimeoutError(f"{what} did not finish within {timeout:g} s")
-    return call.outcome()
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     cause = exc.__cause__
     if cause is not None and str(cause) and str(cause) != text:
         text = f"{text} ({type(cause).__name__}: {cause})"
     return redact(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
-
-
-def _check_connection_string(name: str, value: Any) -> Dict[str, str]:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name} must be a non-empty connection string")
-    try:
-        return parse_connection_string(value)
-    except ValueError as exc:
-        # the parser quotes the start of a segment without '=', which may be part of a key
-        why = "a segment has no '='" if "without '='" in str(exc) else redact(str(exc))
-        raise ValueError(f"{name} is not a device connection string: {why}") from None
-
-
-def _seconds(name: str, value: Any, *, positive: bool = True) -> float:
-    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or value != value
-    if bad or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a {kind} number of seconds, got {value!r}")
-    return float(value)
 
 
 class DevicePool:
@@ -217,31 +147,25 @@ class DevicePool:
     """
 
     def __init__(self, devices: Iterable[Any], *, server_verification_cert: Optional[str] = None,
-                 min_backoff: float = 0.1, max_backoff: float = 10.0, delta_backoff: float = 0.1,
-                 operation_timeout: float = 240.0, connect_timeout: float = 30.0,
+                 min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
+                 delta_backoff: float = DELTA_BACKOFF, operation_timeout: float = OPERATION_TIMEOUT, connect_timeout: float = 30.0,
                  ack_timeout: Optional[float] = 60.0,
                  liveness_probe: Optional[Callable[[], Optional[Iterable[str]]]] = None,
                  probe_grace: float = 10.0, watch_interval: float = 0.25, **sdk_kwargs):
-        self._min_backoff = _seconds("min_backoff", min_backoff, positive=False)
-        self._max_backoff = _seconds("max_backoff", max_backoff, positive=False)
-        if self._max_backoff < self._min_backoff:
-            raise ValueError(f"max_backoff ({max_backoff!r}) must not be less than min_backoff ({min_backoff!r})")
-        self._delta_backoff = _seconds("delta_backoff", delta_backoff, positive=False)
-        self._operation_timeout = _seconds("operation_timeout", operation_timeout)
-        self._connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self._ack_timeout = None if ack_timeout is None else _seconds("ack_timeout", ack_timeout)
+        self._backoff = Backoff.checked(min_backoff, max_backoff, delta_backoff)
+        self._operation_timeout = checks.required_seconds("operation_timeout", operation_timeout, positive=True)
+        self._connect_timeout = checks.required_seconds("connect_timeout", connect_timeout, positive=True)
+        self._ack_timeout = checks.seconds("ack_timeout", ack_timeout, positive=True, allow_none=True)
         if liveness_probe is not None and not callable(liveness_probe):
             raise ValueError("liveness_probe must be callable with no arguments (returning the device "
                              "ids the hub sees connected), or None")
         self._liveness_probe = liveness_probe
-        self._probe_grace = _seconds("probe_grace", probe_grace, positive=False)
-        self._watch_interval = _seconds("watch_interval", watch_interval)
+        self._probe_grace = checks.required_seconds("probe_grace", probe_grace)
+        self._watch_interval = checks.required_seconds("watch_interval", watch_interval, positive=True)
         for name in _POOL_OWNED_KWARGS:
             if name in sdk_kwargs:
                 raise ValueError(f"{name} is set by the pool (it recovers clients itself); do not pass it")
-        if server_verification_cert is not None:
-            if not isinstance(server_verification_cert, str) or not server_verification_cert.strip():
-                raise ValueError("server_verification_cert must be PEM text (str) or None")
+        if check_server_cert(server_verification_cert) is not None:
             sdk_kwargs["server_verification_cert"] = server_verification_cert
         self._sdk_kwargs = dict(sdk_kwargs, connection_retry=False, auto_connect=False)
         self._slots: Dict[str, _Slot] = {}
@@ -283,7 +207,7 @@ class DevicePool:
                              "pair nor has .device_id and .connection_string")
         if not isinstance(device_id, str) or not device_id:
             raise ValueError(f"devices: device_id must be a non-empty string, got {device_id!r}")
-        parsed = _check_connection_string(f"devices: the connection string of {device_id!r}", cs)
+        parsed = device_fields(f"devices: the connection string of {device_id!r}", cs)
         if parsed.get("DeviceId") != device_id:
             raise ValueError(f"devices: the connection string of {device_id!r} is for device "
                              f"{parsed.get('DeviceId')!r}")
@@ -410,7 +334,7 @@ class DevicePool:
         return self
 
     def _create(self, slot: _Slot):
-        client = IoTHubDeviceClient.create_from_connection_string(slot.connection_string, **self._sdk_kwargs)
+        client = create_client(slot.connection_string, **self._sdk_kwargs)
         client.on_connection_state_change = self._state_watcher(slot, client)
         wedge.watch(client, slot.device_id)
         return client
@@ -436,9 +360,11 @@ class DevicePool:
         log.info("%s: device %r: %s; recreating its client", self._name, slot.device_id, reason)
 
     def _delay(self, attempt: int) -> float:
-        growth = (2 ** min(attempt, 60)) - 1  # capped: 2**1000 does not fit a float
-        return min(self._max_backoff,
-                   self._min_backoff + self._delta_backoff * growth * random.uniform(0.8, 1.2))
+        return self._backoff.delay(attempt)
+
+    def _notify(self, _call: Call) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     # --- the supervisor ------------------------------------------------------------------------
 
@@ -546,7 +472,8 @@ class DevicePool:
                 if self._closing:
                     raise _Closing()
                 slot.client, slot.installed = client, set()
-            _bounded(client.connect, self._connect_timeout, f"connect:{slot.device_id}")
+            call_with_deadline(client.connect, self._connect_timeout, f"connect:{slot.device_id}",
+                               name=f"{self._name}-connect:{slot.device_id}")
             with slot.handler_lock:
                 self._install_handlers(slot, client)
                 with self._cond:
@@ -606,7 +533,7 @@ class DevicePool:
                 return
             self._shut_down.add(client)
         try:
-            _bounded(client.shutdown, timeout, "shutdown")
+            call_with_deadline(client.shutdown, timeout, "shutdown", name=f"{self._name}-shutdown")
         except Exception as exc:
             # a client already gone, or one wedged in the SDK: either way it is not ours any more
             log.debug("%s: shutting a client down: %s", self._name, _describe(exc))
@@ -621,8 +548,8 @@ class DevicePool:
                 continue
             value = self._dispatcher(name, slot.device_id) if wanted else None
             # the SDK subscribes (or unsubscribes) before this returns
-            _bounded(lambda n=name, v=value: setattr(client, n, v), self._connect_timeout,
-                     f"{name}:{slot.device_id}")
+            call_with_deadline(lambda n=name, v=value: setattr(client, n, v), self._connect_timeout,
+                               f"{name}:{slot.device_id}", name=f"{self._name}-{name}:{slot.device_id}")
             if wanted:
                 slot.installed.add(name)
             else:
@@ -642,7 +569,7 @@ class DevicePool:
         with self._cond:
             self._handlers[name] = handler
             slots = list(self._slots.values())
-        calls = [_Call(lambda s=s: self._sync_handlers(s), f"{self._name}-handlers:{s.device_id}")
+        calls = [Call(lambda s=s: self._sync_handlers(s), f"{self._name}-handlers:{s.device_id}")
                  for s in slots]
         deadline = time.monotonic() + self._connect_timeout
         for call in calls:
@@ -696,7 +623,7 @@ class DevicePool:
         while True:
             with self._cond:
                 client, generation = self._usable(slot, deadline, limit, method, last_error)
-            call = _Call(lambda: getattr(client, method)(arg), f"{self._name}-{method}:{device_id}", self._cond)
+            call = Call(lambda: getattr(client, method)(arg), f"{self._name}-{method}:{device_id}", self._notify)
             ack_by = None if self._ack_timeout is None else time.monotonic() + self._ack_timeout
             with self._cond:
                 while (not call.done.is_set() and slot.generation == generation
@@ -728,7 +655,7 @@ class DevicePool:
                 with self._cond:
                     # the state-change event usually follows the failure; give it a moment
                     if slot.generation == generation and slot.state == "connected" and not self._closing:
-                        self._cond.wait(max(min(self._min_backoff, deadline - time.monotonic()), 0.01))
+                        self._cond.wait(max(min(self._backoff.min, deadline - time.monotonic()), 0.01))
             elif not retry:
                 last_error = "the client was lost before the call completed"
                 raise DeviceConnectionError(f"{method} to device {device_id!r}: {last_error}",
@@ -768,13 +695,13 @@ class DevicePool:
 
     @staticmethod
     def _timeout(timeout: Optional[float], default: float) -> float:
-        return default if timeout is None else _seconds("timeout", timeout)
+        return default if timeout is None else checks.required_seconds("timeout", timeout, positive=True)
 
     # --- closing -------------------------------------------------------------------------------
 
     def close(self, timeout: float = 10) -> None:
         """Shut every client down, in parallel, within about `timeout` seconds. Idempotent."""
-        limit = _seconds("timeout", timeout, positive=False)
+        limit = checks.required_seconds("timeout", timeout)
         with self._cond:
             first = not self._closing
             self._closing = True
