@@ -26,6 +26,7 @@ from ..redaction import redact
 from . import wedge
 from .backoff import DELTA_BACKOFF, MAX_BACKOFF, MIN_BACKOFF, OPERATION_TIMEOUT, Backoff
 from .client import check_server_cert, create_client
+from .slots import RECOVERING, Slot, SlotState
 
 __all__ = ["create_client", "DevicePool", "Recreation", "DeviceConnectionError", "DeviceTimeoutError"]
 
@@ -72,31 +73,6 @@ class DeviceTimeoutError(TimeoutError):
 
 class _Closing(Exception):
     """The pool began closing while a recreation attempt was running."""
-
-
-class _Slot:
-    """The pool's bookkeeping for one device. Guarded by the pool's condition, except
-    `handler_lock`, which serialises handler (un)registration on this device's client."""
-
-    def __init__(self, device_id: str, connection_string: str):
-        self.device_id = device_id
-        self.connection_string = connection_string
-        self.client = None
-        self.fresh = False            # created but never asked to connect: reusable once
-        self.generation = 0           # bumped whenever a client becomes current
-        self.state = "new"            # new -> recovering <-> connected
-        self.failed = False           # still recovering after its deadline
-        self.busy = False             # a recreation attempt is running
-        self.force = False            # recreate even if the lost client claims to be back
-        self.attempts = 0             # failed attempts since the loss
-        self.next_at = 0.0            # monotonic time of the next attempt
-        self.deadline = 0.0           # monotonic time at which the device counts as failed
-        self.lost_at: Optional[float] = None  # time.time() of the loss being recovered
-        self.reason = ""
-        self.last_error: Optional[str] = None
-        self.was_connected = False
-        self.installed: set = set()   # SDK handler properties set on `client`
-        self.handler_lock = threading.Lock()
 
 
 def _describe(exc: BaseException) -> str:
@@ -168,7 +144,7 @@ class DevicePool:
         if check_server_cert(server_verification_cert) is not None:
             sdk_kwargs["server_verification_cert"] = server_verification_cert
         self._sdk_kwargs = dict(sdk_kwargs, connection_retry=False, auto_connect=False)
-        self._slots: Dict[str, _Slot] = {}
+        self._slots: Dict[str, Slot] = {}
         if isinstance(devices, (str, bytes)) or not hasattr(devices, "__iter__"):
             raise ValueError("devices must be an iterable of (device_id, connection_string) pairs "
                              "or of objects with .device_id and .connection_string")
@@ -176,7 +152,7 @@ class DevicePool:
             device_id, cs = self._device_entry(item)
             if device_id in self._slots:
                 raise ValueError(f"devices names device {device_id!r} more than once")
-            self._slots[device_id] = _Slot(device_id, cs)
+            self._slots[device_id] = Slot(device_id, cs)
         if not self._slots:
             raise ValueError("devices is empty: a pool needs at least one device")
 
@@ -243,7 +219,7 @@ class DevicePool:
         """Devices not back within operation_timeout, with their last error."""
         with self._cond:
             return {d: s.last_error or "no attempt finished" for d, s in self._slots.items()
-                    if s.state == "recovering" and s.failed}
+                    if s.state is SlotState.FAILED}
 
     def wait_connected(self, timeout: Optional[float] = None, device_ids: Optional[Iterable[str]] = None) -> None:
         """Block until every device (or those named) is connected; DeviceTimeoutError otherwise."""
@@ -252,7 +228,7 @@ class DevicePool:
         deadline = time.monotonic() + limit
         with self._cond:
             while True:
-                missing = [s.device_id for s in slots if s.state != "connected"]
+                missing = [s.device_id for s in slots if s.state is not SlotState.CONNECTED]
                 if not missing:
                     return
                 left = deadline - time.monotonic()
@@ -265,9 +241,9 @@ class DevicePool:
     def __repr__(self) -> str:
         with self._cond:
             states = [s.state for s in self._slots.values()]
-            failed = sum(1 for s in self._slots.values() if s.failed)
+        connected, failed = states.count(SlotState.CONNECTED), states.count(SlotState.FAILED)
         state = "closed" if self._closing else (
-            f"{states.count('connected')} connected, {states.count('recovering')} recovering, {failed} failed")
+            f"{connected} connected, {len(states) - connected - failed} recovering, {failed} failed")
         return f"<DevicePool of {len(states)} devices: {state}>"
 
     # --- connecting ----------------------------------------------------------------------------
@@ -280,8 +256,8 @@ class DevicePool:
         with self._cond:
             if self._closing:
                 raise RuntimeError("this DevicePool is closed")
-            todo = [s for s in self._slots.values() if s.state != "connected"]
-            need_client = [s for s in todo if s.state == "new" and s.client is None]
+            todo = [s for s in self._slots.values() if s.state is not SlotState.CONNECTED]
+            need_client = [s for s in todo if s.state is SlotState.NEW and s.client is None]
         # created up front, on the caller's thread, so that bad SDK options raise here rather than
         # turning into an endless series of failed attempts
         created, spare = [], []
@@ -297,7 +273,7 @@ class DevicePool:
         with self._cond:
             closing = self._closing
             for slot, client in created:
-                if not closing and slot.state == "new" and slot.client is None:
+                if not closing and slot.state is SlotState.NEW and slot.client is None:
                     slot.client, slot.fresh, slot.installed = client, True, set()
                 else:
                     spare.append(client)  # the pool closed, or a concurrent connect() got there first
@@ -307,18 +283,19 @@ class DevicePool:
             if self._closing:
                 raise RuntimeError("this DevicePool is closed")
             for slot in todo:
-                if slot.state == "new" or (slot.state == "recovering" and slot.failed):
+                if slot.state in (SlotState.NEW, SlotState.FAILED):
                     # a device mid-recovery keeps its own deadline; these start afresh
-                    if slot.state == "new":
+                    if slot.state is SlotState.NEW:
                         slot.reason = "connect"
-                    slot.state, slot.failed, slot.attempts = "recovering", False, 0
+                    slot.move(SlotState.CONNECTING)
+                    slot.attempts = 0
                     slot.deadline = deadline
                     if not slot.busy:
                         slot.next_at = now
             self._start_supervisor()
             self._cond.notify_all()
             while True:
-                pending = [s for s in todo if s.state != "connected" and not s.failed]
+                pending = [s for s in todo if s.state not in (SlotState.CONNECTED, SlotState.FAILED)]
                 left = deadline - time.monotonic()
                 if not pending or left <= 0 or self._closing:
                     break
@@ -326,32 +303,33 @@ class DevicePool:
             if self._closing:
                 raise RuntimeError("this DevicePool was closed while connecting")
             missing = {s.device_id: s.last_error or f"not connected within {limit:g} s"
-                       for s in todo if s.state != "connected"}
+                       for s in todo if s.state is not SlotState.CONNECTED}
         if missing:
             raise DeviceConnectionError(
                 f"{len(missing)} of {len(self._slots)} devices could not connect: "
                 + "; ".join(f"{d!r}: {why}" for d, why in missing.items()), missing)
         return self
 
-    def _create(self, slot: _Slot):
+    def _create(self, slot: Slot):
         client = create_client(slot.connection_string, **self._sdk_kwargs)
         client.on_connection_state_change = self._state_watcher(slot, client)
         wedge.watch(client, slot.device_id)
         return client
 
-    def _state_watcher(self, slot: _Slot, client) -> Callable[[], None]:
+    def _state_watcher(self, slot: Slot, client) -> Callable[[], None]:
         def on_connection_state_change():
             # runs on the SDK's handler thread: note the loss and return, never block here
             if not client.connected:
                 self._lost(slot, client, "connection lost")
         return on_connection_state_change
 
-    def _lost(self, slot: _Slot, client, reason: str, force: bool = False) -> None:
+    def _lost(self, slot: Slot, client, reason: str, force: bool = False) -> None:
         with self._cond:
-            if self._closing or slot.client is not client or slot.state != "connected":
+            if self._closing or slot.client is not client or slot.state is not SlotState.CONNECTED:
                 return  # an old client's farewell, or a loss already being handled
             now = time.monotonic()
-            slot.state, slot.failed, slot.force = "recovering", False, force
+            slot.move(SlotState.RECREATING)
+            slot.force = force
             slot.attempts, slot.reason, slot.last_error = 0, reason, None
             slot.lost_at = time.time()
             slot.next_at = now + self._delay(0)
@@ -391,7 +369,7 @@ class DevicePool:
             if self._closing:
                 return
             live = [(s, s.client) for s in self._slots.values()
-                    if s.state == "connected" and s.client is not None]
+                    if s.state is SlotState.CONNECTED and s.client is not None]
         on_hub = None
         if self._liveness_probe is not None:
             try:
@@ -413,9 +391,9 @@ class DevicePool:
                 absent_since.pop(slot.device_id, None)
                 self._wedged(slot, client, found)
 
-    def _wedged(self, slot: _Slot, client, found: wedge.Wedge) -> None:
+    def _wedged(self, slot: Slot, client, found: wedge.Wedge) -> None:
         with self._cond:
-            if slot.client is not client or slot.state != "connected":
+            if slot.client is not client or slot.state is not SlotState.CONNECTED:
                 return
             self._wedges.append(found)
         log.warning("%s: %s; replacing the client", self._name, found.text)
@@ -427,11 +405,11 @@ class DevicePool:
                 now = time.monotonic()
                 wake = None
                 for slot in self._slots.values():
-                    if slot.state != "recovering":
+                    if slot.state not in RECOVERING:
                         continue
-                    if not slot.failed:
+                    if slot.state is not SlotState.FAILED:
                         if now >= slot.deadline:
-                            slot.failed = True
+                            slot.move(SlotState.FAILED)
                             self._cond.notify_all()
                             log.warning("%s: device %r not back within its deadline: %s", self._name,
                                         slot.device_id, slot.last_error or "no attempt finished")
@@ -450,7 +428,7 @@ class DevicePool:
                     # else: a finishing attempt notifies us
                 self._cond.wait(None if wake is None else max(wake - now, 0.001))
 
-    def _attempt(self, slot: _Slot) -> None:
+    def _attempt(self, slot: Slot) -> None:
         client = None
         try:
             with self._cond:
@@ -502,19 +480,19 @@ class DevicePool:
                 self._attempt_threads.discard(threading.current_thread())
                 self._cond.notify_all()
 
-    def _resume(self, slot: _Slot, client) -> None:
+    def _resume(self, slot: Slot, client) -> None:
         with slot.handler_lock:
             self._install_handlers(slot, client)
             with self._cond:
                 if slot.client is client and client.connected and not self._closing:
-                    slot.state, slot.failed = "connected", False
+                    slot.move(SlotState.CONNECTED)
                     self._cond.notify_all()
                     return
         raise sdk_errors.ConnectionDroppedError("lost the connection again")
 
-    def _publish(self, slot: _Slot, client) -> None:
+    def _publish(self, slot: Slot, client) -> None:
         """Make `client` the device's current one (caller holds the condition)."""
-        slot.state, slot.failed = "connected", False
+        slot.move(SlotState.CONNECTED)
         slot.generation += 1
         if slot.was_connected:
             down = time.time() - slot.lost_at if slot.lost_at is not None else 0.0
@@ -540,7 +518,7 @@ class DevicePool:
 
     # --- handlers ------------------------------------------------------------------------------
 
-    def _install_handlers(self, slot: _Slot, client) -> None:
+    def _install_handlers(self, slot: Slot, client) -> None:
         """Bring `client`'s SDK handlers in line with the pool's (caller holds slot.handler_lock)."""
         for name in _HANDLER_NAMES:
             wanted = self._handlers[name] is not None
@@ -575,10 +553,10 @@ class DevicePool:
         for call in calls:
             call.done.wait(max(deadline - time.monotonic(), 0))
 
-    def _sync_handlers(self, slot: _Slot) -> None:
+    def _sync_handlers(self, slot: Slot) -> None:
         with slot.handler_lock:
             with self._cond:
-                client = slot.client if slot.state == "connected" else None
+                client = slot.client if slot.state is SlotState.CONNECTED else None
             if client is None:
                 return  # whoever connects it next installs the handlers then
             try:
@@ -617,7 +595,7 @@ class DevicePool:
         limit = self._timeout(timeout, self._operation_timeout)
         self._operate(slot, "send_method_response", response, time.monotonic() + limit, limit, retry=False)
 
-    def _operate(self, slot: _Slot, method: str, arg: Any, deadline: float, limit: float, retry: bool) -> None:
+    def _operate(self, slot: Slot, method: str, arg: Any, deadline: float, limit: float, retry: bool) -> None:
         device_id = slot.device_id
         last_error = None
         while True:
@@ -627,7 +605,7 @@ class DevicePool:
             ack_by = None if self._ack_timeout is None else time.monotonic() + self._ack_timeout
             with self._cond:
                 while (not call.done.is_set() and slot.generation == generation
-                       and slot.state == "connected" and not self._closing):
+                       and slot.state is SlotState.CONNECTED and not self._closing):
                     now = time.monotonic()
                     left = deadline - now
                     if left <= 0:
@@ -654,7 +632,7 @@ class DevicePool:
                                                 {device_id: last_error})
                 with self._cond:
                     # the state-change event usually follows the failure; give it a moment
-                    if slot.generation == generation and slot.state == "connected" and not self._closing:
+                    if slot.generation == generation and slot.state is SlotState.CONNECTED and not self._closing:
                         self._cond.wait(max(min(self._backoff.min, deadline - time.monotonic()), 0.01))
             elif not retry:
                 last_error = "the client was lost before the call completed"
@@ -662,19 +640,19 @@ class DevicePool:
                                             {device_id: last_error})
             # else: the client was lost or replaced meanwhile; go again on the current one
 
-    def _usable(self, slot: _Slot, deadline: float, limit: float, method: str, last_error: Optional[str]):
+    def _usable(self, slot: Slot, deadline: float, limit: float, method: str, last_error: Optional[str]):
         """The device's connected client and its generation (caller holds the condition)."""
         device_id = slot.device_id
         while True:
             if self._closing:
                 raise DeviceConnectionError(f"{method} to device {device_id!r}: the pool is closed",
                                             {device_id: "the pool is closed"})
-            if slot.state == "connected":
+            if slot.state is SlotState.CONNECTED:
                 return slot.client, slot.generation
-            if slot.state == "new":
+            if slot.state is SlotState.NEW:
                 raise DeviceConnectionError(f"{method} to device {device_id!r}: not connected; call connect() first",
                                             {device_id: "not connected"})
-            if slot.failed:
+            if slot.state is SlotState.FAILED:
                 why = slot.last_error or last_error or "no attempt finished"
                 raise DeviceConnectionError(
                     f"device {device_id!r} is unavailable: not reconnected within operation_timeout "
@@ -687,7 +665,7 @@ class DevicePool:
                     + (f"; last error: {why}" if why else ""), device_id)
             self._cond.wait(left)
 
-    def _slot(self, device_id: str) -> _Slot:
+    def _slot(self, device_id: str) -> Slot:
         slot = self._slots.get(device_id) if isinstance(device_id, str) else None
         if slot is None:
             raise ValueError(f"device_id {device_id!r} is not in this pool")
@@ -718,6 +696,7 @@ class DevicePool:
                 clients = [s.client for s in self._slots.values() if s.client is not None]
                 for slot in self._slots.values():
                     slot.client, slot.installed = None, set()
+                    slot.move(SlotState.CLOSED)
                 attempts = list(self._attempt_threads)
             closers = [threading.Thread(target=self._shutdown, args=(c, max(deadline - time.monotonic(), 0)),
                                         name=f"{self._name}-close", daemon=True) for c in clients]
