@@ -13,8 +13,9 @@ non-pooled clients").
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import checks
 

@@ -24,7 +24,7 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any
 
 from azure.iot.device import Message
 
@@ -33,7 +33,7 @@ from ..deadline import Call
 from . import wedge as _wedge
 from .backoff import MAX_BACKOFF, MIN_BACKOFF, Backoff
 
-__all__ = ["Outbox", "AsyncOutbox", "OutboxFull", "OutboxClosed"]
+__all__ = ["AsyncOutbox", "Outbox", "OutboxClosed", "OutboxFull"]
 
 # the SDK refuses bigger payloads on every attempt; caught in send() so it is not retried forever
 _MAX_MESSAGE_SIZE = 256 * 1024
@@ -56,9 +56,9 @@ class OutboxClosed(RuntimeError):
 
 
 class _Entry:
-    __slots__ = ("seq", "message_id", "message", "device_id", "state")
+    __slots__ = ("device_id", "message", "message_id", "seq", "state")
 
-    def __init__(self, seq: int, message: Message, device_id: Optional[str]):
+    def __init__(self, seq: int, message: Message, device_id: str | None):
         self.seq = seq
         self.message_id: str = message.message_id
         self.message = message
@@ -67,23 +67,23 @@ class _Entry:
 
 
 class _Attempt:
-    __slots__ = ("entry", "finished", "error")
+    __slots__ = ("entry", "error", "finished")
 
     def __init__(self, entry: _Entry):
         self.entry = entry
         self.finished = False
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
 
 class _Lane:
     """The messages of one device, sent strictly one after the other by one worker thread."""
-    __slots__ = ("key", "entries", "current", "thread")
+    __slots__ = ("current", "entries", "key", "thread")
 
-    def __init__(self, key: Optional[str]):
+    def __init__(self, key: str | None):
         self.key = key
-        self.entries: Deque[_Entry] = collections.deque()
-        self.current: Optional[_Entry] = None   # the entry a worker is waiting on right now
-        self.thread: Optional[threading.Thread] = None
+        self.entries: collections.deque[_Entry] = collections.deque()
+        self.current: _Entry | None = None   # the entry a worker is waiting on right now
+        self.thread: threading.Thread | None = None
 
 
 def _as_message(message: Any) -> Message:
@@ -132,7 +132,7 @@ class Outbox:
 
     def __init__(self, target, *, capacity: int = 10_000, on_overflow: str = "block",
                  send_timeout: float = 30.0, min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
-                 name: Optional[str] = None):
+                 name: str | None = None):
         self._is_pool = hasattr(target, "device_ids")
         self._check_target(target)
         checks.positive_int("capacity", capacity)
@@ -147,18 +147,18 @@ class Outbox:
         self.on_overflow = on_overflow
         self.name = name or f"outbox-{next(_names)}"
         self._cond = threading.Condition()
-        self._lanes: Dict[Optional[str], _Lane] = {}
+        self._lanes: dict[str | None, _Lane] = {}
         self._pending = 0
         self._seq = itertools.count()
         self._round_robin = 0
-        self._message_ids: List[str] = []
-        self._submitted_at: Dict[str, float] = {}
-        self._sent_ids: List[str] = []
-        self._dropped_ids: List[str] = []
-        self._failures: Deque[Tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
+        self._message_ids: list[str] = []
+        self._submitted_at: dict[str, float] = {}
+        self._sent_ids: list[str] = []
+        self._dropped_ids: list[str] = []
+        self._failures: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
         self._closed = False
         self._last_progress = time.monotonic()
-        self._wedges: List[_wedge.Wedge] = []
+        self._wedges: list[_wedge.Wedge] = []
         if not self._is_pool:
             _wedge.watch(target)
 
@@ -180,7 +180,7 @@ class Outbox:
 
     # --- accepting messages --------------------------------------------------------------------
 
-    def send(self, message, device_id: Optional[str] = None) -> str:
+    def send(self, message, device_id: str | None = None) -> str:
         """Queue `message` and return its message id at once; it is sent in the background.
 
         `message` may be a str, bytes, a dict (sent as JSON) or an `azure.iot.device.Message`;
@@ -216,7 +216,7 @@ class Outbox:
             self._cond.notify_all()
         return msg.message_id
 
-    def _lane_key(self, device_id: Optional[str]) -> Optional[str]:
+    def _lane_key(self, device_id: str | None) -> str | None:
         if not self._is_pool:
             return None
         ids = list(self.target.device_ids)
@@ -257,7 +257,7 @@ class Outbox:
         pass
 
     def _evict_oldest(self) -> bool:
-        victim: Optional[_Entry] = None
+        victim: _Entry | None = None
         for lane in self._lanes.values():
             for entry in itertools.islice(lane.entries, 2):
                 if entry is not lane.current:
@@ -368,7 +368,7 @@ class Outbox:
         else:
             self._attempt_done(attempt, None)
 
-    def _attempt_done(self, attempt: _Attempt, error: Optional[BaseException]) -> None:
+    def _attempt_done(self, attempt: _Attempt, error: BaseException | None) -> None:
         with self._cond:
             if attempt.finished:
                 return
@@ -393,47 +393,47 @@ class Outbox:
             return self._pending
 
     @property
-    def pending_ids(self) -> List[str]:
+    def pending_ids(self) -> list[str]:
         """Ids of the messages not yet acknowledged, oldest first."""
         with self._cond:
             return self._pending_ids_locked()
 
-    def _pending_ids_locked(self) -> List[str]:
+    def _pending_ids_locked(self) -> list[str]:
         entries = [e for lane in self._lanes.values() for e in lane.entries]
         return [e.message_id for e in sorted(entries, key=lambda e: e.seq)]
 
     @property
-    def sent_ids(self) -> List[str]:
+    def sent_ids(self) -> list[str]:
         """Ids the hub acknowledged, in acknowledgement order (each once)."""
         with self._cond:
             return list(self._sent_ids)
 
     @property
-    def message_ids(self) -> List[str]:
+    def message_ids(self) -> list[str]:
         """Every id send() accepted, in the order it accepted them."""
         with self._cond:
             return list(self._message_ids)
 
     @property
-    def submitted_at(self) -> Dict[str, float]:
+    def submitted_at(self) -> dict[str, float]:
         """message id -> time.time() when send() first accepted it (for delivery latencies)."""
         with self._cond:
             return dict(self._submitted_at)
 
     @property
-    def dropped_ids(self) -> List[str]:
+    def dropped_ids(self) -> list[str]:
         """Ids evicted by on_overflow="drop_oldest" (a call abandoned earlier may still deliver one)."""
         with self._cond:
             return list(self._dropped_ids)
 
     @property
-    def failures(self) -> List[Tuple[str, str, float]]:
+    def failures(self) -> list[tuple[str, str, float]]:
         """(message_id, exception repr, time.time()) of failed attempts, the latest 1000."""
         with self._cond:
             return list(self._failures)
 
     @property
-    def wedges(self) -> List["_wedge.Wedge"]:
+    def wedges(self) -> list["_wedge.Wedge"]:
         """Times this outbox found its client dead while it claimed to be connected, and revived it."""
         with self._cond:
             return list(self._wedges)
@@ -529,7 +529,7 @@ class AsyncOutbox(Outbox):
     def __init__(self, target, **kwargs):
         super().__init__(target, **kwargs)
         try:
-            self._loop: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
 
@@ -551,11 +551,11 @@ class AsyncOutbox(Outbox):
             self._loop = running
         return self._loop
 
-    def send(self, message, device_id: Optional[str] = None) -> str:
+    def send(self, message, device_id: str | None = None) -> str:
         self._bind_loop()
         return super().send(message, device_id)
 
-    async def asend(self, message, device_id: Optional[str] = None) -> str:
+    async def asend(self, message, device_id: str | None = None) -> str:
         """Like send(), but waits for room instead of raising when on_overflow="block"."""
         self._bind_loop()
         return await _run_in_thread(asyncio.get_running_loop(), Outbox.send, self, message, device_id)

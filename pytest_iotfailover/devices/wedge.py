@@ -23,13 +23,23 @@ Nothing here imports the SDK: the hub's report reads the findings without depend
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..deadline import Call
 from ..wedge_findings import Wedge, findings, note_once, record
 
-__all__ = ["Wedge", "paho_of", "watch", "diagnose", "revive", "release", "record", "findings",
-           "WedgeMonitor"]
+__all__ = [
+    "Wedge",
+    "WedgeMonitor",
+    "diagnose",
+    "findings",
+    "paho_of",
+    "record",
+    "release",
+    "revive",
+    "watch",
+]
 
 _DEATH = "_iotfailover_death"     # (time.time(), exception, thread) set by the wrapped thread target
 _DEVICE = "_iotfailover_device"
@@ -63,7 +73,7 @@ def paho_of(client: Any):
     return None
 
 
-def device_id_of(client: Any) -> Optional[str]:
+def device_id_of(client: Any) -> str | None:
     paho = paho_of(client)
     if paho is not None and getattr(paho, _DEVICE, None):
         return getattr(paho, _DEVICE)
@@ -71,7 +81,7 @@ def device_id_of(client: Any) -> Optional[str]:
     return getattr(config, "device_id", None)
 
 
-def watch(client: Any, device_id: Optional[str] = None) -> bool:
+def watch(client: Any, device_id: str | None = None) -> bool:
     """Record the time and exception of any later death of `client`'s network thread.
 
     paho starts a new thread on every connect from its `_thread_main`, looked up on the instance,
@@ -98,7 +108,7 @@ def watch(client: Any, device_id: Optional[str] = None) -> bool:
     return True
 
 
-def diagnose(client: Any, grace: float = DEAD_THREAD_GRACE) -> Optional[Wedge]:
+def diagnose(client: Any, grace: float = DEAD_THREAD_GRACE) -> Wedge | None:
     """A `Wedge` if `client` says it is connected but its network thread is dead, else None.
 
     The first call that sees it records the finding (see `findings`)."""
@@ -208,20 +218,20 @@ class WedgeMonitor:
     wedged too."""
 
     def __init__(self, *, interval: float = 0.25, heal: bool = True,
-                 liveness_probe: Optional[Callable[[], Optional[Iterable[str]]]] = None,
-                 probe_grace: float = 10.0, on_wedge: Optional[Callable[[Any, Wedge], None]] = None):
+                 liveness_probe: Callable[[], Iterable[str] | None] | None = None,
+                 probe_grace: float = 10.0, on_wedge: Callable[[Any, Wedge], None] | None = None):
         self.interval = interval
         self.heal = heal
         self.liveness_probe = liveness_probe
         self.probe_grace = probe_grace
         self.on_wedge = on_wedge
         # weak: a client shut down without `remove` (e.g. by a test itself) must not be kept alive
-        self._clients: Dict[int, "weakref.ref"] = {}
-        self._device: Dict[int, str] = {}
-        self._absent_since: Dict[int, float] = {}
-        self._found: Dict[int, List[Wedge]] = {}
+        self._clients: dict[int, weakref.ref] = {}
+        self._device: dict[int, str] = {}
+        self._absent_since: dict[int, float] = {}
+        self._found: dict[int, list[Wedge]] = {}
         self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stopped = False
 
     def add(self, client: Any, device_id: str) -> None:
@@ -242,7 +252,7 @@ class WedgeMonitor:
             self._absent_since.pop(key, None)
             self._found.pop(key, None)
 
-    def remove(self, client: Any) -> List[Wedge]:
+    def remove(self, client: Any) -> list[Wedge]:
         """Stop watching `client`; the wedges found on it."""
         with self._cond:
             self._clients.pop(id(client), None)
@@ -250,7 +260,7 @@ class WedgeMonitor:
             self._absent_since.pop(id(client), None)
             return self._found.pop(id(client), [])
 
-    def found(self, client: Any) -> List[Wedge]:
+    def found(self, client: Any) -> list[Wedge]:
         with self._cond:
             return list(self._found.get(id(client), []))
 
