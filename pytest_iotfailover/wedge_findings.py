@@ -8,7 +8,8 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from typing import Any, Deque, Iterable, List, NamedTuple, Optional
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 __all__ = ["Wedge", "findings", "note_once", "record"]
 
@@ -21,15 +22,15 @@ class Wedge(NamedTuple):
     """One client found dead while it claimed to be connected."""
     device_id: str
     at: float                 # time.time() when it was noticed
-    died_at: Optional[float]  # when its network thread ended, if known
-    error: Optional[str]      # the exception that ended it, if known
+    died_at: float | None  # when its network thread ended, if known
+    error: str | None      # the exception that ended it, if known
     text: str                 # "dev-7: the SDK's network thread died at 12:00:03.2 (SSLEOFError); ..."
 
     def __str__(self) -> str:
         return self.text
 
 
-_findings: Deque[Wedge] = collections.deque(maxlen=_FINDINGS_KEPT)
+_findings: collections.deque[Wedge] = collections.deque(maxlen=_FINDINGS_KEPT)
 
 
 def note_once(thread: Any, wedge: Wedge) -> Wedge:
@@ -48,7 +49,7 @@ def record(wedge: Wedge) -> Wedge:
     return wedge
 
 
-def findings(device_ids: Optional[Iterable[str]] = None, since: float = 0.0) -> List[Wedge]:
+def findings(device_ids: Iterable[str] | None = None, since: float = 0.0) -> list[Wedge]:
     """Wedged clients noticed at or after `since` (time.time()), optionally for some devices."""
     wanted = None if device_ids is None else set(device_ids)
     with _lock:

@@ -18,7 +18,8 @@ not as lists.
 """
 import asyncio
 import inspect
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from ..deadline import Call
 from . import wedge as _wedge
@@ -173,7 +174,7 @@ class Outbox(_OutboxView):
                 if inspect.iscoroutine(result):
                     result.close()
                 raise TypeError("the target returned an awaitable: it is an asyncio client, use AsyncOutbox")
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001
             self._core._attempt_done(attempt, exc)
         else:
             self._core._attempt_done(attempt, None)
@@ -197,10 +198,11 @@ class Outbox(_OutboxView):
         abandoned, not cancelled: the hub may still receive (and acknowledge) them."""
         self._core.close(timeout)
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
 
@@ -287,8 +289,11 @@ class AsyncOutbox(_OutboxView):
                 await result
 
         coro = call()
+        loop = self._loop
         try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            if loop is None:  # the caller's send() bound it; None only if send() was bypassed
+                raise RuntimeError("AsyncOutbox has no event loop to send on")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
         except BaseException:
             coro.close()
             raise
@@ -319,11 +324,13 @@ class AsyncOutbox(_OutboxView):
     def __enter__(self) -> None:
         raise TypeError("AsyncOutbox is an async context manager: use `async with`")
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:  # pragma: no cover - __enter__ refuses
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # pragma: no cover - __enter__ refuses
         pass
 
-    async def __aenter__(self) -> "AsyncOutbox":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         await self.close()

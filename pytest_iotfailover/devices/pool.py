@@ -11,12 +11,13 @@ Two recovery strategies, matching the two cases in DESIGN.md ("Pooled and non-po
   replaced by a new one, whose handlers are registered again. That is why C2D, methods and
   patches survive a lost session with the pool.
 """
+import functools
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 from .. import checks
 from ..connstr import device_fields
@@ -205,7 +206,7 @@ class DevicePool:
 
     # --- connecting ----------------------------------------------------------------------------
 
-    def connect(self, timeout: float | None = None) -> "DevicePool":
+    def connect(self, timeout: float | None = None) -> Self:
         """Connect every device that is not connected, in parallel, retrying with the pool's backoff
         until `timeout` (default: connect_timeout). Raises DeviceConnectionError naming the devices
         still not connected then; the supervisor keeps trying those in the background."""
@@ -261,7 +262,7 @@ class DevicePool:
         with self._cond:
             self._handlers[name] = handler
             slots = list(self._slots.values())
-        calls = [Call(lambda s=s: self._sv._sync_handlers(s), f"{self._name}-handlers:{s.device_id}")
+        calls = [Call(functools.partial(self._sv._sync_handlers, s), f"{self._name}-handlers:{s.device_id}")
                  for s in slots]
         deadline = time.monotonic() + self._connect_timeout
         for call in calls:
@@ -341,7 +342,7 @@ class DevicePool:
         finally:
             self._closed.set()
 
-    def __enter__(self) -> "DevicePool":
+    def __enter__(self) -> Self:
         try:
             return self.connect()
         except BaseException:

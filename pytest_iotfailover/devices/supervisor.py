@@ -6,6 +6,7 @@ the pool's docstring describes the behaviour as a whole.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -235,7 +236,7 @@ class Supervisor:
             self.pool._shut_down.add(client)
         try:
             call_with_deadline(client.shutdown, timeout, "shutdown", name=f"{self.pool._name}-shutdown")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             # a client already gone, or one wedged in the SDK: either way it is not ours any more
             log.debug("%s: shutting a client down: %s", self.pool._name, describe(exc))
 
@@ -247,7 +248,7 @@ class Supervisor:
                 continue
             value = self._dispatcher(name, slot.device_id) if wanted else None
             # the SDK subscribes (or unsubscribes) before this returns
-            call_with_deadline(lambda n=name, v=value: setattr(client, n, v), self.pool._connect_timeout,
+            call_with_deadline(functools.partial(setattr, client, name, value), self.pool._connect_timeout,
                                f"{name}:{slot.device_id}", name=f"{self.pool._name}-{name}:{slot.device_id}")
             if wanted:
                 slot.installed.add(name)
@@ -270,7 +271,7 @@ class Supervisor:
                 return  # whoever connects it next installs the handlers then
             try:
                 self._install_handlers(slot, client)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 # a client that cannot subscribe is of no use: replace it even if it looks connected
                 self._lost(slot, client, f"subscribing failed ({describe(exc)})", force=True)
 
@@ -286,7 +287,7 @@ class Watchdog:
         while not self.pool._stop_watching.wait(self.pool._watch_interval):
             try:
                 self._watch_once(absent_since)
-            except Exception as exc:  # keep watching the others
+            except Exception as exc:  # noqa: BLE001 - keep watching the others
                 log.debug("%s: watchdog: %s", self.pool._name, describe(exc))
 
     def _watch_once(self, absent_since: dict[str, float]) -> None:
@@ -300,7 +301,7 @@ class Watchdog:
             try:
                 ids = self.pool._liveness_probe()
                 on_hub = None if ids is None else set(ids)
-            except Exception:
+            except Exception:  # noqa: BLE001
                 on_hub = None  # the hub cannot say right now: no opinion
         now = time.monotonic()
         for slot, client in live:
@@ -337,7 +338,8 @@ class Sender:
         while True:
             with self.pool._cond:
                 client, generation = self._usable(slot, deadline, limit, method, last_error)
-            call = Call(lambda: getattr(client, method)(arg), f"{self.pool._name}-{method}:{device_id}", self.pool._sv._notify)
+            call = Call(functools.partial(getattr(client, method), arg), f"{self.pool._name}-{method}:{device_id}",
+                        self.pool._sv._notify)
             ack_by = None if self.pool._ack_timeout is None else time.monotonic() + self.pool._ack_timeout
             with self.pool._cond:
                 while (not call.done.is_set() and slot.generation == generation
@@ -394,8 +396,8 @@ class Sender:
                     f"({self.pool._operation_timeout:g} s); last error: {why}", {device_id: why})
             left = deadline - time.monotonic()
             if left <= 0:
-                why = slot.last_error or last_error
+                late = slot.last_error or last_error
                 raise DeviceTimeoutError(
                     f"{method} to device {device_id!r}: no connection within {limit:g} s"
-                    + (f"; last error: {why}" if why else ""), device_id)
+                    + (f"; last error: {late}" if late else ""), device_id)
             self.pool._cond.wait(left)

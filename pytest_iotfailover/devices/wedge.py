@@ -20,6 +20,7 @@ the device side).
 
 Nothing here imports the SDK: the hub's report reads the findings without depending on a client.
 """
+import functools
 import threading
 import time
 import weakref
@@ -118,7 +119,7 @@ def diagnose(client: Any, grace: float = DEAD_THREAD_GRACE) -> Wedge | None:
     thread = paho._thread
     try:
         connected = bool(client.connected)
-    except Exception:
+    except Exception:  # noqa: BLE001
         return None
     if thread is None or thread.is_alive() or not connected:
         return None
@@ -182,7 +183,7 @@ def revive(client: Any, timeout: float = _REVIVE_TIMEOUT) -> bool:
     def run():
         try:
             paho._reset_sockets()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110
             pass  # already closed
         handler = paho.on_disconnect
         if handler is None:
@@ -191,7 +192,7 @@ def revive(client: Any, timeout: float = _REVIVE_TIMEOUT) -> bool:
     def quietly():
         try:
             run()
-        except Exception:  # noqa: BLE001 - the SDK logs its own trouble; the client is no worse off
+        except Exception:  # noqa: BLE001, S110 - the SDK logs its own trouble; the client is no worse off
             pass
     Call(quietly, "iotfailover:revive").wait(timeout)
     return True
@@ -205,7 +206,7 @@ def release(client: Any) -> None:
         return
     try:
         paho._reset_sockets()
-    except Exception:
+    except Exception:  # noqa: BLE001, S110
         pass
 
 
@@ -238,12 +239,15 @@ class WedgeMonitor:
         watch(client, device_id)
         with self._cond:
             key = id(client)
-            self._clients[key] = weakref.ref(client, lambda _r, k=key: self._forget(k))
+            self._clients[key] = weakref.ref(client, functools.partial(self._drop_ref, key))
             self._device[key] = device_id
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="iotfailover:wedge-monitor",
                                                 daemon=True)
                 self._thread.start()
+
+    def _drop_ref(self, key: int, _ref: Any) -> None:
+        self._forget(key)
 
     def _forget(self, key: int) -> None:
         with self._cond:
@@ -281,7 +285,7 @@ class WedgeMonitor:
             try:
                 ids = self.liveness_probe()
                 connected_on_hub = None if ids is None else set(ids)
-            except Exception:
+            except Exception:  # noqa: BLE001
                 connected_on_hub = None  # the hub is gone or busy: no opinion
         now = time.monotonic()
         for key, client in clients:
@@ -311,11 +315,10 @@ class WedgeMonitor:
             if self.on_wedge is not None:
                 try:
                     self.on_wedge(client, wedge)
-                except Exception:
+                except Exception:  # noqa: BLE001, S110
                     pass  # a reporting hook must not stop the monitor
-            if self.heal:
-                if not revive(client):
-                    _force_loss(client)
+            if self.heal and not revive(client):
+                _force_loss(client)
 
     def _run(self) -> None:
         while True:
@@ -331,7 +334,7 @@ class WedgeMonitor:
                     return
             try:
                 self.check()
-            except Exception:
+            except Exception:  # noqa: BLE001, S110
                 pass  # keep watching; one odd client must not blind the monitor to the others
 
 
@@ -345,5 +348,5 @@ def _force_loss(client: Any) -> None:
     try:
         import socket
         sock.shutdown(socket.SHUT_RDWR)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110
         pass
