@@ -15,6 +15,8 @@ from azure.iot.device import Message, MethodResponse
 
 from pytest_iotfailover.devices.pool import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
                                         create_client)
+from pytest_iotfailover.devices.backoff import Backoff
+from pytest_iotfailover.devices.slots import TRANSITIONS, Slot, SlotState
 from pytest_iotfailover.iothub.auth import device_connection_string
 
 from sdk_support import Inbox, bounded
@@ -367,7 +369,7 @@ CS = device_connection_string("h.azure-devices.net", "d1", "a2V5a2V5a2V5a2V5", "
 def test_bad_pool_arguments_are_named(kwargs, message):
     kwargs = dict(kwargs)
     devices = kwargs.pop("devices", [("d1", CS)])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         DevicePool(devices, **kwargs)
 
 
@@ -398,3 +400,38 @@ def test_no_secret_in_validation_errors():
         with pytest.raises(ValueError) as err:
             DevicePool([("d1", cs)])
         assert key[:8] not in str(err.value)
+
+
+# --- backoff and slot states (no I/O) -----------------------------------------------------------
+
+def test_backoff_grows_exponentially_within_its_bounds():
+    b = Backoff(min=0.1, max=10.0, delta=0.1)
+    assert b.delay(0, uniform=lambda lo, hi: hi) == pytest.approx(0.1)  # the first retry: min
+    assert b.delay(3, uniform=lambda lo, hi: 1.0) == pytest.approx(0.1 + 0.1 * 7)
+    assert b.delay(3, uniform=lambda lo, hi: lo) == pytest.approx(0.1 + 0.1 * 7 * 0.8)
+    assert b.delay(3, uniform=lambda lo, hi: hi) == pytest.approx(0.1 + 0.1 * 7 * 1.2)
+    assert b.delay(10_000) == 10.0  # capped, and no OverflowError
+    assert all(0.1 <= b.delay(n) <= 10.0 for n in range(70))
+
+
+def test_backoff_arguments_are_checked():
+    with pytest.raises(ValueError, match="max_backoff .* must not be less than min_backoff"):
+        Backoff.checked(2, 1, 0.1)
+    with pytest.raises(TypeError, match="delta_backoff"):
+        Backoff.checked(0.1, 1, "0.1")
+
+
+def test_slot_states_move_only_as_the_table_allows():
+    slot = Slot("d1", CS)
+    assert slot.state is SlotState.NEW
+    for to in (SlotState.CONNECTING, SlotState.CONNECTED, SlotState.RECREATING, SlotState.FAILED,
+               SlotState.CONNECTING, SlotState.FAILED, SlotState.CONNECTED, SlotState.CLOSED):
+        assert to in TRANSITIONS[slot.state]
+        slot.move(to)
+        assert slot.state is to and slot.failed == (to is SlotState.FAILED)
+    with pytest.raises(RuntimeError, match="no transition CLOSED -> CONNECTING"):
+        slot.move(SlotState.CONNECTING)
+    with pytest.raises(RuntimeError, match="NEW -> CONNECTED"):
+        Slot("d2", CS).move(SlotState.CONNECTED)
+    assert set(TRANSITIONS) == set(SlotState)
+    assert all(SlotState.CLOSED in TRANSITIONS[s] for s in SlotState if s is not SlotState.CLOSED)

@@ -392,17 +392,17 @@ class _AsyncClient:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"capacity": 0}, "capacity must be a positive integer"),
-    ({"capacity": 1.5}, "capacity must be a positive integer"),
+    ({"capacity": 0}, "capacity must be at least 1"),
+    ({"capacity": 1.5}, "capacity must be a whole number"),
     ({"on_overflow": "spill"}, "on_overflow must be one of"),
     ({"send_timeout": 0}, "send_timeout must be a positive"),
     ({"min_backoff": -1}, "min_backoff must be a non-negative"),
-    ({"max_backoff": float("nan")}, "max_backoff must be a non-negative"),
+    ({"max_backoff": float("nan")}, "max_backoff must be a number of seconds"),
     ({"min_backoff": 2, "max_backoff": 1}, "max_backoff .* must not be less than min_backoff"),
-    ({"name": 3}, "name must be a string"),
+    ({"name": 3}, "name must be a non-empty string"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         Outbox(_Client(), **kwargs)
 
 

@@ -97,7 +97,7 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.reconnected_at = e.at
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
-    from ..wedge import findings  # the clients' side: which of these devices' clients died silently
+    from ..wedge_findings import findings  # the clients' side: which of these devices' clients died silently
     for w in findings(fault.affected, since=start):
         rep.wedged.setdefault(w.device_id, w.text)
     return rep
