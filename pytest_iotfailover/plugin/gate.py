@@ -259,6 +259,12 @@ def wanted(settings: Any) -> bool:
     return bool(settings.slo or settings.report or settings.html or settings.baseline)
 
 
+def needed(item: pytest.Item, settings: Any) -> bool:
+    """The test gets an entry: the run gates or reports, or its own marker sets objectives."""
+    marker = item.get_closest_marker("failover")
+    return wanted(settings) or (marker is not None and marker.kwargs.get("slo") is not None)
+
+
 def load_baseline(settings: Any) -> dict[str, Any] | None:
     if not settings.baseline:
         return None

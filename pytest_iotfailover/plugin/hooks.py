@@ -202,7 +202,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             record.handles.extend(h for h in ended if id(getattr(h, "_fault", h)) not in known)
     settings = settings_of(item.config)
     lanes: list[Any] = []
-    if view is not None and record is not None and gate.wanted(settings):
+    if view is not None and record is not None and gate.needed(item, settings):
         # before the fixtures' finalizers remove the test's devices from the view
         lanes = gate.device_lanes(view.device_ids, view.events, view.telemetry(), record.started_at,
                                   [])
@@ -223,7 +223,7 @@ def _finish_record(item: pytest.Item, lanes: list[Any], settings: Any, fail: boo
         from ..testing.failover import Failover
         record.faults = Failover.reports_of(record.handles)
     item.user_properties.extend(record.user_properties())
-    if gate.wanted(settings):
+    if gate.needed(item, settings):
         gate.at_teardown(item, record, lanes, settings, item.config.stash.get(BASELINE, None), fail=fail)
 
 
