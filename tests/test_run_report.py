@@ -69,7 +69,7 @@ def test_report_slo_and_figures(pytester, run, workers):
     out = result.stdout.str()
     # the marker's objective replaces the session's recover<=60s; the others still hold
     assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s \(region_failover outage 0\.50s, "
-                     r"1 device, device test-marker-tightens-\d+ last back\)", out, re.M)
+                     r"1 device, device test-marker-tightens-\d+ last back\)", out, re.MULTILINE)
     assert "SLO not measured: lost==0: the test made no delivery assertion" in out
     assert "iothub gate: SLO and baseline" in out
     assert "NOT RECOVERED" not in out
@@ -166,7 +166,7 @@ def test_marker_objectives_gate_without_any_option(pytester, run):
     pytester.makepyfile(SUITE)
     result = run("-k", "tightens")
     result.assert_outcomes(passed=1, errors=1)
-    assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s", result.stdout.str(), re.M)
+    assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s", result.stdout.str(), re.MULTILINE)
 
 
 def test_html_timeline_and_pytest_html_extras(pytester, run):

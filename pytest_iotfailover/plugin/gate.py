@@ -113,24 +113,15 @@ def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any],
     lanes = []
     for device_id in device_ids:
         states: list[dict[str, Any]] = []
-        def move(state: str, at: float, reason: str | None = None) -> None:
-            if states and states[-1]["to"] is None:
-                if states[-1]["state"] == state:
-                    return
-                states[-1]["to"] = max(at, states[-1]["from"])
-            entry: dict[str, Any] = {"state": state, "from": max(at, start), "to": None}
-            if reason:
-                entry["reason"] = str(reason)
-            states.append(entry)
         for e in events:
             if e.device_id != device_id:
                 continue
             if e.kind == "connect":
-                move("connected", e.at)
+                _move(states, "connected", e.at, start)
             elif e.kind == "disconnect":
-                move("reconnecting", e.at, e.reason)
+                _move(states, "reconnecting", e.at, start, e.reason)
             elif e.kind in ("connect_refused", "auth_failure"):
-                move("refused", e.at, e.reason or e.kind)
+                _move(states, "refused", e.at, start, e.reason or e.kind)
         copies: dict[str, dict[str, Any]] = {}
         for t in telemetry:
             if t.device_id != device_id or t.message_id is None:
@@ -143,6 +134,18 @@ def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any],
                 m["duplicates"].append(t.enqueued_at)
         lanes.append({"device_id": device_id, "states": states, "messages": list(copies.values())})
     return lanes
+
+
+def _move(states: list[dict[str, Any]], state: str, at: float, start: float, reason: str | None = None) -> None:
+    """Close the open interval (unless it is already in `state`) and open one in `state`."""
+    if states and states[-1]["to"] is None:
+        if states[-1]["state"] == state:
+            return
+        states[-1]["to"] = max(at, states[-1]["from"])
+    entry: dict[str, Any] = {"state": state, "from": max(at, start), "to": None}
+    if reason:
+        entry["reason"] = str(reason)
+    states.append(entry)
 
 
 def build_entry(nodeid: str, started_at: float, record: Any, lanes: list[dict[str, Any]],
@@ -384,7 +387,7 @@ def html_extra(item: pytest.Item, report: Any) -> None:
     if entry is None or not entry["faults"] or not item.config.pluginmanager.has_plugin("html"):
         return
     try:
-        from pytest_html import extras  # type: ignore[import-not-found]
+        from pytest_html import extras  # type: ignore[import-untyped,import-not-found,unused-ignore]
     except ImportError:
         return
     from .timeline import render_fragment
