@@ -151,7 +151,7 @@ def _move(states: list[dict[str, Any]], state: str, at: float, start: float, rea
 def build_entry(nodeid: str, started_at: float, record: Any, lanes: list[dict[str, Any]],
                 throttled: Mapping[int, float] | None = None) -> dict[str, Any]:
     delivery = delivery_entry(record.deliveries)
-    faults = [fault_entry(i, rep, delivery, (throttled or {}).get(i, 0.0))
+    faults = [fault_entry(i, rep, delivery, (throttled or {}).get(i, float(getattr(rep, "throttled", 0.0) or 0.0)))
               for i, rep in enumerate(record.faults) if rep.started_at is not None]
     return {"nodeid": nodeid, "outcome": "passed", "started_at": started_at, "ended_at": time.time(),
             "worker": os.environ.get("PYTEST_XDIST_WORKER"), "faults": faults, "devices": lanes,

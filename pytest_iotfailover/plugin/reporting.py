@@ -49,6 +49,7 @@ class TestRecord:
                                   "time_to_detect": r.time_to_detect, "time_to_recover": r.time_to_recover,
                                   "devices": len(r.devices), "recovered": r.recovered,
                                   "never_disconnected": len(r.never_disconnected),
+                                  **_downtimes(r), "throttled": float(getattr(r, "throttled", 0.0) or 0.0),
                                   "wedged": dict(getattr(r, "wedged", None) or {})})
         if self.deliveries:
             from .gate import delivery_entry
@@ -78,6 +79,15 @@ class TestRecord:
             props += [("iothub_sent", d["sent"]), ("iothub_delivered", d["delivered"]),
                       ("iothub_duplicates", d["duplicates"]), ("iothub_lost", d["lost"])]
         return props
+
+
+def _downtimes(r: Any) -> dict[str, float | None]:
+    """downtime_max and downtime_p99 of a RecoveryReport (None: a device is still away)."""
+    from .gate import _finite, _p99
+    d = r.downtimes()
+    if not d and r.ended_at is not None:
+        return {"downtime_max": 0.0, "downtime_p99": 0.0}
+    return {"downtime_max": _finite(d[-1]) if d else None, "downtime_p99": _finite(_p99(d))}
 
 
 def begin(item: pytest.Item) -> TestRecord:
