@@ -180,3 +180,32 @@ def test_html_timeline_and_pytest_html_extras(pytester, run):
     assert "region_failover" in page
     html = (pytester.path / "ph.html").read_text()
     assert "iotf" in html and "region_failover" in html
+
+
+def test_page_from_a_real_run_opens_in_a_browser(pytester, run, tmp_path):
+    import browser_support as chromium
+    why = chromium.missing()
+    if why:
+        if chromium.required():
+            pytest.fail(f"{chromium.REQUIRE_ENV} is set but the browser cannot run: {why}")
+        pytest.skip(why)
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    pytester.makepyfile(SUITE)
+    run("--iothub-html", "timeline.html", "--iothub-report", "report.json", "-k", "fails_over").assert_outcomes(
+        passed=1)
+    doc = _validated(pytester.path / "report.json")
+    driver = chromium.start(str(tmp_path / "profile"))
+    try:
+        driver.get((pytester.path / "timeline.html").as_uri())
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script("return document.documentElement.getAttribute('data-rendered')") == "1")
+        assert chromium.console_errors(driver) == []
+        lanes = driver.execute_script("return document.querySelectorAll('g.iotf-lane').length")
+        assert lanes == len(doc["tests"][0]["devices"]) == 1
+        assert driver.execute_script("return document.querySelectorAll('rect.iotf-fault-window').length") == 1
+        fig = doc["tests"][0]["faults"][0]["figures"]
+        text = driver.find_element("css selector", 'td[data-figure="time_to_recover"]').text
+        assert text == f"{fig['time_to_recover']:.3f}s"
+    finally:
+        driver.quit()
