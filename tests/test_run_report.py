@@ -68,7 +68,7 @@ def test_report_slo_and_figures(pytester, run, workers):
     result.assert_outcomes(passed=3, errors=1)
     out = result.stdout.str()
     # the marker's objective replaces the session's recover<=60s; the others still hold
-    assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s \(region_failover outage 0\.50s, "
+    assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s \(region_failover outage \d+\.\d\ds, "
                      r"1 device, device test-marker-tightens-\d+ last back\)", out, re.MULTILINE)
     assert "SLO not measured: lost==0: the test made no delivery assertion" in out
     assert "iothub gate: SLO and baseline" in out
@@ -83,7 +83,8 @@ def test_report_slo_and_figures(pytester, run, workers):
     fault = over["faults"][0]
     assert fault["kind"] == "region_failover" and fault["params"]["outage"] == 0.5
     assert fault["recovery"][0]["status"] == "recovered"
-    assert fault["figures"]["downtime_max"] >= fault["figures"]["outage"] * 0.99
+    # disconnected during the fault, back after it: away at least as long as it took to come back
+    assert fault["figures"]["downtime_max"] >= fault["figures"]["time_to_recover"] > 0
     lane = over["devices"][0]
     assert [s["state"] for s in lane["states"]][:3] == ["connected", "reconnecting", "connected"]
     assert {m["id"] for m in lane["messages"]} == {"a", "b"}

@@ -245,8 +245,12 @@ def write_json(path: str, doc: Mapping[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    from ..redaction import redact
+    # ids and parameters are the user's text: a key pasted into one must not reach a CI artifact
+    text = redact(json.dumps(doc, indent=1, sort_keys=True))
+    json.loads(text)  # redaction keeps the document JSON; if it ever did not, fail here, not in CI
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
 
 
