@@ -67,7 +67,7 @@ def test_report_slo_and_figures(pytester, run, workers):
     result = run("--iothub-slo", OBJECTIVES, "--iothub-report", "out/report.json", "--junitxml=out.xml", *workers)
     result.assert_outcomes(passed=3, errors=1)
     out = result.stdout.str()
-    # the marker's objective replaces the session's recover<=60s; the others still hold
+    # the marker's objective replaces the session's recover<=60s; the session's others still apply
     assert re.search(r"^SLO broken: recover \d+\.\d\ds >= 0s \(region_failover outage \d+\.\d\ds, "
                      r"1 device, device test-marker-tightens-\d+ last back\)", out, re.MULTILINE)
     assert "SLO not measured: lost==0: the test made no delivery assertion" in out
