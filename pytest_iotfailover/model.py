@@ -9,6 +9,7 @@ types without importing each other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -375,7 +376,23 @@ class RecoveryReport:
 
     @property
     def recovered(self) -> bool:
-        return all(d.reconnected_at is not None for d in self.devices.values())
+        """Every device the fault disconnected is back; one it never reached (a blackhole shorter
+        than its keep-alive, throttling) has nothing to recover from."""
+        return all(d.reconnected_at is not None for d in self.devices.values() if d.disconnected_at is not None)
+
+    @property
+    def never_disconnected(self) -> list[str]:
+        return [d.device_id for d in self.devices.values() if d.disconnected_at is None]
+
+    @property
+    def not_back(self) -> list[str]:
+        return [d.device_id for d in self.devices.values()
+                if d.disconnected_at is not None and d.reconnected_at is None]
+
+    def downtimes(self) -> list[float]:
+        """Per disconnected device, disconnect to reconnect; math.inf for one not back."""
+        return sorted(math.inf if d.reconnected_at is None else max(d.reconnected_at - d.disconnected_at, 0.0)
+                      for d in self.devices.values() if d.disconnected_at is not None)
 
     @property
     def outage(self) -> float | None:
@@ -419,10 +436,12 @@ def tally_messages(rep: RecoveryReport,
         d = rep.devices.get(t.device_id)
         if d is not None:
             setattr(d, bucket, getattr(d, bucket) + 1)
-    detected = [d.detected_at for d in rep.devices.values()]
+    # only the devices the fault reached: one that never disconnected is not "not recovered"
+    hit = [d for d in rep.devices.values() if d.disconnected_at is not None]
+    detected = [d.detected_at for d in hit]
     if detected and all(x is not None for x in detected):
         rep.time_to_detect = max(max(x for x in detected if x is not None) - start, 0.0)
-    back = [d.reconnected_at for d in rep.devices.values()]
-    if back and all(x is not None for x in back) and end is not None:
-        rep.time_to_recover = max(max(x for x in back if x is not None) - end, 0.0)
+    back = [d.reconnected_at for d in hit]
+    if end is not None and all(x is not None for x in back):
+        rep.time_to_recover = max(max(x for x in back if x is not None) - end, 0.0) if back else 0.0
     return rep

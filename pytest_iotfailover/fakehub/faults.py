@@ -7,6 +7,7 @@ returns a `FaultHandle`; `build_report` turns the hub's event log and ledger int
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Self
@@ -46,6 +47,22 @@ class FaultHandle:
         if not self._fault.done.wait(timeout):
             raise TimeoutError(f"fault {self.kind} still {self._fault.state} after {timeout:g} s")
         return self
+
+    def wait_recovered(self, timeout: float | None = 60.0) -> FaultHandle:
+        """Block until the fault is over and every device it disconnected is connected again;
+        TimeoutError naming the devices still away. A device it never reached counts as back."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)
+        while True:
+            away = self.report().not_back
+            if not away:
+                return self
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"fault {self.kind}: {len(away)} device(s) not back after {timeout:g} s: "
+                                   + ", ".join(away[:10]) + (" ..." if len(away) > 10 else ""))
+            # the event log has no condition to wait on from outside the hub thread: poll it
+            time.sleep(0.05 if left is None else min(0.05, left))
 
     def cancel(self) -> FaultHandle:
         """Never start it, or end it now."""

@@ -144,6 +144,22 @@ def _boolean(flag: str, raw) -> bool:
     raise SettingsError(f"{flag} must be true or false, got {raw!r}")
 
 
+def _objectives(flag: str, raw: str) -> Any:
+    from ..testing.slo import SloSyntaxError, parse_objectives
+    try:
+        return parse_objectives(str(raw), flag) or None
+    except SloSyntaxError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _regression(flag: str, raw: str) -> float:
+    from ..testing.baseline import BaselineError, parse_regression
+    try:
+        return parse_regression(str(raw), flag)
+    except BaselineError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 OPTIONS = (
     Option("iothub_connection", "--iothub-connection", "IOTHUB_CONNECTION_STRING",
            "run against a real IoT Hub with this service or device connection string "
@@ -178,6 +194,20 @@ OPTIONS = (
     Option("iothub_failback", "--iothub-failback", "IOTFAILOVER_FAILBACK",
            "real hub: fail back to the original region at the end of the session if the run failed over",
            _boolean, False, flag_only=True),
+    Option("iothub_slo", "--iothub-slo", "IOTFAILOVER_SLO",
+           "recovery objectives every test is judged on, e.g. 'recover<=30s, lost==0, duplicates<=1%%'; "
+           "a test that breaks one fails", _objectives, None, metavar="OBJECTIVES"),
+    Option("iothub_report", "--iothub-report", "IOTFAILOVER_REPORT",
+           "write the run report (JSON, schema plugin/report_schema.json) to this file", _text, None,
+           metavar="PATH"),
+    Option("iothub_baseline", "--iothub-baseline", "IOTFAILOVER_BASELINE",
+           "an earlier run report: a test whose recovery got slower than --iothub-max-regression allows fails",
+           _text, None, metavar="PATH"),
+    Option("iothub_max_regression", "--iothub-max-regression", "IOTFAILOVER_MAX_REGRESSION",
+           "how much slower than its baseline a test may recover, as a percentage; default: 20%%",
+           _regression, 0.2, metavar="PERCENT"),
+    Option("iothub_html", "--iothub-html", "IOTFAILOVER_HTML",
+           "write the run's timeline (one self-contained HTML file) to this file", _text, None, metavar="PATH"),
 )
 
 
@@ -194,6 +224,11 @@ class Settings:
     subscription: str | None = None
     resource_group: str | None = None
     failback: bool = False
+    slo: Any = None                    # testing.slo.Objectives, or None
+    report: str | None = None
+    baseline: str | None = None
+    max_regression: float = 0.2
+    html: str | None = None
 
     @property
     def backend(self) -> str:
@@ -213,7 +248,8 @@ _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_nam
            "iothub_timeout": "timeout", "iothub_outage": "outage",
            "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
            "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
-           "iothub_failback": "failback"}
+           "iothub_failback": "failback", "iothub_slo": "slo", "iothub_report": "report",
+           "iothub_baseline": "baseline", "iothub_max_regression": "max_regression", "iothub_html": "html"}
 
 
 def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) -> Settings:
