@@ -291,7 +291,7 @@ class FaultEngine:
                 return fault, None
         return None
 
-    def _close_soon(self, conn: Any, reason: str) -> None:
+    def close_soon(self, conn: Any, reason: str) -> None:
         # Not at once: paho 1.6 writes its re-sent publishes straight after CONNACK and its network
         # thread dies if the socket fails during that burst, leaving the SDK hung for good. The
         # real hub's reaction is not that quick either. Until the close, nothing more is accepted.
@@ -317,13 +317,13 @@ class FaultEngine:
                     self.hub.arm(("fault_end", fault), self.hub.now)
                 return D2CAction(close_after_accept=True, reason="drop_before_ack")
             if kind == "reject_publishes":
-                self._close_soon(conn, fault.params["reason"])
+                self.close_soon(conn, fault.params["reason"])
                 return D2CAction(consume=True)
             delay = 0.0
             if kind == "throttle":
                 throttled = self._throttle_delay(fault)
                 if throttled is None:
-                    self._close_soon(conn, "throttled")
+                    self.close_soon(conn, "throttled")
                     return D2CAction(consume=True)
                 delay = throttled
             elif kind == "delay_acks":
