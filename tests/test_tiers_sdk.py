@@ -143,3 +143,35 @@ def test_sdk_clients_connect_normally_on_the_default_tier(hub):
     finally:
         for c in clients:
             bounded(c.shutdown)
+
+
+# --- IoT Hub's limits (iothub/limits.py has the sources) --------------------------------------
+
+def test_d2c_message_id_over_128_characters_closes_the_connection(hub):
+    hub.add_device("mid1")
+    client = MqttClient.open(hub)
+    try:
+        client.send(p.Connect("mid1", 60, True, username_for(hub, "mid1"), sas_token(hub, "mid1").encode(),
+                              None, "MQTT", 4))
+        assert client.expect(p.CONNACK).return_code == 0
+        client.send(p.Publish("devices/mid1/messages/events/%24.mid=" + "m" * 129, b"x", 1, 1))
+        client.expect_closed(timeout=10)
+        violation = hub.wait_for_event("protocol_violation", "mid1", timeout=10)
+        assert "129 characters" in violation.detail["message"]
+        assert hub.telemetry("mid1") == []
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("call", "code", "words"), [
+    ({"method_name": "reboot now"}, 400004, "contains ' '"),
+    ({"payload": "x" * (129 * 1024)}, 413001, "128 KB"),
+    ({"timeout": 301}, 400004, "outside 0..300"),
+])
+def test_direct_method_limits_are_refused_with_iothubs_codes(hub, call, code, words):
+    hub.add_device("m1")
+    args = {"method_name": "reboot", "payload": None, "timeout": 5} | call
+    with pytest.raises(HubOperationError) as caught:
+        hub.invoke_method("m1", args["method_name"], args["payload"], timeout=args["timeout"])
+    assert caught.value.error_code == code
+    assert words in str(caught.value)
