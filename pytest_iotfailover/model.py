@@ -375,6 +375,7 @@ class DeviceRecovery:
     messages_before: int = 0
     messages_during: int = 0
     messages_after: int = 0
+    throttled: float = 0.0  # seconds its reconnect waited in the tier's shaping queue
 
     @property
     def downtime(self) -> float | None:
@@ -409,6 +410,11 @@ class RecoveryReport:
         return all(d.reconnected_at is not None for d in self.devices.values())
 
     @property
+    def throttled(self) -> float:
+        """The longest any device's reconnect waited on the tier's throttling (seconds)."""
+        return max((d.throttled for d in self.devices.values()), default=0.0)
+
+    @property
     def outage(self) -> float | None:
         if self.started_at is None or self.ended_at is None:
             return None
@@ -425,6 +431,7 @@ class RecoveryReport:
                 f"{back}/{len(self.devices)} devices back, messages "
                 f"{self.messages_before} before / {self.messages_during} during / "
                 f"{self.messages_after} after, {self.duplicates} duplicates"
+                + (f", throttled up to {self.throttled:.2f}s" if self.throttled else "")
                 + (f"; wedged: {'; '.join(self.wedged.values())}" if self.wedged else ""))
 
 

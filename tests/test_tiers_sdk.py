@@ -65,6 +65,41 @@ def test_s1_spreads_a_burst_of_new_connections_at_the_tier_rate():
             _close(clients)
 
 
+def test_recovery_report_shows_the_reconnect_waves_throttling_waits():
+    with FakeHub("tierhub") as hub:
+        old, _ = _connect_all(hub, 150)
+        fo = hub.faults.region_failover(outage=0.2)
+        fo.wait(10)
+        _close(old)
+        devices = [f"d{i:03}" for i in range(150)]
+        assert sorted(fo.report().devices) == devices
+        # the raw clients do not reconnect on their own: the wave is sent here, all at once
+        clients, codes = _reconnect_all(hub, devices)
+        try:
+            assert codes == [0] * 150
+            rep = fo.report()
+            waits = {e.device_id: e.detail.get("throttled", 0.0) for e in hub.events
+                     if e.kind == "connect" and e.at >= fo.started_at}
+            for device_id, d in rep.devices.items():
+                assert d.throttled == pytest.approx(waits[device_id])
+            assert rep.throttled == pytest.approx(max(waits[d] for d in rep.devices) if rep.devices else 0.0)
+        finally:
+            _close(clients)
+
+
+def _reconnect_all(hub, device_ids):
+    clients = [MqttClient.open(hub) for _ in device_ids]
+    try:
+        for client, device_id in zip(clients, device_ids):
+            client.send(p.Connect(device_id, 60, True, username_for(hub, device_id),
+                                  sas_token(hub, device_id).encode(), None, "MQTT", 4))
+        codes = [client.expect(p.CONNACK, 20).return_code for client in clients]
+    except BaseException:
+        _close(clients)
+        raise
+    return clients, codes
+
+
 def test_no_tier_means_no_shaping():
     with FakeHub("freehub", tier=None) as hub:
         clients, codes = _connect_all(hub, 150)

@@ -95,6 +95,7 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.detected_at = e.at
             if e.kind == "connect" and e.device_id == device_id:
                 d.reconnected_at = e.at
+                d.throttled = float(e.detail.get("throttled", 0.0))
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
     from ..wedge import findings  # the clients' side: which of these devices' clients died silently
