@@ -458,7 +458,8 @@ def test_region_failover_through_the_api_and_wait_for_its_end(info):
         fault = ok(info, "POST", "/faults/region_failover", {"outage": 1, "device_id": "fo1"}, expect=201)
         assert fault["state"] == "active" and fault["ended_at"] is None
         # a failover of one device can only refuse at CONNACK: TCP cannot tell who is knocking
-        assert fault["params"] == {"outage": 1.0, "keep_sessions": False, "refuse": "connack"}
+        assert fault["params"] == {"outage": 1.0, "keep_sessions": False, "refuse": "connack",
+                                   "existing": "reset", "connect": "connack3"}
 
         done = ok(info, "POST", f"/faults/{fault['id']}/wait", {"timeout": 10})
         assert done["state"] == "ended"

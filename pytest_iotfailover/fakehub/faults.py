@@ -112,6 +112,7 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.detected_at = e.at
             if e.kind == "connect" and e.device_id == device_id:
                 d.reconnected_at = e.at
+                d.throttled = float(e.detail.get("throttled", 0.0))
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
     from ..wedge_findings import findings  # the clients' side: which of these devices' clients died silently
@@ -127,6 +128,7 @@ def engine_fault(spec: FaultSpec) -> Fault:
     kind = spec.kind.value
     if spec.kind is FaultKind.REGION_FAILOVER:
         params["refuse"] = spec.refusal  # type: ignore[attr-defined]
+        params["connect"] = spec.connect_mode  # type: ignore[attr-defined]
     elif spec.kind is FaultKind.DROP:
         params["reason"] = "drop"
     elif spec.kind is FaultKind.DROP_BEFORE_ACK:
@@ -166,14 +168,16 @@ class Faults:
         return self.start(spec_for(kind, kwargs, what=f"hub.faults.{kind.value}()"))
 
     def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
+                        existing: str = "reset", connect: str | None = None,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
         MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
-        `refuse`: "tcp" (default for the whole hub) or "connack" (CONNACK 3; the only choice for one
-        device, since a TCP refusal cannot know which device is knocking)."""
+        `existing`: "reset" or "zombie" (kept open, never answered); `connect`: "reset" (default for
+        the whole hub), "connack3" (default for one device) or "silent" (never answered); `refuse`
+        ("tcp"/"connack") is the older spelling of connect. Sources: model.RegionFailover."""
         return self._start(FaultKind.REGION_FAILOVER, {
-            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "device_id": device_id, "at": at,
-            "after_messages": after_messages})
+            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "existing": existing,
+            "connect": connect, "device_id": device_id, "at": at, "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""

@@ -121,6 +121,17 @@ def _missing_real_extra(service: bool) -> list[str]:
     return missing
 
 
+def _tier(flag: str, raw: str) -> str | None:
+    from ..iothub.tiers import TIER_NAMES
+    value = str(raw).strip()
+    if value.lower() in ("none", "off"):
+        return None
+    canon = {n.lower(): n for n in TIER_NAMES}.get(value.lower())
+    if canon is None:
+        raise SettingsError(f"{flag} must be one of {', '.join(TIER_NAMES)} or none, got {value!r}")
+    return canon
+
+
 def _text(flag: str, raw: str) -> str | None:
     value = str(raw).strip()
     return value or None
@@ -180,6 +191,12 @@ OPTIONS = (
     Option("iothub_outage", "--iothub-outage", "IOTFAILOVER_OUTAGE",
            "outage of failover() on the embedded hub, in seconds; default: 2", _positive_seconds, 2.0,
            metavar="SECONDS"),
+    Option("iothub_tier", "--iothub-tier", "IOTFAILOVER_TIER",
+           "embedded hub: IoT Hub tier whose throttles it enforces (Free, B1-B3, S1-S3), or none for no "
+           "throttling; default: S1", _tier, "S1", metavar="TIER"),
+    Option("iothub_tier_units", "--iothub-tier-units", "IOTFAILOVER_TIER_UNITS",
+           "embedded hub: number of units of --iothub-tier; default: 1", _int_between(1, 200), 1,
+           metavar="UNITS"),
     Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
            "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
            "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
@@ -219,6 +236,8 @@ class Settings:
     retry_interval: int = 1
     timeout: float | None = None
     outage: float = 2.0
+    tier: str | None = "S1"
+    tier_units: int = 1
     eventhub_connection_string: str | None = field(default=None, repr=False)
     allow_failover: str | None = None
     subscription: str | None = None
@@ -246,6 +265,7 @@ class Settings:
 _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_name",
            "iothub_keep_alive": "keep_alive", "iothub_retry_interval": "retry_interval",
            "iothub_timeout": "timeout", "iothub_outage": "outage",
+           "iothub_tier": "tier", "iothub_tier_units": "tier_units",
            "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
            "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
            "iothub_failback": "failback", "iothub_slo": "slo", "iothub_report": "report",
@@ -266,6 +286,8 @@ def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) 
                 raw, source = ini_raw, f"ini option {opt.name}"
         values[_FIELDS[opt.name]] = opt.default if raw is None else opt.parse(source, raw)
     settings = Settings(**values)
+    if settings.tier == "Free" and settings.tier_units != 1:
+        raise SettingsError("--iothub-tier Free has exactly one unit: leave --iothub-tier-units out")
     if settings.allow_failover and not (settings.subscription and settings.resource_group):
         raise SettingsError("--iothub-allow-failover needs --iothub-subscription and --iothub-resource-group "
                             "(the failover goes through Azure Resource Manager)")
