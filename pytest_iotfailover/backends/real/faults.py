@@ -74,6 +74,9 @@ SUPPORT: dict[FaultKind, Support] = {
                          "chosen; use the embedded hub",
         "refuse": "how the hub refuses connections during a failover cannot be chosen; use the "
                   "embedded hub",
+        "existing": "what open connections see during a failover cannot be chosen; use the embedded hub",
+        "connect": "how the hub refuses connections during a failover cannot be chosen; use the "
+                   "embedded hub",
         "unread": "what a real failover loses unread depends on your consumer's lag; use the embedded hub",
         "keep_c2d": "a manual failover recovers no cloud-to-device messages (reliability-iot-hub.md); "
                     "use the embedded hub",
