@@ -787,7 +787,8 @@ class ControlServer:
             "duplicate": t.duplicate,
             "qos": t.qos,
             "enqueued_at": t.enqueued_at,
-        } for t in self.hub.telemetry(device_id)]
+            "lost_in_failover": t.lost_in_failover,
+        } for t in self.hub.telemetry(device_id, include_lost=True)]  # the ledger: lost ones marked
 
     def events(self, kind: str | None, device_id: str | None) -> list[dict[str, Any]]:
         return [{"kind": e.kind, "device_id": e.device_id, "at": e.at, "detail": e.detail}
