@@ -28,8 +28,8 @@ class Telemetry:
 
 
 _SEP = "\x00"
-_DUP, _DUPLICATE = 1, 2
-_QOS_SHIFT = 2
+_DUP, _DUPLICATE, _MID, _CONN = 1, 2, 4, 8  # _MID/_CONN: system property equal to the record's field
+_QOS_SHIFT = 4
 _BLOB_CACHE_MAX = 4096
 
 
@@ -88,7 +88,7 @@ class Ledger:
 
     def record(self, t: Telemetry) -> Telemetry:
         """Store `t` (its `duplicate` flag is set here) and return it."""
-        t.duplicate = self.record_message(t.device_id, t.message_id, t.body, t.properties,
+        t.duplicate = self._store(t.device_id, t.message_id, t.body, t.properties,
                                           t.system_properties, t.enqueued_at, t.dup, t.qos)
         if t.lost_in_failover:
             self._mark(len(self._records) - 1)
@@ -98,6 +98,10 @@ class Ledger:
                        properties: dict[str, Any], system_properties: dict[str, Any],
                        enqueued_at: float, dup: bool = False, qos: int = 1) -> bool:
         """Store one message without building a `Telemetry`; True if it is a duplicate."""
+        return self._store(device_id, message_id, body, properties, system_properties, enqueued_at, dup, qos)
+
+    def _store(self, device_id: str, message_id: str | None, body: bytes, properties: dict[str, Any],
+               system_properties: dict[str, Any], enqueued_at: float, dup: bool, qos: int) -> bool:
         n = len(self._records)
         duplicate = False
         if message_id is not None:
@@ -109,11 +113,22 @@ class Ledger:
             else:
                 first[message_id] = n
         flags = (_DUP if dup else 0) | (_DUPLICATE if duplicate else 0) | (qos << _QOS_SHIFT)
+        sysprops = system_properties
+        # the two per-message system properties live in the record already: leaving them out
+        # lets equal bags share one blob
+        if message_id is not None and sysprops.get("message_id") == message_id:
+            flags |= _MID
+        if sysprops.get("connection_device_id") == device_id:
+            flags |= _CONN
+        if flags & (_MID | _CONN):
+            sysprops = {k: v for k, v in sysprops.items()
+                        if not ((k == "message_id" and flags & _MID)
+                                or (k == "connection_device_id" and flags & _CONN))}
         # columns first, the record after: a reader bounded by len(self._records) sees whole rows
         self._at.append(enqueued_at)
         self._lost.append(0)
         self._records.append((device_id, message_id, bytes(body), self._shared(_encode(properties)),
-                              self._shared(_encode(system_properties)), flags))
+                              self._shared(_encode(sysprops)), flags))
         index = self._by_device.get(device_id)
         if index is None:
             index = self._by_device[device_id] = array("q")
@@ -164,7 +179,12 @@ class Ledger:
 
     def _build(self, i: int) -> Telemetry:
         dev, mid, body, props, sysprops, flags = self._records[i]
-        return Telemetry(dev, mid, body, _decode(props), _decode(sysprops), self._at[i],
+        system = _decode(sysprops)
+        if flags & _MID:
+            system["message_id"] = mid
+        if flags & _CONN:
+            system["connection_device_id"] = dev
+        return Telemetry(dev, mid, body, _decode(props), system, self._at[i],
                          bool(flags & _DUP), bool(flags & _DUPLICATE), flags >> _QOS_SHIFT,
                          bool(self._lost[i]))
 
