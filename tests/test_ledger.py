@@ -4,13 +4,12 @@ import gc
 import threading
 
 import pytest
+from sdk_support import bounded, make_client
 
 from pytest_iotfailover.backends.fake import FakeBackend
 from pytest_iotfailover.iothub.ledger import Ledger, Telemetry
 from pytest_iotfailover.testing.view import HubView
 from pytest_iotfailover.waiting import Pulse, WaitingLedger
-
-from sdk_support import bounded, make_client
 
 pytestmark = pytest.mark.timeout(60)
 
