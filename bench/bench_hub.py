@@ -129,7 +129,7 @@ def hub_child_main(devices: int, profile_path: Optional[str], loop: Optional[str
 
     raise_nofile(devices + 1024)
     out = sys.stdout
-    hub = FakeHub("benchhub", port=0, loop=loop)
+    hub = FakeHub("benchhub", port=0, loop=loop, tier=None)
     hub.start()
     profiler = None
     try:

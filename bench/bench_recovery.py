@@ -227,12 +227,13 @@ def run_scenario(hub: FakeHub, scenario: str, ids: set, outage: float, timeout: 
     return res
 
 
-def run_count(n: int, outage: float, timeout: float, workers: int, results: List[Result]) -> None:
+def run_count(n: int, outage: float, timeout: float, workers: int, results: List[Result],
+              tier: Optional[str] = None) -> None:
     """Appends each scenario's result as it completes, so a later failure keeps the earlier figures."""
     progress(f"N={n}: starting hub")
     first = len(results)
     clients: Dict[str, IoTHubDeviceClient] = {}
-    hub = FakeHub("benchhub", raise_errors=False).start()
+    hub = FakeHub("benchhub", raise_errors=False, tier=tier).start()
     try:
         devices = [hub.add_device(f"bench-{i:03d}") for i in range(n)]
         for dev in devices:
@@ -346,6 +347,8 @@ def main(argv=None) -> int:
     ap.add_argument("--detail", action="store_true",
                     help="print reconnect and refusal histograms for every scenario, "
                          "not only those that missed the target")
+    ap.add_argument("--tier", default="none",
+                    help="IoT Hub tier the hub throttles as (S1, S2, ...), or none (default: none)")
     ap.add_argument("--verbose", action="store_true", help="show the SDK's own warnings")
     args = ap.parse_args(argv)
     try:
@@ -366,18 +369,19 @@ def main(argv=None) -> int:
         logging.getLogger("azure.iot.device").setLevel(logging.CRITICAL)
         logging.getLogger("paho").setLevel(logging.CRITICAL)
 
+    tier = None if args.tier.strip().lower() in ("none", "off") else args.tier
     started = time.monotonic()
     results: List[Result] = []
     broke = False
     for n in counts:
         try:
-            run_count(n, args.outage, args.timeout, args.connect_workers, results)
+            run_count(n, args.outage, args.timeout, args.connect_workers, results, tier)
         except (BenchError, TimeoutError) as exc:
             progress(f"N={n}: {exc}")
             broke = True
     print(f"azure-iot-device sync clients, keep_alive={CLIENT_KWARGS['keep_alive']}, "
           f"connection_retry_interval={CLIENT_KWARGS['connection_retry_interval']}, "
-          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+          f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, tier {tier or 'none (unthrottled)'}")
     print_table(results, args.outage)
     for r in results:
         if args.detail or (r.clients == TARGET_CLIENTS and not r.met):

@@ -9,6 +9,7 @@ types without importing each other.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -147,32 +148,63 @@ class RegionFailover(FaultSpec):
 
     Sessions (subscriptions, un-acknowledged C2D) are gone afterwards unless `keep_sessions`: no
     document says what a failover does to persistent MQTT sessions; losing them is an assumption
-    (failover-facts.md). `refuse`: "tcp" (the whole hub) or "connack" (CONNACK 3; the only choice
-    for one device, since a refused TCP connection names no device).
+    (failover-facts.md).
+
+    `existing`: what open connections see. "reset" (default): a TCP reset at once. "zombie": they
+    stay open but nothing on them is acknowledged or answered, ever, until the client gives up on
+    them (its keep-alive): what devices saw in Azure/iotedge PR #5669.
+
+    `connect`: what a new connection sees during the outage. "reset": accepted and reset at once
+    (like a refused TCP connection; whole hub only, since a TCP refusal names no device).
+    "connack3": CONNACK 3 (server unavailable). "silent": TLS and CONNECT accepted and never
+    answered, so the SDK's connection watchdog fires again and again (azure-iot-sdk-python #1197).
+    Default: "reset" for the whole hub, "connack3" for one device. `refuse="tcp"|"connack"` is the
+    older spelling of `connect="reset"|"connack3"` and still works.
     """
     kind: ClassVar[FaultKind] = FaultKind.REGION_FAILOVER
     outage: float = 2.0
     keep_sessions: bool = False
     refuse: str | None = None
+    existing: str = "reset"
+    connect: str | None = None
 
     def check(self) -> None:
         self._set("outage", checks.required_seconds("outage", self.outage))
         checks.boolean("keep_sessions", self.keep_sessions)
         if self.refuse is not None:
             checks.choice("refuse", self.refuse, ("tcp", "connack"))
-        if self.refuse == "tcp" and self.device_id is not None:
-            raise ValueError("refuse='tcp' needs the whole hub: a refused TCP connection names no device")
+        checks.choice("existing", self.existing, EXISTING_MODES)
+        if self.connect is not None:
+            checks.choice("connect", self.connect, CONNECT_MODES)
+        if self.refuse is not None and self.connect is not None and _REFUSE_ALIAS[self.refuse] != self.connect:
+            raise ValueError(f"refuse={self.refuse!r} is the older spelling of connect="
+                             f"{_REFUSE_ALIAS[self.refuse]!r}; it contradicts connect={self.connect!r}: give one")
+        if self.connect_mode == "reset" and self.device_id is not None:
+            given = "refuse='tcp'" if self.refuse == "tcp" else "connect='reset'"
+            raise ValueError(f"{given} needs the whole hub: a refused TCP connection names no device")
+
+    @property
+    def connect_mode(self) -> str:
+        """How new connections are met during the outage: the default depends on the target."""
+        if self.connect is not None:
+            return self.connect
+        if self.refuse is not None:
+            return _REFUSE_ALIAS[self.refuse]
+        return "reset" if self.device_id is None else "connack3"
 
     @property
     def refusal(self) -> str:
-        """How new connections are refused during the outage: the default depends on the target."""
-        if self.refuse is not None:
-            return self.refuse
-        return "tcp" if self.device_id is None else "connack"
+        """The older name of `connect_mode`: "tcp", "connack" or "silent"."""
+        return {"reset": "tcp", "connack3": "connack"}.get(self.connect_mode, self.connect_mode)
 
     @property
     def lasts(self) -> float | None:
         return self.outage
+
+
+EXISTING_MODES = ("reset", "zombie")
+CONNECT_MODES = ("reset", "connack3", "silent")
+_REFUSE_ALIAS = {"tcp": "reset", "connack": "connack3"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -344,6 +376,7 @@ class DeviceRecovery:
     messages_before: int = 0
     messages_during: int = 0
     messages_after: int = 0
+    throttled: float = 0.0  # seconds its reconnect waited in the tier's shaping queue
 
     @property
     def downtime(self) -> float | None:
@@ -375,7 +408,28 @@ class RecoveryReport:
 
     @property
     def recovered(self) -> bool:
-        return all(d.reconnected_at is not None for d in self.devices.values())
+        """Every device the fault disconnected is back; one it never reached (a blackhole shorter
+        than its keep-alive, throttling) has nothing to recover from."""
+        return all(d.reconnected_at is not None for d in self.devices.values() if d.disconnected_at is not None)
+
+    @property
+    def never_disconnected(self) -> list[str]:
+        return [d.device_id for d in self.devices.values() if d.disconnected_at is None]
+
+    @property
+    def not_back(self) -> list[str]:
+        return [d.device_id for d in self.devices.values()
+                if d.disconnected_at is not None and d.reconnected_at is None]
+
+    def downtimes(self) -> list[float]:
+        """Per disconnected device, disconnect to reconnect; math.inf for one not back."""
+        return sorted(math.inf if d.reconnected_at is None else max(d.reconnected_at - d.disconnected_at, 0.0)
+                      for d in self.devices.values() if d.disconnected_at is not None)
+
+    @property
+    def throttled(self) -> float:
+        """The longest any device's reconnect waited on the tier's throttling (seconds)."""
+        return max((d.throttled for d in self.devices.values()), default=0.0)
 
     @property
     def outage(self) -> float | None:
@@ -394,6 +448,7 @@ class RecoveryReport:
                 f"{back}/{len(self.devices)} devices back, messages "
                 f"{self.messages_before} before / {self.messages_during} during / "
                 f"{self.messages_after} after, {self.duplicates} duplicates"
+                + (f", throttled up to {self.throttled:.2f}s" if self.throttled else "")
                 + (f"; wedged: {'; '.join(self.wedged.values())}" if self.wedged else ""))
 
 
@@ -419,10 +474,12 @@ def tally_messages(rep: RecoveryReport,
         d = rep.devices.get(t.device_id)
         if d is not None:
             setattr(d, bucket, getattr(d, bucket) + 1)
-    detected = [d.detected_at for d in rep.devices.values()]
+    # only the devices the fault reached: one that never disconnected is not "not recovered"
+    hit = [d for d in rep.devices.values() if d.disconnected_at is not None]
+    detected = [d.detected_at for d in hit]
     if detected and all(x is not None for x in detected):
         rep.time_to_detect = max(max(x for x in detected if x is not None) - start, 0.0)
-    back = [d.reconnected_at for d in rep.devices.values()]
-    if back and all(x is not None for x in back) and end is not None:
-        rep.time_to_recover = max(max(x for x in back if x is not None) - end, 0.0)
+    back = [d.reconnected_at for d in hit]
+    if end is not None and all(x is not None for x in back):
+        rep.time_to_recover = max(max(x for x in back if x is not None) - end, 0.0) if back else 0.0
     return rep

@@ -303,10 +303,10 @@ def test_wait_times_out_and_cancel_is_impossible(stub, make):
     stub.running_polls = 10 ** 9
     af = make()
     handle = af.failover()
-    t = time.monotonic()
+    # ARM answers Running a billion times: only a wait that honours its own 0.3 s timeout can
+    # return at all within this test's timeout, so no clock is read here
     with pytest.raises(TimeoutError, match="still Running.*cannot cancel") as exc:
         handle.wait(timeout=0.3)
-    assert time.monotonic() - t < 3
     assert handle.state == "active"
     with pytest.raises(RuntimeError, match="cannot be cancelled"):
         handle.cancel()

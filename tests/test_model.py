@@ -25,7 +25,8 @@ def test_every_kind_has_a_spec_with_its_kind():
 def test_defaults_and_canonical_values():
     spec = spec_for("region_failover", {"outage": 3})
     assert spec == RegionFailover(outage=3.0)
-    assert spec.params() == {"outage": 3.0, "keep_sessions": False, "refuse": None}
+    assert spec.params() == {"outage": 3.0, "keep_sessions": False, "refuse": None,
+                             "existing": "reset", "connect": None}
     assert spec.lasts == 3.0 and spec.refusal == "tcp"
     assert RegionFailover(device_id="d").refusal == "connack"
 

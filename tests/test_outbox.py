@@ -197,18 +197,24 @@ def test_capacity_drop_oldest_spares_the_message_in_flight(hub, device, client):
 
 
 def test_capacity_block_waits_for_room_made_by_acknowledgements(hub, device, client):
-    hub.faults.delay_acks(0.4, duration=5)
+    # the hub reads nothing until the test ends the blackhole: no acknowledgement can make room
+    # before that, however slow the machine
+    dark = hub.faults.blackhole(300, device_id=device.device_id)
     with Outbox(client, capacity=2) as ob:
         first = [ob.send("a"), ob.send("b")]
-        result = []
-        blocked = threading.Thread(target=lambda: result.append(ob.send("c")), daemon=True)
-        t0 = time.monotonic()
+        result, acked_before_admission = [], []
+
+        def send_c():
+            result.append(ob.send("c"))
+            acked_before_admission.extend(ob.sent_ids)
+        blocked = threading.Thread(target=send_c, daemon=True)
         blocked.start()
         blocked.join(0.2)
         assert blocked.is_alive(), "send() must wait while the outbox is full"
+        dark.cancel()
         ob.flush(10)  # the first acknowledgement lets "c" in; flush then waits for it too
         blocked.join(5)
-        assert not blocked.is_alive() and time.monotonic() - t0 >= 0.3
+        assert not blocked.is_alive() and acked_before_admission, "c was let in before any acknowledgement"
         ob.flush(10)
         assert ob.sent_ids == first + result
     assert hub_ids(hub, device.device_id) == first + result
@@ -241,13 +247,13 @@ def test_blocked_send_raises_when_the_outbox_is_closed(hub, device, client):
 # --- flush and close ----------------------------------------------------------------------------
 
 def test_flush_timeout_names_what_is_pending(hub, device, client):
-    slow = hub.faults.delay_acks(2)
+    # nothing is read, so nothing acknowledged, until the blackhole ends: a flush that ignored
+    # its 0.3 s would never return within this test's timeout
+    slow = hub.faults.blackhole(300, device_id=device.device_id)
     with Outbox(client) as ob:
         ids = [ob.send(f"m{i}") for i in range(8)]
-        t0 = time.monotonic()
         with pytest.raises(TimeoutError) as err:
             ob.flush(0.3)
-        assert time.monotonic() - t0 < 1.5
         text = str(err.value)
         assert "8 messages pending" in text
         assert ", ".join(ids[:5]) in text and ids[5] not in text
@@ -256,13 +262,16 @@ def test_flush_timeout_names_what_is_pending(hub, device, client):
 
 
 def test_close_keeps_pending_ids_and_a_late_ack_still_counts(hub, device, client):
-    hub.faults.delay_acks(1.0, duration=5)
+    # the hub reads nothing from the device until the test ends the blackhole: the call in
+    # flight cannot complete before that, however slow the machine
+    dark = hub.faults.blackhole(300, device_id=device.device_id)
     ob = Outbox(client, name="closing")
     ids = [ob.send(f"m{i}") for i in range(3)]
-    hub.wait_for_telemetry(1, device_id=device.device_id)
-    t0 = time.monotonic()
-    ob.close(timeout=2)
-    assert time.monotonic() - t0 < 0.5, "close must not wait for a call in flight"
+    wait_until(lambda: any(t.name == f"closing:send:{ids[0]}" for t in threading.enumerate()), 5,
+               "the first message in flight")
+    # close must not wait for a call in flight: one that did would block past this test's timeout
+    ob.close(timeout=300)
+    assert dark.active and hub.telemetry(device.device_id) == [], "the call in flight was still blocked"
     assert ob.closed
     assert ob.pending_ids == ids and ob.pending == 3
     with pytest.raises(OutboxClosed, match="3 messages were left pending"):
@@ -270,9 +279,11 @@ def test_close_keeps_pending_ids_and_a_late_ack_still_counts(hub, device, client
     with pytest.raises(OutboxClosed, match="3 messages pending"):
         ob.flush(1)
     # the call in flight was abandoned, not cancelled: its PUBACK still lands
+    dark.cancel()
     wait_until(lambda: ob.pending == 2, 5, "the in-flight message was not acknowledged")
     assert ob.sent_ids == ids[:1] and ob.pending_ids == ids[1:]
-    time.sleep(0.3)  # nothing else may be sent after close: give a stray worker the chance
+    # nothing else may be sent after close: close() has ended the worker that would send it
+    assert not [t for t in threading.enumerate() if t.name == "closing:client"]
     assert hub_ids(hub, device.device_id) == ids[:1]
     ob.close()  # idempotent
 
@@ -392,17 +403,17 @@ class _AsyncClient:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"capacity": 0}, "capacity must be a positive integer"),
-    ({"capacity": 1.5}, "capacity must be a positive integer"),
+    ({"capacity": 0}, "capacity must be at least 1"),
+    ({"capacity": 1.5}, "capacity must be a whole number"),
     ({"on_overflow": "spill"}, "on_overflow must be one of"),
     ({"send_timeout": 0}, "send_timeout must be a positive"),
     ({"min_backoff": -1}, "min_backoff must be a non-negative"),
-    ({"max_backoff": float("nan")}, "max_backoff must be a non-negative"),
+    ({"max_backoff": float("nan")}, "max_backoff must be a number of seconds"),
     ({"min_backoff": 2, "max_backoff": 1}, "max_backoff .* must not be less than min_backoff"),
-    ({"name": 3}, "name must be a string"),
+    ({"name": 3}, "name must be a non-empty string"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         Outbox(_Client(), **kwargs)
 
 

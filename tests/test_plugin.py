@@ -385,7 +385,7 @@ def test_faults_started_through_any_api_end_at_teardown(pytester, run):
 
 @pytest.mark.parametrize("written, message", [
     ("failover(5)", ("@pytest.mark.failover(5): the failover marker takes keywords only: "
-                     "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS)")),
+                     "@pytest.mark.failover(outage=SECONDS, timeout=SECONDS, slo='recover<=10s, ...')")),
     ("failover(bogus=1)", "@pytest.mark.failover(bogus=1): unknown keyword 'bogus'"),
     ("failover(timeout=-1)", "@pytest.mark.failover(timeout=-1): timeout must be a positive number of seconds"),
     ("failover(outage=-3)", ("@pytest.mark.failover(outage=-3): outage must be a non-negative number of "

@@ -482,9 +482,8 @@ def test_ledger_keeps_our_devices_marks_duplicates_and_drops_replays(backend, co
 def test_wait_until_wakes_when_telemetry_arrives(backend, consumers):
     dev = backend.create_device("waiter")
     threading.Timer(0.2, consumers[0].deliver, [iot_event(dev.device_id)]).start()
-    t0 = time.monotonic()
-    assert backend.wait_until(lambda: len(backend.telemetry([dev.device_id])) == 1, 5)
-    assert time.monotonic() - t0 < 2
+    # with 300 s only a wait that wakes on the arrival can return within this test's timeout
+    assert backend.wait_until(lambda: len(backend.telemetry([dev.device_id])) == 1, 300)
     assert backend.wait_until(lambda: len(backend.telemetry([dev.device_id])) == 2, 0.2) is False
 
 

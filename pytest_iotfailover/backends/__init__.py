@@ -31,7 +31,8 @@ def open_backend(settings: Any, state_store: Any = None, progress: Any = None) -
     now and then while a real failover runs (it takes minutes)."""
     if settings.backend == "fake":
         from .fake import FakeBackend
-        return FakeBackend(settings.hub_name)
+        return FakeBackend(settings.hub_name, tier=getattr(settings, "tier", "S1"),
+                           units=getattr(settings, "tier_units", 1))
     try:
         from .real.arm import ArmFailover
         from .real.backend import RealBackend

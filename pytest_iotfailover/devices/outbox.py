@@ -17,97 +17,107 @@ Compare delivered ids as sets (`set(outbox.message_ids) <= {t.message_id for t i
 not as lists.
 """
 import asyncio
-import collections
 import inspect
-import itertools
-import json
-import random
-import threading
-import time
-import uuid
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from types import TracebackType
+from typing import Any, Self
 
-from azure.iot.device import Message
+from ..deadline import Call
+from . import wedge as _wedge
+from .backoff import MAX_BACKOFF, MIN_BACKOFF
+from .outbox_core import OutboxClosed, OutboxCore, OutboxFull, _Attempt
 
-from .. import wedge as _wedge
-
-__all__ = ["Outbox", "AsyncOutbox", "OutboxFull", "OutboxClosed"]
-
-# the SDK refuses bigger payloads on every attempt; caught in send() so it is not retried forever
-_MAX_MESSAGE_SIZE = 256 * 1024
-_OVERFLOW_POLICIES = ("block", "drop_oldest", "raise")
-# enough to explain a failure; a long outage with fast retries must not grow memory without end
-_FAILURES_KEPT = 1000
-_IDS_SHOWN = 5
-# how often a worker waiting for an acknowledgement looks at whether its client died silently
-_WEDGE_CHECK = 0.25
-
-_names = itertools.count(1)
+__all__ = ["AsyncOutbox", "Outbox", "OutboxClosed", "OutboxFull"]
 
 
-class OutboxFull(Exception):
-    """send() found no room: the outbox holds `capacity` messages the hub has not acknowledged."""
+class _OutboxView:
+    """What both front-ends show of their core: settings, ids and counts, read under its lock."""
+
+    _core: OutboxCore
+
+    @property
+    def target(self) -> Any:
+        return self._core.target
+
+    @property
+    def capacity(self) -> int:
+        return self._core.capacity
+
+    @property
+    def on_overflow(self) -> str:
+        return self._core.on_overflow
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def block_timeout(self) -> float:
+        """How long a blocked send() waits without any acknowledgement before raising OutboxFull."""
+        return self._core.block_timeout
+
+    @block_timeout.setter
+    def block_timeout(self, value: float) -> None:
+        self._core.block_timeout = value
+
+    @property
+    def pending(self) -> int:
+        """Messages not yet acknowledged by the hub (including those left behind by close())."""
+        with self._core._cond:
+            return self._core._pending
+
+    @property
+    def pending_ids(self) -> list[str]:
+        """Ids of the messages not yet acknowledged, oldest first."""
+        with self._core._cond:
+            return self._core._pending_ids_locked()
+
+    @property
+    def sent_ids(self) -> list[str]:
+        """Ids the hub acknowledged, in acknowledgement order (each once)."""
+        with self._core._cond:
+            return list(self._core._sent_ids)
+
+    @property
+    def message_ids(self) -> list[str]:
+        """Every id send() accepted, in the order it accepted them."""
+        with self._core._cond:
+            return list(self._core._message_ids)
+
+    @property
+    def submitted_at(self) -> dict[str, float]:
+        """message id -> time.time() when send() first accepted it (for delivery latencies)."""
+        with self._core._cond:
+            return dict(self._core._submitted_at)
+
+    @property
+    def dropped_ids(self) -> list[str]:
+        """Ids evicted by on_overflow="drop_oldest" (a call abandoned earlier may still deliver one)."""
+        with self._core._cond:
+            return list(self._core._dropped_ids)
+
+    @property
+    def failures(self) -> list[tuple[str, str, float]]:
+        """(message_id, exception repr, time.time()) of failed attempts, the latest 1000."""
+        with self._core._cond:
+            return list(self._core._failures)
+
+    @property
+    def wedges(self) -> list["_wedge.Wedge"]:
+        """Times this outbox found its client dead while it claimed to be connected, and revived it."""
+        with self._core._cond:
+            return list(self._core._wedges)
+
+    @property
+    def closed(self) -> bool:
+        return self._core._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (f"<{type(self).__name__} {self.name!r} {state}: {self.pending} pending, "
+                f"{len(self.sent_ids)} sent, {len(self.dropped_ids)} dropped>")
 
 
-class OutboxClosed(RuntimeError):
-    """The outbox was closed: it takes no more messages and sends nothing more."""
-
-
-class _Entry:
-    __slots__ = ("seq", "message_id", "message", "device_id", "state")
-
-    def __init__(self, seq: int, message: Message, device_id: Optional[str]):
-        self.seq = seq
-        self.message_id: str = message.message_id
-        self.message = message
-        self.device_id = device_id
-        self.state = "pending"      # "pending" | "acked" | "dropped"
-
-
-class _Attempt:
-    __slots__ = ("entry", "finished", "error")
-
-    def __init__(self, entry: _Entry):
-        self.entry = entry
-        self.finished = False
-        self.error: Optional[BaseException] = None
-
-
-class _Lane:
-    """The messages of one device, sent strictly one after the other by one worker thread."""
-    __slots__ = ("key", "entries", "current", "thread")
-
-    def __init__(self, key: Optional[str]):
-        self.key = key
-        self.entries: Deque[_Entry] = collections.deque()
-        self.current: Optional[_Entry] = None   # the entry a worker is waiting on right now
-        self.thread: Optional[threading.Thread] = None
-
-
-def _check_seconds(name: str, value: Any, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-            or value < 0 or (positive and value == 0) or value == float("inf"):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"{name} must be {kind} finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _as_message(message: Any) -> Message:
-    if isinstance(message, Message):
-        return message
-    if isinstance(message, (str, bytes, bytearray)):
-        return Message(bytes(message) if isinstance(message, bytearray) else message)
-    if isinstance(message, dict):
-        try:
-            body = json.dumps(message)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"message: the dict cannot be encoded as JSON: {exc}") from None
-        return Message(body, content_encoding="utf-8", content_type="application/json")
-    raise TypeError(f"message must be str, bytes, dict or azure.iot.device.Message, "
-                    f"not {type(message).__name__}")
-
-
-class Outbox:
+class Outbox(_OutboxView):
     """A buffered, retrying, order-keeping sender in front of a device client or a device pool.
 
     `target` is either a device client with `send_message(message)` (one lane: messages go out one
@@ -133,55 +143,12 @@ class Outbox:
     The outbox never connects, disconnects or shuts down its target: the caller owns it.
     """
 
-    #: how long a blocked send() waits without any acknowledgement before raising OutboxFull
-    block_timeout: float = 600.0
-
-    def __init__(self, target, *, capacity: int = 10_000, on_overflow: str = "block",
-                 send_timeout: float = 30.0, min_backoff: float = 0.1, max_backoff: float = 10.0,
-                 name: Optional[str] = None):
-        self._is_pool = hasattr(target, "device_ids")
-        self._check_target(target)
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
-        if on_overflow not in _OVERFLOW_POLICIES:
-            raise ValueError(f"on_overflow must be one of {', '.join(map(repr, _OVERFLOW_POLICIES))}, "
-                             f"got {on_overflow!r}")
-        self._send_timeout = _check_seconds("send_timeout", send_timeout, positive=True)
-        self._min_backoff = _check_seconds("min_backoff", min_backoff, positive=False)
-        self._max_backoff = _check_seconds("max_backoff", max_backoff, positive=False)
-        if self._max_backoff < self._min_backoff:
-            raise ValueError(f"max_backoff ({max_backoff!r}) must not be less than min_backoff ({min_backoff!r})")
-        if name is not None and not isinstance(name, str):
-            raise ValueError(f"name must be a string, got {name!r}")
-        self.target = target
-        self.capacity = capacity
-        self.on_overflow = on_overflow
-        self.name = name or f"outbox-{next(_names)}"
-        self._cond = threading.Condition()
-        self._lanes: Dict[Optional[str], _Lane] = {}
-        self._pending = 0
-        self._seq = itertools.count()
-        self._round_robin = 0
-        self._message_ids: List[str] = []
-        self._submitted_at: Dict[str, float] = {}
-        self._sent_ids: List[str] = []
-        self._dropped_ids: List[str] = []
-        self._failures: Deque[Tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
-        self._closed = False
-        self._last_progress = time.monotonic()
-        self._wedges: List[_wedge.Wedge] = []
-        if not self._is_pool:
-            _wedge.watch(target)
-
-    def _check_target(self, target) -> None:
-        if self._is_pool:
-            if not callable(getattr(target, "send", None)):
-                raise ValueError("target has device_ids but no send(device_id, message, timeout=None) method")
-        elif not callable(getattr(target, "send_message", None)):
-            raise ValueError(f"target must be a device client with send_message() or a pool with send() "
-                             f"and device_ids, got {type(target).__name__}")
-        else:
-            self._check_client_kind(target)
+    def __init__(self, target: Any, *, capacity: int = 10_000, on_overflow: str = "block",
+                 send_timeout: float = 30.0, min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
+                 name: str | None = None):
+        self._core = OutboxCore(self, target, capacity=capacity, on_overflow=on_overflow,
+                                send_timeout=send_timeout, min_backoff=min_backoff,
+                                max_backoff=max_backoff, name=name)
 
     def _check_client_kind(self, client) -> None:
         # an un-awaited coroutine would look like an instant acknowledgement
@@ -189,324 +156,54 @@ class Outbox:
             raise ValueError("target is an asyncio client (its send_message is a coroutine function); "
                              "use AsyncOutbox for azure.iot.device.aio clients")
 
-    # --- accepting messages --------------------------------------------------------------------
+    def _check_blocking_allowed(self) -> None:
+        pass  # a plain client's sends run on their own threads: waiting here holds nothing up
 
-    def send(self, message, device_id: Optional[str] = None) -> str:
+    def _launch(self, attempt: _Attempt) -> None:
+        """Start one SDK call for `attempt` that reports to the core; it must not block."""
+        Call(lambda: self._call_target(attempt), f"{self.name}:send:{attempt.entry.message_id}")
+
+    def _call_target(self, attempt: _Attempt) -> None:
+        entry = attempt.entry
+        try:
+            if self._core._is_pool:
+                result = self._core.target.send(entry.device_id, entry.message, timeout=self._core._send_timeout)
+            else:
+                result = self._core.target.send_message(entry.message)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()
+                raise TypeError("the target returned an awaitable: it is an asyncio client, use AsyncOutbox")
+        except BaseException as exc:  # noqa: BLE001
+            self._core._attempt_done(attempt, exc)
+        else:
+            self._core._attempt_done(attempt, None)
+
+    def send(self, message: Any, device_id: str | None = None) -> str:
         """Queue `message` and return its message id at once; it is sent in the background.
 
         `message` may be a str, bytes, a dict (sent as JSON) or an `azure.iot.device.Message`;
         a message without a message id gets a fresh one (uuid4 hex). `device_id` picks the lane of
         a pool target; with a plain client it must be None.
         """
-        msg = _as_message(message)
-        if device_id is not None and not isinstance(device_id, str):
-            raise ValueError(f"device_id must be a string or None, got {device_id!r}")
-        if device_id is not None and not self._is_pool:
-            raise ValueError(f"device_id {device_id!r} given, but the target is a single device client; "
-                             "device_id selects a device of a pool target")
-        if msg.message_id is None:
-            msg.message_id = uuid.uuid4().hex
-        if msg.get_size() > _MAX_MESSAGE_SIZE:
-            raise ValueError(f"message: {msg.get_size()} bytes exceed IoT Hub's 256 KB telemetry limit")
-        with self._cond:
-            self._raise_if_closed()
-            lane_key = self._lane_key(device_id)
-            if self._pending >= self.capacity:
-                self._make_room()
-            lane = self._lanes.get(lane_key)
-            if lane is None:
-                lane = self._lanes[lane_key] = _Lane(lane_key)
-            lane.entries.append(_Entry(next(self._seq), msg, lane_key))
-            self._pending += 1
-            self._message_ids.append(msg.message_id)
-            self._submitted_at.setdefault(msg.message_id, time.time())
-            if lane.thread is None:
-                lane.thread = threading.Thread(target=self._run_lane, args=(lane,), daemon=True,
-                                               name=f"{self.name}:{lane_key or 'client'}")
-                lane.thread.start()
-            self._cond.notify_all()
-        return msg.message_id
-
-    def _lane_key(self, device_id: Optional[str]) -> Optional[str]:
-        if not self._is_pool:
-            return None
-        ids = list(self.target.device_ids)
-        if device_id is not None:
-            if device_id not in ids:
-                raise ValueError(f"device_id {device_id!r} is not one of the pool's devices ({', '.join(ids)})")
-            return device_id
-        if not ids:
-            raise ValueError("the pool has no devices (its device_ids is empty)")
-        key = ids[self._round_robin % len(ids)]
-        self._round_robin += 1
-        return key
-
-    def _make_room(self) -> None:
-        """Called with the lock held and the outbox full."""
-        if self.on_overflow == "raise":
-            raise OutboxFull(self._full_text())
-        since = time.monotonic()
-        if self.on_overflow == "drop_oldest":
-            while not self._evict_oldest():
-                # every pending message is being sent right now; one attempt ends within send_timeout
-                self._wait_for_room_step(since)
-                if self._pending < self.capacity:
-                    return
-            return
-        while self._pending >= self.capacity:
-            self._wait_for_room_step(since)
-
-    def _wait_for_room_step(self, since: float) -> None:
-        self._check_blocking_allowed()
-        self._cond.wait(1.0)
-        self._raise_if_closed()
-        if time.monotonic() - max(since, self._last_progress) > self.block_timeout:
-            raise OutboxFull(self._full_text() + f"; send() waited {self.block_timeout:g} s "
-                             "without a single acknowledgement")
-
-    def _check_blocking_allowed(self) -> None:
-        pass
-
-    def _evict_oldest(self) -> bool:
-        victim: Optional[_Entry] = None
-        for lane in self._lanes.values():
-            for entry in itertools.islice(lane.entries, 2):
-                if entry is not lane.current:
-                    if victim is None or entry.seq < victim.seq:
-                        victim = entry
-                    break
-        if victim is None:
-            return False
-        self._lanes[victim.device_id].entries.remove(victim)
-        victim.state = "dropped"
-        self._pending -= 1
-        self._dropped_ids.append(victim.message_id)
-        return True
-
-    def _full_text(self) -> str:
-        return (f"outbox {self.name!r} is full: {self._pending} messages not yet acknowledged "
-                f"(capacity {self.capacity})")
-
-    def _raise_if_closed(self) -> None:
-        if self._closed:
-            raise OutboxClosed(f"outbox {self.name!r} is closed"
-                               + (f"; {self._pending} messages were left pending" if self._pending else ""))
-
-    # --- sending ---------------------------------------------------------------------------------
-
-    def _run_lane(self, lane: _Lane) -> None:
-        failures_in_a_row = 0
-        cond = self._cond
-        while True:
-            with cond:
-                while not self._closed and not lane.entries:
-                    cond.wait()
-                if self._closed:
-                    return
-                entry = lane.entries[0]
-                lane.current = entry
-                attempt = _Attempt(entry)
-            try:
-                self._launch(attempt)
-            except BaseException as exc:  # e.g. no thread could be started: counts as a failed try
-                self._attempt_done(attempt, exc)
-            deadline = time.monotonic() + self._send_timeout
-            with cond:
-                # any earlier, abandoned call for this entry may be the one that gets acknowledged
-                while not (attempt.finished or entry.state == "acked" or self._closed):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    cond.wait(min(left, _WEDGE_CHECK))
-                    if not (attempt.finished or entry.state == "acked" or self._closed):
-                        self._revive_if_wedged()
-                lane.current = None
-                if self._closed:
-                    return
-                if entry.state == "acked":
-                    failures_in_a_row = 0
-                    continue
-                error = attempt.error if attempt.finished else TimeoutError(
-                    f"no acknowledgement within send_timeout={self._send_timeout:g} s "
-                    "(the call was abandoned and may still complete)")
-                self._failures.append((entry.message_id, repr(error), time.time()))
-                failures_in_a_row += 1
-                delay_until = time.monotonic() + self._backoff(failures_in_a_row)
-                # an abandoned call that completes meanwhile ends the wait: nothing left to retry
-                while not self._closed and entry.state != "acked":
-                    left = delay_until - time.monotonic()
-                    if left <= 0:
-                        break
-                    cond.wait(left)
-                if self._closed:
-                    return
-                if entry.state == "acked":
-                    failures_in_a_row = 0
-
-    def _revive_if_wedged(self) -> None:
-        """A plain client that says it is connected while its network thread is dead never
-        acknowledges anything again: make the SDK see the loss (caller holds the lock; a pool
-        watches its own clients)."""
-        if self._is_pool:
-            return
-        found = _wedge.diagnose(self.target)
-        if found is None:
-            return
-        if not any(w.text == found.text for w in self._wedges):
-            self._wedges.append(found)
-            self._failures.append(("", f"wedged client: {found.text}", time.time()))
-        # a no-op if someone (the fixtures' monitor) revived it already
-        _wedge.revive(self.target, timeout=0)
-
-    def _backoff(self, failures_in_a_row: int) -> float:
-        ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures_in_a_row - 1, 62))
-        # "equal jitter": never shorter than half the step, so lanes that failed together spread out
-        return max(self._min_backoff, random.uniform(ceiling / 2, ceiling))
-
-    def _launch(self, attempt: _Attempt) -> None:
-        """Start one SDK call for `attempt` that reports to `_attempt_done`; it must not block."""
-        threading.Thread(target=self._call_target, args=(attempt,), daemon=True,
-                         name=f"{self.name}:send:{attempt.entry.message_id}").start()
-
-    def _call_target(self, attempt: _Attempt) -> None:
-        entry = attempt.entry
-        try:
-            if self._is_pool:
-                result = self.target.send(entry.device_id, entry.message, timeout=self._send_timeout)
-            else:
-                result = self.target.send_message(entry.message)
-            if inspect.isawaitable(result):
-                if inspect.iscoroutine(result):
-                    result.close()
-                raise TypeError("the target returned an awaitable: it is an asyncio client, use AsyncOutbox")
-        except BaseException as exc:
-            self._attempt_done(attempt, exc)
-        else:
-            self._attempt_done(attempt, None)
-
-    def _attempt_done(self, attempt: _Attempt, error: Optional[BaseException]) -> None:
-        with self._cond:
-            if attempt.finished:
-                return
-            attempt.finished = True
-            attempt.error = error
-            entry = attempt.entry
-            # also after close(): the hub has it, so it is no longer pending
-            if error is None and entry.state == "pending":
-                entry.state = "acked"
-                self._lanes[entry.device_id].entries.remove(entry)
-                self._pending -= 1
-                self._sent_ids.append(entry.message_id)
-                self._last_progress = time.monotonic()
-            self._cond.notify_all()
-
-    # --- observing -------------------------------------------------------------------------------
-
-    @property
-    def pending(self) -> int:
-        """Messages not yet acknowledged by the hub (including those left behind by close())."""
-        with self._cond:
-            return self._pending
-
-    @property
-    def pending_ids(self) -> List[str]:
-        """Ids of the messages not yet acknowledged, oldest first."""
-        with self._cond:
-            return self._pending_ids_locked()
-
-    def _pending_ids_locked(self) -> List[str]:
-        entries = [e for lane in self._lanes.values() for e in lane.entries]
-        return [e.message_id for e in sorted(entries, key=lambda e: e.seq)]
-
-    @property
-    def sent_ids(self) -> List[str]:
-        """Ids the hub acknowledged, in acknowledgement order (each once)."""
-        with self._cond:
-            return list(self._sent_ids)
-
-    @property
-    def message_ids(self) -> List[str]:
-        """Every id send() accepted, in the order it accepted them."""
-        with self._cond:
-            return list(self._message_ids)
-
-    @property
-    def submitted_at(self) -> Dict[str, float]:
-        """message id -> time.time() when send() first accepted it (for delivery latencies)."""
-        with self._cond:
-            return dict(self._submitted_at)
-
-    @property
-    def dropped_ids(self) -> List[str]:
-        """Ids evicted by on_overflow="drop_oldest" (a call abandoned earlier may still deliver one)."""
-        with self._cond:
-            return list(self._dropped_ids)
-
-    @property
-    def failures(self) -> List[Tuple[str, str, float]]:
-        """(message_id, exception repr, time.time()) of failed attempts, the latest 1000."""
-        with self._cond:
-            return list(self._failures)
-
-    @property
-    def wedges(self) -> List["_wedge.Wedge"]:
-        """Times this outbox found its client dead while it claimed to be connected, and revived it."""
-        with self._cond:
-            return list(self._wedges)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    # --- waiting and stopping ----------------------------------------------------------------
+        return self._core.send(message, device_id)
 
     def flush(self, timeout: float = 60.0) -> None:
         """Block until the hub acknowledged every accepted message; TimeoutError if it did not
         within `timeout` seconds, OutboxClosed if the outbox is closed with messages pending."""
-        timeout = _check_seconds("timeout", timeout, positive=False)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._pending:
-                if self._closed:
-                    raise OutboxClosed(f"outbox {self.name!r} was closed with {self._describe_pending()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"outbox {self.name!r}: flush timed out after {timeout:g} s with "
-                                       f"{self._describe_pending()}")
-                self._cond.wait(left)
-
-    def _describe_pending(self) -> str:
-        ids = self._pending_ids_locked()
-        shown = ", ".join(ids[:_IDS_SHOWN]) + (", ..." if len(ids) > _IDS_SHOWN else "")
-        text = f"{len(ids)} messages pending (first: {shown})"
-        if self._failures:
-            mid, error, at = self._failures[-1]
-            text += f"; last failure {time.time() - at:.1f} s ago for {mid}: {error}"
-        return text
+        self._core.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the workers; unacknowledged messages stay in `pending_ids`. Calls in flight are
         abandoned, not cancelled: the hub may still receive (and acknowledge) them."""
-        timeout = _check_seconds("timeout", timeout, positive=False)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-            threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(max(0.0, deadline - time.monotonic()))
+        self._core.close(timeout)
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
-        return (f"<{type(self).__name__} {self.name!r} {state}: {self.pending} pending, "
-                f"{len(self._sent_ids)} sent, {len(self._dropped_ids)} dropped>")
 
 
 def _run_in_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> "asyncio.Future":
@@ -514,27 +211,23 @@ def _run_in_thread(loop: asyncio.AbstractEventLoop, fn, *args) -> "asyncio.Futur
     waits for on exit: an abandoned flush would hold up the end of the program."""
     fut = loop.create_future()
 
-    def settle(result, error):
+    def settle(call: Call) -> None:
         if not fut.done():
-            if error is not None:
-                fut.set_exception(error)
+            if call.error is not None:
+                fut.set_exception(call.error)
             else:
-                fut.set_result(result)
+                fut.set_result(call.result)
 
-    def run():
+    def report(call: Call) -> None:
         try:
-            result, error = fn(*args), None
-        except BaseException as exc:
-            result, error = None, exc
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
+            loop.call_soon_threadsafe(settle, call)
         except RuntimeError:
             pass  # the loop is gone; nobody is waiting any more
-    threading.Thread(target=run, daemon=True, name=f"outbox:{getattr(fn, '__name__', 'call')}").start()
+    Call(lambda: fn(*args), f"outbox:{getattr(fn, '__name__', 'call')}", on_done=report)
     return fut
 
 
-class AsyncOutbox(Outbox):
+class AsyncOutbox(_OutboxView):
     """`Outbox` for azure.iot.device.aio clients (and pools whose `send` is a coroutine).
 
     `send()` stays synchronous and returns the message id at once; the SDK coroutines run on the
@@ -546,12 +239,13 @@ class AsyncOutbox(Outbox):
     waits for room instead. Delivery is at least once, as for `Outbox`.
     """
 
-    def __init__(self, target, **kwargs):
-        super().__init__(target, **kwargs)
+    def __init__(self, target: Any, **kwargs: Any):
+        self._loop: asyncio.AbstractEventLoop | None
         try:
-            self._loop: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+            self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        self._core = OutboxCore(self, target, **kwargs)
 
     def _check_client_kind(self, client) -> None:
         # a blocking send_message would stall the loop that runs every other coroutine
@@ -571,18 +265,9 @@ class AsyncOutbox(Outbox):
             self._loop = running
         return self._loop
 
-    def send(self, message, device_id: Optional[str] = None) -> str:
-        self._bind_loop()
-        return super().send(message, device_id)
-
-    async def asend(self, message, device_id: Optional[str] = None) -> str:
-        """Like send(), but waits for room instead of raising when on_overflow="block"."""
-        self._bind_loop()
-        return await _run_in_thread(asyncio.get_running_loop(), Outbox.send, self, message, device_id)
-
     def _check_blocking_allowed(self) -> None:
         if self._loop is not None and self._on_loop_thread():
-            raise OutboxFull(self._full_text() + "; send() cannot wait for room on the event loop "
+            raise OutboxFull(self._core._full_text() + "; send() cannot wait for room on the event loop "
                              "that delivers the messages: use `await outbox.asend(...)`")
 
     def _on_loop_thread(self) -> bool:
@@ -593,7 +278,7 @@ class AsyncOutbox(Outbox):
 
     def _launch(self, attempt: _Attempt) -> None:
         entry = attempt.entry
-        target, is_pool, send_timeout = self.target, self._is_pool, self._send_timeout
+        target, is_pool, send_timeout = self._core.target, self._core._is_pool, self._core._send_timeout
 
         async def call():
             if is_pool:
@@ -604,33 +289,48 @@ class AsyncOutbox(Outbox):
                 await result
 
         coro = call()
+        loop = self._loop
         try:
-            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+            if loop is None:  # the caller's send() bound it; None only if send() was bypassed
+                raise RuntimeError("AsyncOutbox has no event loop to send on")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
         except BaseException:
             coro.close()
             raise
         # the worker stops waiting at send_timeout but the coroutine is left to finish: cancelling
         # it would not cancel the publish inside the SDK, only hide whether it got through
-        future.add_done_callback(lambda f: self._attempt_done(
+        future.add_done_callback(lambda f: self._core._attempt_done(
             attempt, asyncio.CancelledError("the event loop cancelled the send") if f.cancelled()
             else f.exception()))
 
+    def send(self, message: Any, device_id: str | None = None) -> str:
+        """Queue `message` and return its id at once, as Outbox.send (never waits for room here)."""
+        self._bind_loop()
+        return self._core.send(message, device_id)
+
+    async def asend(self, message: Any, device_id: str | None = None) -> str:
+        """Like send(), but waits for room instead of raising when on_overflow="block"."""
+        self._bind_loop()
+        return await _run_in_thread(asyncio.get_running_loop(), self._core.send, message, device_id)
+
     async def flush(self, timeout: float = 60.0) -> None:
         """Wait until the hub acknowledged every accepted message (TimeoutError otherwise)."""
-        await _run_in_thread(asyncio.get_running_loop(), Outbox.flush, self, timeout)
+        await _run_in_thread(asyncio.get_running_loop(), self._core.flush, timeout)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop the workers; unacknowledged messages stay in `pending_ids`."""
-        await _run_in_thread(asyncio.get_running_loop(), Outbox.close, self, timeout)
+        await _run_in_thread(asyncio.get_running_loop(), self._core.close, timeout)
 
-    def __enter__(self):
+    def __enter__(self) -> None:
         raise TypeError("AsyncOutbox is an async context manager: use `async with`")
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # pragma: no cover - __enter__ refuses
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # pragma: no cover - __enter__ refuses
         pass
 
-    async def __aenter__(self) -> "AsyncOutbox":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         await self.close()

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOP_CHOICES, default=None,
                    help=f"event loop of the hub: uvloop (installed by the [fast] extra) or plain asyncio; "
                         f"auto takes uvloop when it is installed (default: ${LOOP_ENV}, else auto)")
+    p.add_argument("--tier", default="S1", metavar="TIER",
+                   help="IoT Hub tier whose throttles the hub enforces: Free, B1-B3, S1-S3, or none for no "
+                        "throttling (default: %(default)s)")
+    p.add_argument("--tier-units", type=int, default=1, metavar="UNITS",
+                   help="units of --tier (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log control API requests to stderr")
     return p
 
@@ -289,7 +294,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
     try:
         _check_args(args)
-        hub = FakeHub(args.hub_name, host=args.host, port=args.port, loop=args.loop)
+        tier = None if args.tier.strip().lower() in ("none", "off") else args.tier
+        hub = FakeHub(args.hub_name, host=args.host, port=args.port, loop=args.loop, tier=tier,
+                      units=args.tier_units)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     fd_limit = _raise_fd_limit()

@@ -307,6 +307,9 @@ class _DeadlineReader(io.RawIOBase):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # a response's headers and body leave as two segments; with Nagle and delayed ACKs the second
+    # waits ~40 ms, which made every control call that slow
+    disable_nagle_algorithm = True
     server_version = "iotfailover-hub"
     timeout = IDLE_TIMEOUT
     server: _Server

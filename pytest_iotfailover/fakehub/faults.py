@@ -7,6 +7,7 @@ returns a `FaultHandle`; `build_report` turns the hub's event log and ledger int
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any, Self
@@ -46,6 +47,22 @@ class FaultHandle:
         if not self._fault.done.wait(timeout):
             raise TimeoutError(f"fault {self.kind} still {self._fault.state} after {timeout:g} s")
         return self
+
+    def wait_recovered(self, timeout: float | None = 60.0) -> FaultHandle:
+        """Block until the fault is over and every device it disconnected is connected again;
+        TimeoutError naming the devices still away. A device it never reached counts as back."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)
+        while True:
+            away = self.report().not_back
+            if not away:
+                return self
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"fault {self.kind}: {len(away)} device(s) not back after {timeout:g} s: "
+                                   + ", ".join(away[:10]) + (" ..." if len(away) > 10 else ""))
+            # the event log has no condition to wait on from outside the hub thread: poll it
+            time.sleep(0.05 if left is None else min(0.05, left))
 
     def cancel(self) -> FaultHandle:
         """Never start it, or end it now."""
@@ -95,9 +112,10 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.detected_at = e.at
             if e.kind == "connect" and e.device_id == device_id:
                 d.reconnected_at = e.at
+                d.throttled = float(e.detail.get("throttled", 0.0))
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
-    from ..wedge import findings  # the clients' side: which of these devices' clients died silently
+    from ..wedge_findings import findings  # the clients' side: which of these devices' clients died silently
     for w in findings(fault.affected, since=start):
         rep.wedged.setdefault(w.device_id, w.text)
     return rep
@@ -110,6 +128,7 @@ def engine_fault(spec: FaultSpec) -> Fault:
     kind = spec.kind.value
     if spec.kind is FaultKind.REGION_FAILOVER:
         params["refuse"] = spec.refusal  # type: ignore[attr-defined]
+        params["connect"] = spec.connect_mode  # type: ignore[attr-defined]
     elif spec.kind is FaultKind.DROP:
         params["reason"] = "drop"
     elif spec.kind is FaultKind.DROP_BEFORE_ACK:
@@ -149,14 +168,16 @@ class Faults:
         return self.start(spec_for(kind, kwargs, what=f"hub.faults.{kind.value}()"))
 
     def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
+                        existing: str = "reset", connect: str | None = None,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
         MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
-        `refuse`: "tcp" (default for the whole hub) or "connack" (CONNACK 3; the only choice for one
-        device, since a TCP refusal cannot know which device is knocking)."""
+        `existing`: "reset" or "zombie" (kept open, never answered); `connect`: "reset" (default for
+        the whole hub), "connack3" (default for one device) or "silent" (never answered); `refuse`
+        ("tcp"/"connack") is the older spelling of connect. Sources: model.RegionFailover."""
         return self._start(FaultKind.REGION_FAILOVER, {
-            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "device_id": device_id, "at": at,
-            "after_messages": after_messages})
+            "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "existing": existing,
+            "connect": connect, "device_id": device_id, "at": at, "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""

@@ -15,6 +15,7 @@ from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
 from ..iothub.faults import Fault
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
+from ..iothub.tiers import Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .faults import FaultHandle, Faults, RecoveryReport
@@ -160,7 +161,7 @@ class FakeHub:
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None):
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
@@ -168,6 +169,8 @@ class FakeHub:
         self._limits = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
                         "send_buffer_limit": send_buffer_limit}
         self._max_unauthenticated = max_unauthenticated
+        # IoT Hub's per-tier throttles (iothub/tiers.py); None: unthrottled (benchmarks)
+        self.tier: Tier | None = None if tier is None else Tier.lookup(tier, units)
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -238,7 +241,7 @@ class FakeHub:
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
-                              max_unauthenticated=self._max_unauthenticated)
+                              max_unauthenticated=self._max_unauthenticated, tier=self.tier)
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
@@ -365,6 +368,12 @@ class FakeHub:
         return self._call(lambda: device_id in self._running_core().connections)
 
     # --- telemetry ---------------------------------------------------------------------------
+
+    def throttled_time(self, device_id: str | None = None) -> float:
+        """Seconds `device_id` (None: calls made without a device) waited in the tier's shaping
+        queues, over all operations; 0 on an unthrottled hub."""
+        core = self._core
+        return 0.0 if core is None or not self.running else self._call(core.throttled_time, device_id)
 
     def telemetry(self, device_id: str | None = None, *, include_lost: bool = False,
                   device_ids: Collection[str] | None = None) -> list[Telemetry]:

@@ -9,40 +9,13 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+from ..connstr import parse_connection_string  # noqa: F401  (re-exported: older code imports it here)
 from ..errors import AuthError
 
 DEFAULT_CLOCK_SKEW = 300.0  # IoT Hub accepts tokens up to five minutes past their expiry
 _EXPIRY = re.compile(r"[0-9]{1,12}")
 
 
-
-
-_CS_KEYS = {"HostName", "DeviceId", "ModuleId", "SharedAccessKey", "SharedAccessKeyName",
-            "SharedAccessSignature", "GatewayHostName", "x509"}
-_SECRET_KEYS = ("SharedAccessKey", "SharedAccessSignature")
-
-
-def parse_connection_string(cs: str) -> dict[str, str]:
-    """Split `Key=value;Key=value` the way the SDKs do; unknown or repeated keys are errors."""
-    if not isinstance(cs, str) or not cs.strip():
-        raise ValueError("connection string is empty")
-    out: dict[str, str] = {}
-    for index, part in enumerate(cs.strip().strip(";").split(";"), 1):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            # the segment itself is not quoted: a mistyped separator would print a key
-            raise ValueError(f"connection string segment {index} is not Key=value")
-        if key not in _CS_KEYS:
-            # quote only what looks like a key name, never what may be a mangled secret
-            shown = repr(key) if re.fullmatch(r"[A-Za-z]{1,40}", key) else f"in segment {index}"
-            raise ValueError(f"connection string has unknown key {shown}")
-        if key in out:
-            raise ValueError(f"connection string repeats key {key!r}")
-        out[key] = value
-    if "HostName" not in out:
-        raise ValueError("connection string has no HostName")
-    return out
 
 
 def redact(text: str) -> str:

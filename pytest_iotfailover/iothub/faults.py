@@ -101,6 +101,10 @@ class FaultEngine:
         self.new_flag: Callable[[], Any] = Flag
         self._injected: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self._gcra: dict[int, float] = {}
+        # connections a failover left open and unanswered ("zombie" existing connections, "silent"
+        # connects): the old region's front end never answers them again, so they stay paused
+        # after the fault ends, until the client gives up on them
+        self.zombies: set[Any] = set()
         self._ids = itertools.count(1)
 
     # --- scheduling (entered through the core's step, so `hub.now` is current) -------------------
@@ -211,11 +215,29 @@ class FaultEngine:
         hub = self.hub
         if fault.device_id is None:
             hub.region = "secondary" if hub.region == "primary" else "primary"
-        self._close_in_scope(fault, "region_failover", abort=True)
+        if fault.params.get("existing") == "zombie":
+            self._zombify_in_scope(fault)
+        else:
+            self._close_in_scope(fault, "region_failover", abort=True)
         if not fault.params.get("keep_sessions"):
             # the secondary region has no MQTT sessions: subscriptions and un-acked C2D are gone
             for device_id in [d for d in hub.sessions if fault.targets(d)]:
                 del hub.sessions[device_id]
+
+    def _zombify(self, fault: Fault, conn: Any, how: str) -> None:
+        self.hub.pause(conn, True)
+        self.zombies.add(conn)
+        self.events.add("connection_zombie", conn.device_id, fault=fault.kind, fault_id=fault.id, how=how)
+
+    def _zombify_in_scope(self, fault: Fault) -> None:
+        for conn in self.hub.in_scope(fault.device_id):
+            self._zombify(fault, conn, "existing")
+
+    def _failover_connect_verdict(self, fault: Fault, conn: Any) -> tuple[Fault, int | None]:
+        if fault.params.get("connect") == "silent":
+            self._zombify(fault, conn, "connect")
+            return fault, None
+        return fault, p.CONNACK_SERVER_UNAVAILABLE
 
     def _start_drop(self, fault: Fault) -> None:
         self._close_in_scope(fault, fault.params.get("reason", "drop"), abort=not fault.params.get("graceful"))
@@ -251,6 +273,7 @@ class FaultEngine:
                 return
 
     def on_lost(self, conn: Any) -> None:
+        self.zombies.discard(conn)
         for fault in self.active:
             fault.silenced.discard(conn)
 
@@ -260,7 +283,7 @@ class FaultEngine:
             if not fault.targets(client_id):
                 continue
             if fault.kind == "region_failover":
-                return fault, p.CONNACK_SERVER_UNAVAILABLE
+                return self._failover_connect_verdict(fault, conn)
             if fault.kind == "refuse":
                 return fault, fault.params["code"]
             if fault.kind == "blackhole":
@@ -268,7 +291,7 @@ class FaultEngine:
                 return fault, None
         return None
 
-    def _close_soon(self, conn: Any, reason: str) -> None:
+    def close_soon(self, conn: Any, reason: str) -> None:
         # Not at once: paho 1.6 writes its re-sent publishes straight after CONNACK and its network
         # thread dies if the socket fails during that burst, leaving the SDK hung for good. The
         # real hub's reaction is not that quick either. Until the close, nothing more is accepted.
@@ -294,13 +317,13 @@ class FaultEngine:
                     self.hub.arm(("fault_end", fault), self.hub.now)
                 return D2CAction(close_after_accept=True, reason="drop_before_ack")
             if kind == "reject_publishes":
-                self._close_soon(conn, fault.params["reason"])
+                self.close_soon(conn, fault.params["reason"])
                 return D2CAction(consume=True)
             delay = 0.0
             if kind == "throttle":
                 throttled = self._throttle_delay(fault)
                 if throttled is None:
-                    self._close_soon(conn, "throttled")
+                    self.close_soon(conn, "throttled")
                     return D2CAction(consume=True)
                 delay = throttled
             elif kind == "delay_acks":

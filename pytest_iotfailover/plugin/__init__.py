@@ -13,6 +13,7 @@ from .fixtures import (
                        iothub_device,
                        iothub_settings,
 )
+from .fleet import iothub_fleet
 from .hooks import (
                        pytest_addoption,
                        pytest_collection_modifyitems,
@@ -33,7 +34,7 @@ from .hooks import (
 
 __all__ = [
     "_iothub_backend", "async_device_client", "device_client", "device_client_factory", "failover", "iothub",
-    "iothub_device", "iothub_settings",
+    "iothub_device", "iothub_fleet", "iothub_settings",
     "pytest_addoption", "pytest_collection_modifyitems", "pytest_configure", "pytest_exception_interact",
     "pytest_make_collect_report", "pytest_pycollect_makeitem", "pytest_runtest_call", "pytest_runtest_makereport",
     "pytest_runtest_protocol", "pytest_runtest_setup", "pytest_runtest_teardown", "pytest_sessionfinish",

@@ -12,8 +12,8 @@ import pytest
 
 from ..errors import FaultNotSupported, SettingsError
 from ..redaction import redact, release_retired
-from . import reporting
-from .keys import LIMIT, SETTINGS, VIEW, WATCHDOG, settings_of
+from . import gate, reporting
+from .keys import BASELINE, LIMIT, SETTINGS, VIEW, WATCHDOG, settings_of
 from .markers import check_marker, marker_timeout, register
 from .options import OPTIONS, resolve
 from .redact import (
@@ -50,6 +50,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # the SDK builds its TLS contexts the deprecated way on every connect; that is not the user's to fix
     config.addinivalue_line("filterwarnings", "ignore:ssl.PROTOCOL_TLSv1_2 is deprecated:DeprecationWarning")
     config.pluginmanager.register(Summary(), f"iotfailover-summary-{id(config)}")
+    if gate.wanted(settings):
+        config.stash[BASELINE] = gate.load_baseline(settings)
+        config.pluginmanager.register(gate.Gate(config, settings), f"iotfailover-gate-{id(config)}")
     if not (config.getoption("usepdb", False) or config.getoption("trace", False)):
         config.stash[WATCHDOG] = Watchdog(last_resort=_last_resort(config))
 
@@ -182,8 +185,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     reporting.begin(item)
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    # a new-style wrapper: the gate's verdict is raised after the fixtures' teardown
     watchdog = item.config.stash.get(WATCHDOG, None)
     if watchdog is not None:
         watchdog.phase("teardown")
@@ -196,7 +200,22 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if record is not None:
             known = {id(getattr(h, "_fault", h)) for h in record.handles}
             record.handles.extend(h for h in ended if id(getattr(h, "_fault", h)) not in known)
-    yield
+    settings = settings_of(item.config)
+    lanes: list[Any] = []
+    if view is not None and record is not None and gate.needed(item, settings):
+        # before the fixtures' finalizers remove the test's devices from the view
+        lanes = gate.device_lanes(view.device_ids, view.events, view.telemetry(), record.started_at,
+                                  [])
+    try:
+        result = yield
+    except BaseException:
+        _finish_record(item, lanes, settings, fail=False)  # the fixture's error is the one to show
+        raise
+    _finish_record(item, lanes, settings, fail=True)
+    return result
+
+
+def _finish_record(item: pytest.Item, lanes: list[Any], settings: Any, fail: bool) -> None:
     record = reporting.end(item)
     if record is None:
         return
@@ -204,6 +223,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         from ..testing.failover import Failover
         record.faults = Failover.reports_of(record.handles)
     item.user_properties.extend(record.user_properties())
+    if gate.needed(item, settings):
+        gate.at_teardown(item, record, lanes, settings, item.config.stash.get(BASELINE, None), fail=fail)
 
 
 def _fault_not_supported_as_skip(call: Any) -> None:
@@ -227,7 +248,10 @@ def _fault_not_supported_as_skip(call: Any) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     _fault_not_supported_as_skip(call)  # before the report is made, so pdb and plugins see a skip too
     outcome = yield
-    scrub_report(outcome.get_result())
+    report = outcome.get_result()
+    if call.when == "teardown":
+        gate.html_extra(item, report)
+    scrub_report(report)
 
 
 @pytest.hookimpl(hookwrapper=True)

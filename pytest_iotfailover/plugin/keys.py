@@ -19,6 +19,8 @@ LIMIT: pytest.StashKey[tuple[float, bool]] = pytest.StashKey()
 VIEW: pytest.StashKey[HubView] = pytest.StashKey()
 # what the test did to the hub and what got through: from setup to the end of teardown
 RECORD: pytest.StashKey[TestRecord] = pytest.StashKey()
+# the --iothub-baseline report, read once (None without one)
+BASELINE: pytest.StashKey[Any] = pytest.StashKey()
 
 
 def settings_of(config: Any) -> Settings:

@@ -121,6 +121,17 @@ def _missing_real_extra(service: bool) -> list[str]:
     return missing
 
 
+def _tier(flag: str, raw: str) -> str | None:
+    from ..iothub.tiers import TIER_NAMES
+    value = str(raw).strip()
+    if value.lower() in ("none", "off"):
+        return None
+    canon = {n.lower(): n for n in TIER_NAMES}.get(value.lower())
+    if canon is None:
+        raise SettingsError(f"{flag} must be one of {', '.join(TIER_NAMES)} or none, got {value!r}")
+    return canon
+
+
 def _text(flag: str, raw: str) -> str | None:
     value = str(raw).strip()
     return value or None
@@ -144,6 +155,22 @@ def _boolean(flag: str, raw) -> bool:
     raise SettingsError(f"{flag} must be true or false, got {raw!r}")
 
 
+def _objectives(flag: str, raw: str) -> Any:
+    from ..testing.slo import SloSyntaxError, parse_objectives
+    try:
+        return parse_objectives(str(raw), flag) or None
+    except SloSyntaxError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _regression(flag: str, raw: str) -> float:
+    from ..testing.baseline import BaselineError, parse_regression
+    try:
+        return parse_regression(str(raw), flag)
+    except BaselineError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 OPTIONS = (
     Option("iothub_connection", "--iothub-connection", "IOTHUB_CONNECTION_STRING",
            "run against a real IoT Hub with this service or device connection string "
@@ -164,6 +191,12 @@ OPTIONS = (
     Option("iothub_outage", "--iothub-outage", "IOTFAILOVER_OUTAGE",
            "outage of failover() on the embedded hub, in seconds; default: 2", _positive_seconds, 2.0,
            metavar="SECONDS"),
+    Option("iothub_tier", "--iothub-tier", "IOTFAILOVER_TIER",
+           "embedded hub: IoT Hub tier whose throttles it enforces (Free, B1-B3, S1-S3), or none for no "
+           "throttling; default: S1", _tier, "S1", metavar="TIER"),
+    Option("iothub_tier_units", "--iothub-tier-units", "IOTFAILOVER_TIER_UNITS",
+           "embedded hub: number of units of --iothub-tier; default: 1", _int_between(1, 200), 1,
+           metavar="UNITS"),
     Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
            "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
            "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
@@ -178,6 +211,20 @@ OPTIONS = (
     Option("iothub_failback", "--iothub-failback", "IOTFAILOVER_FAILBACK",
            "real hub: fail back to the original region at the end of the session if the run failed over",
            _boolean, False, flag_only=True),
+    Option("iothub_slo", "--iothub-slo", "IOTFAILOVER_SLO",
+           "recovery objectives every test is judged on, e.g. 'recover<=30s, lost==0, duplicates<=1%%'; "
+           "a test that breaks one fails", _objectives, None, metavar="OBJECTIVES"),
+    Option("iothub_report", "--iothub-report", "IOTFAILOVER_REPORT",
+           "write the run report (JSON, schema plugin/report_schema.json) to this file", _text, None,
+           metavar="PATH"),
+    Option("iothub_baseline", "--iothub-baseline", "IOTFAILOVER_BASELINE",
+           "an earlier run report: a test whose recovery got slower than --iothub-max-regression allows fails",
+           _text, None, metavar="PATH"),
+    Option("iothub_max_regression", "--iothub-max-regression", "IOTFAILOVER_MAX_REGRESSION",
+           "how much slower than its baseline a test may recover, as a percentage; default: 20%%",
+           _regression, 0.2, metavar="PERCENT"),
+    Option("iothub_html", "--iothub-html", "IOTFAILOVER_HTML",
+           "write the run's timeline (one self-contained HTML file) to this file", _text, None, metavar="PATH"),
 )
 
 
@@ -189,11 +236,18 @@ class Settings:
     retry_interval: int = 1
     timeout: float | None = None
     outage: float = 2.0
+    tier: str | None = "S1"
+    tier_units: int = 1
     eventhub_connection_string: str | None = field(default=None, repr=False)
     allow_failover: str | None = None
     subscription: str | None = None
     resource_group: str | None = None
     failback: bool = False
+    slo: Any = None                    # testing.slo.Objectives, or None
+    report: str | None = None
+    baseline: str | None = None
+    max_regression: float = 0.2
+    html: str | None = None
 
     @property
     def backend(self) -> str:
@@ -211,9 +265,11 @@ class Settings:
 _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_name",
            "iothub_keep_alive": "keep_alive", "iothub_retry_interval": "retry_interval",
            "iothub_timeout": "timeout", "iothub_outage": "outage",
+           "iothub_tier": "tier", "iothub_tier_units": "tier_units",
            "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
            "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
-           "iothub_failback": "failback"}
+           "iothub_failback": "failback", "iothub_slo": "slo", "iothub_report": "report",
+           "iothub_baseline": "baseline", "iothub_max_regression": "max_regression", "iothub_html": "html"}
 
 
 def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) -> Settings:
@@ -230,6 +286,8 @@ def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], environ=None) 
                 raw, source = ini_raw, f"ini option {opt.name}"
         values[_FIELDS[opt.name]] = opt.default if raw is None else opt.parse(source, raw)
     settings = Settings(**values)
+    if settings.tier == "Free" and settings.tier_units != 1:
+        raise SettingsError("--iothub-tier Free has exactly one unit: leave --iothub-tier-units out")
     if settings.allow_failover and not (settings.subscription and settings.resource_group):
         raise SettingsError("--iothub-allow-failover needs --iothub-subscription and --iothub-resource-group "
                             "(the failover goes through Azure Resource Manager)")

@@ -9,7 +9,8 @@ terminal summary.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -28,7 +29,8 @@ class TestRecord:
     nodeid: str
     handles: list[Any] = field(default_factory=list)         # faults started, live
     faults: list[Any] = field(default_factory=list)          # their RecoveryReports, at teardown
-    deliveries: list[DeliveryFigures] = field(default_factory=list)
+    deliveries: list[DeliveryFigures] = field(default_factory=list)  # every delivery assertion's
+    started_at: float = field(default_factory=time.time)
 
     def fault_windows(self) -> list[tuple[str, float, float | None]]:
         return [(h.kind, h.started_at, h.ended_at) for h in self.handles if h.started_at is not None]
@@ -46,10 +48,18 @@ class TestRecord:
             out["faults"].append({"fault": r.fault, "target": r.target, "outage": r.outage,
                                   "time_to_detect": r.time_to_detect, "time_to_recover": r.time_to_recover,
                                   "devices": len(r.devices), "recovered": r.recovered,
+                                  "never_disconnected": len(r.never_disconnected),
+                                  **_downtimes(r), "throttled": float(getattr(r, "throttled", 0.0) or 0.0),
                                   "wedged": dict(getattr(r, "wedged", None) or {})})
         if self.deliveries:
-            last = self.deliveries[-1]
-            out["delivery"] = asdict(last)
+            from .gate import delivery_entry
+            d = delivery_entry(self.deliveries) or {}
+            # the names this property always had, summed over every assertion and device
+            out["delivery"] = {"sent": d["sent"], "delivered": d["delivered"], "duplicates": d["duplicates"],
+                               "lost": d["lost"] - d["lost_in_failover"], "lost_in_failover": d["lost_in_failover"],
+                               "pending": d["in_flight"], "latency_p50": d["latency_p50"],
+                               "latency_p99": d["latency_p99"], "latency_max": d["latency_max"],
+                               "assertions": len(self.deliveries)}
         return out
 
     def user_properties(self) -> list[tuple[str, Any]]:
@@ -59,10 +69,11 @@ class TestRecord:
         props: list[tuple[str, Any]] = [(PROPERTY, json.dumps(s, sort_keys=True))]
         if s["faults"]:
             f = s["faults"][0]
-            props += [("iothub_fault", "+".join(x["fault"] for x in s["faults"])),
-                      ("iothub_outage_s", _num(f["outage"])),
-                      ("iothub_time_to_detect_s", _num(f["time_to_detect"])),
-                      ("iothub_time_to_recover_s", _num(f["time_to_recover"]))]
+            props += [("iothub_fault", "+".join(x["fault"] for x in s["faults"]))]
+            # a figure not measured is left out, never written as an empty string
+            props += [(name, round(f[key], 3)) for name, key in (
+                ("iothub_outage_s", "outage"), ("iothub_time_to_detect_s", "time_to_detect"),
+                ("iothub_time_to_recover_s", "time_to_recover")) if f[key] is not None]
         if "delivery" in s:
             d = s["delivery"]
             props += [("iothub_sent", d["sent"]), ("iothub_delivered", d["delivered"]),
@@ -70,8 +81,13 @@ class TestRecord:
         return props
 
 
-def _num(v: float | None) -> Any:
-    return "" if v is None else round(v, 3)
+def _downtimes(r: Any) -> dict[str, float | None]:
+    """downtime_max and downtime_p99 of a RecoveryReport (None: a device is still away)."""
+    from .gate import _finite, _p99
+    d = r.downtimes()
+    if not d and r.ended_at is not None:
+        return {"downtime_max": 0.0, "downtime_p99": 0.0}
+    return {"downtime_max": _finite(d[-1]) if d else None, "downtime_p99": _finite(_p99(d))}
 
 
 def begin(item: pytest.Item) -> TestRecord:
@@ -105,6 +121,8 @@ def summary_lines(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
             f"{f['fault']}{'@' + f['target'] if f.get('target') else ''} outage {_fmt(f['outage'])} "
             f"detect {_fmt(f['time_to_detect'])} recover {_fmt(f['time_to_recover'])}"
             + ("" if f.get("recovered", True) else " NOT RECOVERED")
+            + (" (no device disconnected)" if f.get("devices") and f.get("never_disconnected") == f["devices"]
+               else "")
             + (f" WEDGED {'; '.join(f['wedged'].values())}" if f.get("wedged") else "")
             for f in faults) or "no fault"
         d = s.get("delivery")

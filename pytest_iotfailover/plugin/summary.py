@@ -21,6 +21,8 @@ class Summary:
             self.outcomes[report.nodeid] = ({"skipped": "xfailed", "passed": "xpassed"}.get(report.outcome, "?")
                                             if xfail else report.outcome)
         if report.when == "teardown":
+            if report.outcome == "failed" and self.outcomes.get(report.nodeid) == "passed":
+                self.outcomes[report.nodeid] = "error"  # its teardown failed: a broken SLO, a regression
             for name, value in report.user_properties:
                 if name == reporting.PROPERTY and json.loads(value).get("faults"):
                     self.rows.append((report.nodeid, self.outcomes.get(report.nodeid, "?"), json.loads(value)))

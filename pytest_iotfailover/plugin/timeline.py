@@ -267,7 +267,21 @@ def _svg(test: dict[str, Any]) -> str:
            f'data-fates="{_attr_json(_FATE_TEXT)}" onmousemove="{html.escape(_HOVER_JS, quote=True)}" '
            f'onmouseleave="this.parentNode.querySelector(\'.iotf-tip\').style.display=\'none\'" '
            f'font-family="system-ui,sans-serif" font-size="11">')]
-    # time axis
+    out.append(_svg_axis(sc, t0, height))
+    lane_of: dict[str, float] = {}
+    for i, (label, group) in enumerate(lanes):
+        y = AXIS_H + i * (lane_h + GAP)
+        for d in group:
+            lane_of.setdefault(str(d.get("device_id", "")), y)
+        out.append(_svg_lane(label, group, sc, y, lane_h, banded, t1))
+    # fault windows go over the lanes, translucent, and let the pointer through to the lanes' hover
+    for n, f in enumerate(f for f in test.get("faults") or [] if f.get("started_at") is not None):
+        out.append(_svg_fault(n, f, sc, t0, t1, height, width, lane_of, lane_h))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _svg_axis(sc: "_Scale", t0: float, height: float) -> str:
     step = _nice_step(sc.span)
     k = 0
     axis = []
@@ -277,63 +291,61 @@ def _svg(test: dict[str, Any]) -> str:
         axis.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{AXIS_H - 6}" y2="{height - 4}" stroke="#eee"/>'
                     f'<text x="{x:.1f}" y="{AXIS_H - 9}" text-anchor="middle" fill="#555">{label}</text>')
         k += 1
-    out.append('<g class="iotf-axis">' + "".join(axis) + "</g>")
-    end = t1
-    lane_of: dict[str, float] = {}
-    for i, (label, group) in enumerate(lanes):
-        y = AXIS_H + i * (lane_h + GAP)
-        for d in group:
-            lane_of.setdefault(str(d.get("device_id", "")), y)
-        msgs = [m for d in group for m in d.get("messages") or []]
-        ticks = _ticks_of(msgs)
-        tip = (f"{label}: {len(msgs)} messages, {len(ticks['duplicate'])} duplicates, "
-               f"{len(ticks['lost_in_failover'])} lost in failover, {len(ticks['lost'])} lost")
-        attrs = (f'class="iotf-lane" data-y="{y}" data-h="{lane_h}" '
-                 + (f'data-band="{len(group)}"' if banded else f'data-device="{_s(label)}"'))
-        devs = _attr_json([redact(str(d.get("device_id", ""))) for d in group])
-        parts = [f'<g {attrs} data-d="{devs}" data-m="{_hover_data(group, sc)}"><title>{_s(tip)}</title>',
-                 f'<rect x="{LABEL_W}" y="{y}" width="{PLOT_W}" height="{lane_h}" fill="#fafafa"/>']
-        tick_y, tick_h = float(y), float(lane_h)
-        if banded:
-            parts += _band_states(group, sc, y, lane_h * BAND_STATE_SHARE, end)
-            tick_y, tick_h = y + lane_h * BAND_STATE_SHARE + 1, lane_h * (1 - BAND_STATE_SHARE) - 1
-        else:
-            for iv in group[0].get("states") or []:
-                s = iv.get("state")
-                x0 = sc.x(iv["from"])
-                x1 = sc.x(iv["to"] if iv.get("to") is not None else end)
-                parts.append(f'<rect class="iotf-state iotf-state-{_s(s)}" x="{x0:.1f}" y="{y}" '
-                             f'width="{max(x1 - x0, 0.5):.1f}" height="{lane_h}" '
-                             f'fill="{STATE_COLOURS.get(s, "#e4e4e4")}"/>')
-        parts += _tick_paths(ticks, sc, tick_y, tick_h, y, lane_h)
-        text = label if len(label) <= 26 else label[:25] + "…"
-        parts.append(f'<text x="{LABEL_W - 6}" y="{y + lane_h * 0.72:.1f}" text-anchor="end" '
-                     f'fill="#333">{_s(text)}</text></g>')
-        out.append("".join(parts))
-    # fault windows go over the lanes, translucent, and let the pointer through to the lanes' hover
-    for n, f in enumerate(f for f in test.get("faults") or [] if f.get("started_at") is not None):
-        x0 = sc.x(f["started_at"])
-        x1 = sc.x(f["ended_at"] if f.get("ended_at") is not None else t1)
-        y0, y1 = float(AXIS_H - 4), float(height - 4)
-        target = f.get("target")
-        if target is not None and str(target) in lane_of:  # a one-device fault shades that device's lane
-            y0 = lane_of[str(target)] - 1
-            y1 = y0 + lane_h + 2
-        label = _s(f.get("kind", "fault")) + (f" @ {_s(target)}" if target else "")
-        until = _num(f["ended_at"] - t0, "s", 2) if f.get("ended_at") is not None else "end"
-        # a label that would run off the right edge ends at the window's start instead
-        chars = len(str(f.get("kind", ""))) + len(str(target or "")) + 18
-        anchor = ' text-anchor="end" dx="-6"' if x0 + chars * 6.2 > width else ""
-        out.append(f'<g class="iotf-fault" data-fault-id="{_s(f.get("id", ""))}" pointer-events="none">'
-                   f'<rect class="iotf-fault-window" x="{x0:.1f}" y="{y0:g}" width="{max(x1 - x0, 1):.1f}" '
-                   f'height="{y1 - y0:g}" fill="#d0021b" fill-opacity="0.10" stroke="#d0021b" '
-                   f'stroke-opacity="0.7" stroke-dasharray="4 3"/>'
-                   f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{6 + 12 * (n % 2)}" y2="{y0:g}" stroke="#d0021b" '
-                   f'stroke-opacity="0.5"/>'
-                   f'<text x="{x0 + 3:.1f}" y="{10 + 12 * (n % 2)}" fill="#a00015" font-weight="600"{anchor}>{label} '
-                   f'<tspan font-weight="400">{_num(f["started_at"] - t0, "s", 2)} – {until}</tspan></text></g>')
-    out.append("</svg>")
-    return "".join(out)
+    return '<g class="iotf-axis">' + "".join(axis) + "</g>"
+
+
+def _svg_lane(label: str, group: list[dict[str, Any]], sc: "_Scale", y: float, lane_h: float, banded: bool,
+              end: float) -> str:
+    msgs = [m for d in group for m in d.get("messages") or []]
+    ticks = _ticks_of(msgs)
+    tip = (f"{label}: {len(msgs)} messages, {len(ticks['duplicate'])} duplicates, "
+           f"{len(ticks['lost_in_failover'])} lost in failover, {len(ticks['lost'])} lost")
+    attrs = (f'class="iotf-lane" data-y="{y}" data-h="{lane_h}" '
+             + (f'data-band="{len(group)}"' if banded else f'data-device="{_s(label)}"'))
+    devs = _attr_json([redact(str(d.get("device_id", ""))) for d in group])
+    parts = [f'<g {attrs} data-d="{devs}" data-m="{_hover_data(group, sc)}"><title>{_s(tip)}</title>',
+             f'<rect x="{LABEL_W}" y="{y}" width="{PLOT_W}" height="{lane_h}" fill="#fafafa"/>']
+    tick_y, tick_h = float(y), float(lane_h)
+    if banded:
+        parts += _band_states(group, sc, y, lane_h * BAND_STATE_SHARE, end)
+        tick_y, tick_h = y + lane_h * BAND_STATE_SHARE + 1, lane_h * (1 - BAND_STATE_SHARE) - 1
+    else:
+        for iv in group[0].get("states") or []:
+            s = iv.get("state")
+            x0 = sc.x(iv["from"])
+            x1 = sc.x(iv["to"] if iv.get("to") is not None else end)
+            parts.append(f'<rect class="iotf-state iotf-state-{_s(s)}" x="{x0:.1f}" y="{y}" '
+                         f'width="{max(x1 - x0, 0.5):.1f}" height="{lane_h}" '
+                         f'fill="{STATE_COLOURS.get(s, "#e4e4e4")}"/>')
+    parts += _tick_paths(ticks, sc, tick_y, tick_h, y, lane_h)
+    text = label if len(label) <= 26 else label[:25] + "…"
+    parts.append(f'<text x="{LABEL_W - 6}" y="{y + lane_h * 0.72:.1f}" text-anchor="end" '
+                 f'fill="#333">{_s(text)}</text></g>')
+    return "".join(parts)
+
+
+def _svg_fault(n: int, f: dict[str, Any], sc: "_Scale", t0: float, t1: float, height: float, width: float,
+               lane_of: dict[str, float], lane_h: float) -> str:
+    x0 = sc.x(f["started_at"])
+    x1 = sc.x(f["ended_at"] if f.get("ended_at") is not None else t1)
+    y0, y1 = float(AXIS_H - 4), float(height - 4)
+    target = f.get("target")
+    if target is not None and str(target) in lane_of:  # a one-device fault shades that device's lane
+        y0 = lane_of[str(target)] - 1
+        y1 = y0 + lane_h + 2
+    label = _s(f.get("kind", "fault")) + (f" @ {_s(target)}" if target else "")
+    until = _num(f["ended_at"] - t0, "s", 2) if f.get("ended_at") is not None else "end"
+    # a label that would run off the right edge ends at the window's start instead
+    chars = len(str(f.get("kind", ""))) + len(str(target or "")) + 18
+    anchor = ' text-anchor="end" dx="-6"' if x0 + chars * 6.2 > width else ""
+    return (f'<g class="iotf-fault" data-fault-id="{_s(f.get("id", ""))}" pointer-events="none">'
+            f'<rect class="iotf-fault-window" x="{x0:.1f}" y="{y0:g}" width="{max(x1 - x0, 1):.1f}" '
+            f'height="{y1 - y0:g}" fill="#d0021b" fill-opacity="0.10" stroke="#d0021b" '
+            f'stroke-opacity="0.7" stroke-dasharray="4 3"/>'
+            f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{6 + 12 * (n % 2)}" y2="{y0:g}" stroke="#d0021b" '
+            f'stroke-opacity="0.5"/>'
+            f'<text x="{x0 + 3:.1f}" y="{10 + 12 * (n % 2)}" fill="#a00015" font-weight="600"{anchor}>{label} '
+            f'<tspan font-weight="400">{_num(f["started_at"] - t0, "s", 2)} – {until}</tspan></text></g>')
 
 
 def _legend() -> str:

@@ -23,6 +23,7 @@ class DeliveryFigures:
     duplicates: int         # extra copies of sent ids
     lost: int               # sent ids never accepted (and no longer pending in an Outbox)
     pending: int = 0        # sent ids an Outbox still holds, not yet acknowledged
+    lost_in_failover: int = 0  # acknowledged by the hub, then lost in a failover (filled by the RPO work)
     latency_p50: float | None = None
     latency_p99: float | None = None
     latency_max: float | None = None

@@ -178,55 +178,62 @@ def compare(current_report: Mapping[str, Any], baseline_report: Mapping[str, Any
     base_tests = {t["nodeid"]: t for t in baseline_report["tests"]}
     out: list[Regression | Missing] = []
     for test in current_report["tests"]:
-        nodeid = test["nodeid"]
-        base = base_tests.get(nodeid)
-        now_faults = _faults_by_occurrence(test)
-        if base is None:
-            if now_faults:
-                out.append(Missing(nodeid, None, None, None, f"{nodeid}: not in the baseline{run}: not compared"))
-            continue
-        base_faults = _faults_by_occurrence(base)
-        if base.get("outcome", "passed") != "passed" and (base_faults or now_faults):
-            out.append(Missing(nodeid, None, None, None,
-                               f"{nodeid}: {base['outcome']} in the baseline{run}: not compared"))
-            continue
-        for (kind, n), fault in now_faults.items():
-            name = f"{kind} #{n}"
-            bf = base_faults.get((kind, n))
-            if bf is None:
-                out.append(Missing(nodeid, kind, n, None, f"{nodeid}: {name} is not in the baseline{run}"))
-                continue
-            for figure in COMPARED:
-                key = FIGURES[figure].key
-                b = (bf.get("figures") or {}).get(key)
-                v = (fault.get("figures") or {}).get(key)
-                if b is None:
-                    if v is not None:
-                        out.append(Missing(nodeid, kind, n, figure,
-                                           f"{nodeid}: {name}: the baseline{run} has no {figure} figure"))
-                    continue
-                b = float(b)
-                head = f"baseline: {figure} {b:.2f}s{run}, "
-                if v is None:
-                    out.append(Regression(nodeid, kind, n, figure, b, None, max_regression,
-                                          head + "now no figure: a device did not come back or the fault "
-                                          f"did not end ({name})"))
-                    continue
-                v = float(v)
-                if v - b <= floor + _EPS:
-                    continue
-                if b == 0:
-                    out.append(Regression(nodeid, kind, n, figure, b, v, max_regression,
-                                          head + f"now {v:.2f}s: {v - b:.2f}s worse than a zero baseline, "
-                                          f"allowed {_pct(max_regression)} ({name})"))
-                    continue
-                ratio = (v - b) / b
-                if ratio > max_regression + _EPS:
-                    out.append(Regression(nodeid, kind, n, figure, b, v, max_regression,
-                                          head + f"now {v:.2f}s: {_worse_text(ratio, max_regression)} worse, "
-                                          f"allowed {_pct(max_regression)} ({name})"))
-        for (kind, n) in base_faults:
-            if (kind, n) not in now_faults:
-                out.append(Missing(nodeid, kind, n, None,
-                                   f"{nodeid}: the baseline{run} has {kind} #{n}; this run does not"))
+        out.extend(_compare_test(test, base_tests.get(test["nodeid"]), max_regression, floor, run))
     return out
+
+
+def _compare_test(test: Mapping[str, Any], base: Mapping[str, Any] | None, max_regression: float,
+                  floor: float, run: str) -> list[Regression | Missing]:
+    nodeid = test["nodeid"]
+    now_faults = _faults_by_occurrence(test)
+    if base is None:
+        return [Missing(nodeid, None, None, None, f"{nodeid}: not in the baseline{run}: not compared")] \
+            if now_faults else []
+    base_faults = _faults_by_occurrence(base)
+    if base.get("outcome", "passed") != "passed" and (base_faults or now_faults):
+        return [Missing(nodeid, None, None, None, f"{nodeid}: {base['outcome']} in the baseline{run}: not compared")]
+    out: list[Regression | Missing] = []
+    for (kind, n), fault in now_faults.items():
+        bf = base_faults.get((kind, n))
+        if bf is None:
+            out.append(Missing(nodeid, kind, n, None, f"{nodeid}: {kind} #{n} is not in the baseline{run}"))
+            continue
+        for figure in COMPARED:
+            found = _compare_figure(nodeid, kind, n, figure, bf, fault, max_regression, floor, run)
+            if found is not None:
+                out.append(found)
+    for (kind, n) in base_faults:
+        if (kind, n) not in now_faults:
+            out.append(Missing(nodeid, kind, n, None, f"{nodeid}: the baseline{run} has {kind} #{n}; this run does not"))
+    return out
+
+
+def _compare_figure(nodeid: str, kind: str, n: int, figure: str, base_fault: Mapping[str, Any],
+                    fault: Mapping[str, Any], max_regression: float, floor: float,
+                    run: str) -> Regression | Missing | None:
+    name = f"{kind} #{n}"
+    key = FIGURES[figure].key
+    b = (base_fault.get("figures") or {}).get(key)
+    v = (fault.get("figures") or {}).get(key)
+    if b is None:
+        if v is None:
+            return None
+        return Missing(nodeid, kind, n, figure, f"{nodeid}: {name}: the baseline{run} has no {figure} figure")
+    b = float(b)
+    head = f"baseline: {figure} {b:.2f}s{run}, "
+    if v is None:
+        return Regression(nodeid, kind, n, figure, b, None, max_regression,
+                          head + f"now no figure: a device did not come back or the fault did not end ({name})")
+    v = float(v)
+    if v - b <= floor + _EPS:
+        return None
+    if b == 0:
+        return Regression(nodeid, kind, n, figure, b, v, max_regression,
+                          head + f"now {v:.2f}s: {v - b:.2f}s worse than a zero baseline, "
+                          f"allowed {_pct(max_regression)} ({name})")
+    ratio = (v - b) / b
+    if ratio > max_regression + _EPS:
+        return Regression(nodeid, kind, n, figure, b, v, max_regression,
+                          head + f"now {v:.2f}s: {_worse_text(ratio, max_regression)} worse, "
+                          f"allowed {_pct(max_regression)} ({name})")
+    return None

@@ -73,7 +73,10 @@ SUPPORT: dict[FaultKind, Support] = {
         "keep_sessions": "whether a failover keeps MQTT sessions is not documented and cannot be "
                          "chosen; use the embedded hub",
         "refuse": "how the hub refuses connections during a failover cannot be chosen; use the "
-                  "embedded hub"}),
+                  "embedded hub",
+        "existing": "what open connections see during a failover cannot be chosen; use the embedded hub",
+        "connect": "how the hub refuses connections during a failover cannot be chosen; use the "
+                   "embedded hub"}),
     FaultKind.DROP: Support(honours=frozenset({"device_id", "at", "graceful"}),
                             cannot={"after_messages": _NO_COUNTING}),
     FaultKind.THROTTLE: Support(honours=frozenset({"device_id", "at", "seconds"}), cannot={
