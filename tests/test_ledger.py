@@ -155,3 +155,19 @@ def test_hub_telemetry_leaves_out_what_a_failover_lost(backend):
         assert len(hub.wait_for_telemetry(2, dev.device_id, timeout=5)) == 2
     finally:
         view.close()
+
+
+def test_fakehub_raises_the_soft_descriptor_limit_to_the_hard_one():
+    import subprocess
+    import sys
+    code = ("import resource\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "if hard == resource.RLIM_INFINITY or hard > 4096:\n"
+            "    hard = 4096\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "from pytest_iotfailover import FakeHub\n"
+            "with FakeHub('fdhub'):\n"
+            "    print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"

@@ -203,6 +203,9 @@ class FakeHub:
     def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
+        # the usual soft limit of 1,024 descriptors stops a hub at about a thousand connections
+        from .cli import _raise_fd_limit
+        _raise_fd_limit()
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
         self._thread.start()
         if not self._started.wait(60):
