@@ -6,7 +6,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Self
 
 from ..errors import HubInternalError
@@ -16,7 +16,7 @@ from ..iothub.faults import Fault
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
 from ..iothub.tiers import Tier
-from ..waiting import WaitingEventLog, WaitingLedger
+from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .faults import FaultHandle, Faults, RecoveryReport
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
@@ -181,8 +181,10 @@ class FakeHub:
         self.gateway_host: str | None = None
         self.port: int | None = None
         self.ca_pem: str | None = None
-        self.ledger = WaitingLedger()
-        self.event_log = WaitingEventLog(max_events)
+        # one pulse: a wait on telemetry also wakes on any event, and the other way round
+        pulse = Pulse()
+        self.ledger = WaitingLedger(pulse)
+        self.event_log = WaitingEventLog(max_events, pulse=pulse)
         self._accept_failed = _AcceptWarnings(self.event_log)
         self.registry = Registry(self.hostname)
         self._core: IoTHubCore | None = None
@@ -201,6 +203,9 @@ class FakeHub:
     def start(self) -> Self:
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
+        # the usual soft limit of 1,024 descriptors stops a hub at about a thousand connections
+        from .cli import _raise_fd_limit
+        _raise_fd_limit()
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
         self._thread.start()
         if not self._started.wait(60):
@@ -373,12 +378,16 @@ class FakeHub:
         core = self._core
         return 0.0 if core is None or not self.running else self._call(core.throttled_time, device_id)
 
-    def telemetry(self, device_id: str | None = None) -> list[Telemetry]:
-        return self.ledger.items(device_id)
+    def telemetry(self, device_id: str | None = None, *, include_lost: bool = False,
+                  device_ids: Collection[str] | None = None) -> list[Telemetry]:
+        """What a backend reading the built-in endpoint has: without the records a region failover
+        lost (`include_lost=True`, or `ledger.items()`, to see them). `device_ids` narrows to several
+        devices at a cost of O(their messages)."""
+        return self.ledger.items(device_id, include_lost=include_lost, device_ids=device_ids)
 
     def wait_for_telemetry(self, count: int, device_id: str | None = None,
                            timeout: float = 10.0) -> list[Telemetry]:
-        return self.ledger.wait_for(count, device_id, timeout)
+        return self.ledger.wait_for(count, device_id, timeout, include_lost=False)
 
     # --- service-side operations -------------------------------------------------------------
 
