@@ -1,96 +1,142 @@
 """Waiting on the hub's stores from other threads: the stores themselves (iothub/ledger.py,
-iothub/events.py) do not lock or read clocks; these subclasses add a condition variable that
-every change notifies, and deadlines on the monotonic clock. Used by FakeHub and by the real
+iothub/events.py) do not lock or read clocks; these subclasses add locking, a shared `Pulse` that
+every change beats, and deadlines on the monotonic clock. Used by FakeHub and by the real
 backend's ledger, which cannot share a module under fakehub/.
+
+Waiters never run a caller's predicate under the lock the hub records with, and they re-check on
+every beat and at least every `RECHECK_PERIOD` s: a condition that no hub change signals (a
+device-side callback having run) is still seen promptly instead of at the timeout.
 """
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .iothub.events import DEFAULT_MAX_EVENTS, EventLog, HubEvent
 from .iothub.ledger import Ledger, Telemetry
+
+RECHECK_PERIOD = 0.05
+
+
+class Pulse:
+    """A change counter that waiters can sleep on; one per hub, shared by its ledger and event log."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition(threading.Lock())
+        self.generation = 0
+        self._waiters = 0
+
+    def beat_locked(self) -> None:
+        """Count a change; the caller holds `lock`."""
+        self.generation += 1
+        if self._waiters:
+            self.lock.notify_all()
+
+    def beat(self) -> None:
+        with self.lock:
+            self.beat_locked()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Sleep until the generation moves past `seen`, for at most `timeout` s."""
+        with self.lock:
+            if self.generation != seen:
+                return
+            self._waiters += 1
+            try:
+                self.lock.wait(max(0.0, min(timeout, RECHECK_PERIOD)))
+            finally:
+                self._waiters -= 1
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Re-check `predicate()` (outside the lock) on every beat and every RECHECK_PERIOD s;
+        False if it is still unmet at the deadline."""
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.generation
+            if predicate():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.wait(seen, remaining)
 
 
 class WaitingLedger(Ledger):
     """A Ledger that any thread may record into and wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, pulse: Pulse | None = None) -> None:
         super().__init__()
-        self._cond = threading.Condition(threading.RLock())
-        self._waiters = 0
+        self.pulse = pulse if pulse is not None else Pulse()
 
     def record(self, t: Telemetry) -> Telemetry:
-        with self._cond:
+        with self.pulse.lock:
             super().record(t)
-            if self._waiters:
-                self._cond.notify_all()
+            self.pulse.beat_locked()
         return t
 
-    def _wait(self, timeout: float) -> None:
-        # record() skips notify_all while this is 0; the caller holds the lock
-        self._waiters += 1
-        try:
-            self._cond.wait(timeout)
-        finally:
-            self._waiters -= 1
+    def record_message(self, device_id: str, message_id: str | None, body: bytes,
+                       properties: dict, system_properties: dict, enqueued_at: float,
+                       dup: bool = False, qos: int = 1) -> bool:
+        with self.pulse.lock:
+            duplicate = super().record_message(device_id, message_id, body, properties,
+                                               system_properties, enqueued_at, dup, qos)
+            self.pulse.beat_locked()
+        return duplicate
 
-    def wait_for(self, count: int, device_id: str | None = None, timeout: float = 10.0) -> list[Telemetry]:
+    def mark_lost_in_failover(self, since: float, until: float,
+                              device_ids: Collection[str] | None = None) -> int:
+        with self.pulse.lock:
+            n = super().mark_lost_in_failover(since, until, device_ids)
+            self.pulse.beat_locked()
+        return n
+
+    def wait_for(self, count: int, device_id: str | None = None, timeout: float = 10.0,
+                 include_lost: bool = True) -> list[Telemetry]:
         """Block until `count` messages (of `device_id`, if given) are recorded."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                items = self.items(device_id)
-                if len(items) >= count:
-                    return items
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    who = f" from device {device_id!r}" if device_id else ""
-                    raise TimeoutError(
-                        f"waited {timeout:g} s for {count} telemetry messages{who}; {len(items)} arrived")
-                self._wait(remaining)
+        if not self.pulse.wait_until(lambda: self.count(device_id, include_lost) >= count, timeout):
+            who = f" from device {device_id!r}" if device_id else ""
+            raise TimeoutError(f"waited {timeout:g} s for {count} telemetry messages{who}; "
+                               f"{self.count(device_id, include_lost)} arrived")
+        return self.items(device_id, include_lost=include_lost)
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Re-check `predicate()` each time a message is recorded; False if still unmet at the deadline."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._wait(remaining)
-            return True
+        """Re-check `predicate()` on each hub change and periodically; False if still unmet at the deadline."""
+        return self.pulse.wait_until(predicate, timeout)
 
 
 class WaitingEventLog(EventLog):
     """An EventLog on the wall clock that any thread may wait on."""
 
-    def __init__(self, max_events: int = DEFAULT_MAX_EVENTS, clock: Callable[[], float] = time.time):
+    def __init__(self, max_events: int = DEFAULT_MAX_EVENTS, clock: Callable[[], float] = time.time,
+                 pulse: Pulse | None = None):
         super().__init__(max_events, clock)
-        self._cond = threading.Condition()
+        self.pulse = pulse if pulse is not None else Pulse()
 
     def add(self, kind: str, device_id: str | None = None, **detail: object) -> HubEvent:
-        with self._cond:
+        with self.pulse.lock:
             ev = super().add(kind, device_id, **detail)
-            self._cond.notify_all()
+            self.pulse.beat_locked()
         return ev
 
     def wait_for(self, predicate: Callable[[HubEvent], bool], timeout: float = 10.0,
                  what: str = "event") -> HubEvent:
-        """Block until an event satisfying `predicate` is logged; return the first such event."""
+        """Block until an event satisfying `predicate` is logged; return the first such event.
+        `predicate` runs outside the lock, on each event once."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            events = self._events
+        events = self._events
+        with self.pulse.lock:
             fresh = list(events)
-            while True:
-                for ev in fresh:
-                    if predicate(ev):
-                        return ev
-                seen = self._added
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no {what} within {timeout:g} s")
-                self._cond.wait(remaining)
+            seen, gen = self._added, self.pulse.generation
+        while True:
+            for ev in fresh:
+                if predicate(ev):
+                    return ev
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {what} within {timeout:g} s")
+            self.pulse.wait(gen, remaining)
+            with self.pulse.lock:
                 # only what arrived since the last look, not the whole ring again
                 new = min(self._added - seen, len(events))
                 fresh = list(itertools.islice(reversed(events), new))[::-1]
+                seen, gen = self._added, self.pulse.generation

@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from typing import Deque, List, NamedTuple
@@ -28,6 +29,11 @@ from pytest_iotfailover.plugin.factory import make_client, shutdown_quietly, wed
 
 from sdk_support import bounded
 
+# The death is reproduced on Python 3.11 and 3.12; on 3.13 the same reset after CONNACK left paho
+# 1.6's network thread alive in our runs (the reset surfaces differently in its write path), so
+# there is no wedge to reproduce there.
+_NO_WEDGE_HERE = pytest.mark.skipif(sys.version_info >= (3, 13),
+                                    reason="the reset after CONNACK does not kill paho's thread on Python 3.13")
 # the deliberate deaths of paho's thread are reported by threading.excepthook; expected here
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -225,6 +231,7 @@ def _delivered(hub, device_id):
     return {t.message_id for t in hub.telemetry(device_id)}
 
 
+@_NO_WEDGE_HERE
 def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_client_back(hub, proxy):
     """The reproduction itself, and the cure: the SDK's own disconnect path, then its own retry."""
     dev = proxy.device(hub.add_device("wedge-bare"))
@@ -262,6 +269,7 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
         bounded(client.shutdown, timeout=15)
 
 
+@_NO_WEDGE_HERE
 def test_outbox_over_a_bare_client_survives_a_wedge(hub, proxy):
     """The README headline, `Outbox(device_client)`, across a silent death: nothing is lost."""
     dev = proxy.device(hub.add_device("wedge-outbox"))
@@ -280,6 +288,7 @@ def test_outbox_over_a_bare_client_survives_a_wedge(hub, proxy):
         bounded(client.shutdown, timeout=15)
 
 
+@_NO_WEDGE_HERE
 def test_pool_replaces_a_wedged_client_and_resends(hub, proxy):
     """A pool's client that reconnects by itself (as the SDK does to renew its token) and dies on
     the way: the pool takes it back as healthy, the watchdog sees the dead thread and replaces it,
@@ -322,6 +331,7 @@ def session_proxy(iothub):
     prox.stop()
 
 
+@_NO_WEDGE_HERE
 def test_plugin_client_is_revived_and_named(iothub, failover, session_proxy):
     proxy = session_proxy
     device = iothub.add_device()

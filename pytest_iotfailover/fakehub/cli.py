@@ -16,8 +16,9 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+resource: Any
 try:
     import resource
 except ImportError:  # Windows
@@ -226,7 +227,7 @@ def _check_args(args) -> None:
         # checked before anything listens, so the usual case fails at once; writing the files
         # checks again, as something may appear in between
         for path in _output_paths(args.info_file):
-            if os.path.lexists(path):
+            if path is not None and os.path.lexists(path):
                 raise UsageError(str(FileExistsRefusal(path)))
 
 
@@ -304,59 +305,73 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # installed before anything starts, so a signal during start-up still leads to a clean stop
     stop = _StopSignal()
-    control: Optional[ControlServer] = None
-    created: List[Created] = []
-    temp_dir: Optional[str] = None
-    code = 0
+    run = _Run()
     try:
-        try:
-            hub.start()
-        except OSError as exc:
-            return _fail(exc.strerror or str(exc), EXIT_USAGE)
-        devices = {d: hub.add_device(d).connection_string for d in args.devices}
-        try:
-            control = ControlServer(hub, hub.gateway_host, args.control_port,
-                                    request_timeout=args.control_request_timeout).start()
-        except (OSError, ValueError) as exc:
-            return _fail(getattr(exc, "strerror", None) or str(exc), EXIT_USAGE)
-
-        info_path, ca_path = _output_paths(args.info_file)
-        if info_path is None:
-            # keys go to a private file, never to the terminal; stdout carries only its path
-            temp_dir = tempfile.mkdtemp(prefix="iotfailover-hub-")
-            info_path = os.path.join(temp_dir, "info.json")
-            ca_path = os.path.join(temp_dir, "ca.pem")
-        try:
-            created.append((ca_path, _write_new(ca_path, hub.ca_pem, 0o644)))
-            info = _info(hub, control, ca_path, devices)
-            created.append((info_path, _write_new(info_path, json.dumps(info, indent=2) + "\n")))
-        except FileExistsRefusal as exc:
-            return _fail(str(exc), 1)
-        where = f"info in {info_path}"
-        if args.info_file is None:
-            print(info_path, flush=True)
-        print(f"{PROG}: {hub.hostname} listening on {_hostport(hub.gateway_host, hub.port)}; "
-              f"control API {control.url}; {where}; {hub.loop_name} loop", file=sys.stderr, flush=True)
-
-        signum = stop.wait()
-        logging.getLogger(__name__).debug("stopping on signal %d", signum)
+        code = _serve(args, hub, stop, run)
     except Exception as exc:
         logging.getLogger(__name__).debug("start-up failed", exc_info=True)
         code = _fail(f"{type(exc).__name__}: {exc}", 1)
     finally:
-        if control is not None:
-            control.stop()
-        try:
-            hub.stop()
-        except HubInternalError as exc:
-            code = _fail(_head(str(exc)), 1)
-        _remove_created(created)
-        if temp_dir is not None:
-            try:
-                os.rmdir(temp_dir)
-            except OSError:
-                pass
+        code = _shut_down(hub, run, code)
         stop.restore()
+    return code
+
+
+class _Run:
+    """What a run started and must undo: the control API, the files it created, a private folder."""
+
+    def __init__(self) -> None:
+        self.control: Optional[ControlServer] = None
+        self.created: List[Created] = []
+        self.temp_dir: Optional[str] = None
+
+
+def _serve(args: argparse.Namespace, hub: FakeHub, stop: "_StopSignal", run: _Run) -> int:
+    try:
+        hub.start()
+    except OSError as exc:
+        return _fail(exc.strerror or str(exc), EXIT_USAGE)
+    devices = {d: hub.add_device(d).connection_string for d in args.devices}
+    try:
+        run.control = control = ControlServer(hub, str(hub.gateway_host), args.control_port,
+                                              request_timeout=args.control_request_timeout).start()
+    except (OSError, ValueError) as exc:
+        return _fail(getattr(exc, "strerror", None) or str(exc), EXIT_USAGE)
+
+    info_path, ca_path = _output_paths(args.info_file)
+    if info_path is None or ca_path is None:
+        # keys go to a private file, never to the terminal; stdout carries only its path
+        run.temp_dir = tempfile.mkdtemp(prefix="iotfailover-hub-")
+        info_path = os.path.join(run.temp_dir, "info.json")
+        ca_path = os.path.join(run.temp_dir, "ca.pem")
+    try:
+        run.created.append((ca_path, _write_new(ca_path, str(hub.ca_pem), 0o644)))
+        info = _info(hub, control, ca_path, devices)
+        run.created.append((info_path, _write_new(info_path, json.dumps(info, indent=2) + "\n")))
+    except FileExistsRefusal as exc:
+        return _fail(str(exc), 1)
+    if args.info_file is None:
+        print(info_path, flush=True)
+    print(f"{PROG}: {hub.hostname} listening on {_hostport(str(hub.gateway_host), int(hub.port or 0))}; "
+          f"control API {control.url}; info in {info_path}; {hub.loop_name} loop", file=sys.stderr, flush=True)
+    signum = stop.wait()
+    logging.getLogger(__name__).debug("stopping on signal %d", signum)
+    return 0
+
+
+def _shut_down(hub: FakeHub, run: _Run, code: int) -> int:
+    if run.control is not None:
+        run.control.stop()
+    try:
+        hub.stop()
+    except HubInternalError as exc:
+        code = _fail(_head(str(exc)), 1)
+    _remove_created(run.created)
+    if run.temp_dir is not None:
+        try:
+            os.rmdir(run.temp_dir)
+        except OSError:
+            pass
     return code
 
 

@@ -514,46 +514,57 @@ class _Handler(BaseHTTPRequestHandler):
             if m == "GET":
                 return 200, api.list_devices(), None
             return 201, api.add_device(self._json_object(body)), None
+        found = None
         if len(segments) >= 3 and segments[0] == "devices":
-            device_id, rest = segments[1], segments[2:]
-            if rest == ["c2d"]:
-                self._allow(m, "POST")
-                self._params(query)
-                return 200, api.send_c2d(device_id, self._json_object(body)), None
-            if len(rest) == 2 and rest[0] == "methods":
-                self._allow(m, "POST")
-                self._params(query)
-                return 200, api.invoke_method(device_id, rest[1], self._json_object(body)), None
-            if rest == ["twin"]:
-                self._allow(m, "GET")
-                self._params(query)
-                return 200, api.get_twin(device_id), None
-            if rest == ["twin", "desired"]:
-                self._allow(m, "PATCH")
-                self._params(query)
-                return 200, api.update_desired(device_id, self._json_object(body)), None
-        if segments and segments[0] == "faults":
-            rest = segments[1:]
-            if not rest:
-                self._allow(m, "GET")
-                self._params(query)
-                return 200, api.list_faults(), None
-            if len(rest) == 1:
-                # POST names a kind to start; the other methods name a fault already started
-                self._allow(m, "GET", "POST", "DELETE")
-                self._params(query)
-                if m == "POST":
-                    api.check_fault_kind(rest[0])
-                    return 201, api.start_fault(rest[0], self._json_object(body, allow_empty=True)), None
-                if m == "DELETE":
-                    return 200, api.cancel_fault(rest[0]), None
-                return 200, api.get_fault(rest[0]), None
-            if len(rest) == 2 and rest[1] == "wait":
-                self._allow(m, "POST")
-                self._params(query)
-                return 200, api.wait_fault(rest[0], self._json_object(body, allow_empty=True)), None
+            found = self._device_route(m, segments[1], segments[2:], query, body)
+        elif segments and segments[0] == "faults":
+            found = self._fault_route(m, segments[1:], query, body)
+        if found is not None:
+            return found
         raise ApiError(404, f"no route {url.path!r}; see the module documentation of "
                             "pytest_iotfailover.fakehub.control_api for the routes")
+
+    def _device_route(self, m: str, device_id: str, rest: list[str], query: str, body: bytes) -> Any:
+        api = self.server.control
+        if rest == ["c2d"]:
+            self._allow(m, "POST")
+            self._params(query)
+            return 200, api.send_c2d(device_id, self._json_object(body)), None
+        if len(rest) == 2 and rest[0] == "methods":
+            self._allow(m, "POST")
+            self._params(query)
+            return 200, api.invoke_method(device_id, rest[1], self._json_object(body)), None
+        if rest == ["twin"]:
+            self._allow(m, "GET")
+            self._params(query)
+            return 200, api.get_twin(device_id), None
+        if rest == ["twin", "desired"]:
+            self._allow(m, "PATCH")
+            self._params(query)
+            return 200, api.update_desired(device_id, self._json_object(body)), None
+        return None
+
+    def _fault_route(self, m: str, rest: list[str], query: str, body: bytes) -> Any:
+        api = self.server.control
+        if not rest:
+            self._allow(m, "GET")
+            self._params(query)
+            return 200, api.list_faults(), None
+        if len(rest) == 1:
+            # POST names a kind to start; the other methods name a fault already started
+            self._allow(m, "GET", "POST", "DELETE")
+            self._params(query)
+            if m == "POST":
+                api.check_fault_kind(rest[0])
+                return 201, api.start_fault(rest[0], self._json_object(body, allow_empty=True)), None
+            if m == "DELETE":
+                return 200, api.cancel_fault(rest[0]), None
+            return 200, api.get_fault(rest[0]), None
+        if len(rest) == 2 and rest[1] == "wait":
+            self._allow(m, "POST")
+            self._params(query)
+            return 200, api.wait_fault(rest[0], self._json_object(body, allow_empty=True)), None
+        return None
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:

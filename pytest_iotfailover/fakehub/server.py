@@ -91,13 +91,15 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         # One read buffer per server, shared by its connections: each read is consumed by
         # buffer_updated before the loop reads again. As a plain Protocol, asyncio would allocate
         # 256 KiB per read, which glibc serves with mmap, mremap and munmap on every wake-up.
-        view = getattr(self.server, "_read_view", None)
+        view = self.server.read_view
         if view is None:
-            view = self.server._read_view = memoryview(bytearray(_READ_SIZE))
+            view = self.server.read_view = memoryview(bytearray(_READ_SIZE))
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self.server._read_view[:nbytes]))
+        view = self.server.read_view
+        assert view is not None  # get_buffer made it
+        self.data_received(bytes(view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -313,6 +315,7 @@ class HubServer:
                  send_buffer_limit: int = SEND_BUFFER_LIMIT):
         self.core = core
         self.ssl_context = ssl_context
+        self.read_view: memoryview | None = None  # shared by the connections; see get_buffer
         self.loop = loop
         self.max_connect_size = max_connect_size
         self.send_buffer_pause = send_buffer_pause

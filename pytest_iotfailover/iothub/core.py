@@ -24,7 +24,7 @@ from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, parse_username, verify_sas_token
 from .events import EventLog
 from .faults import FaultEngine
-from .ledger import Ledger, Telemetry
+from .ledger import Ledger
 from .mqtt import codec
 from .mqtt import packets as p
 from .registry import Device, Registry
@@ -523,16 +523,16 @@ class _DeviceToCloud(_TwinsAndMethods):
         return verdict.seconds if isinstance(verdict, Delay) else 0.0
 
     def _accept_d2c(self, conn: Connection, body: bytes, props: dict[str, str], sysprops: dict[str, str],
-                    dup: bool, qos: int) -> Telemetry:
+                    dup: bool, qos: int) -> None:
         assert conn.device_id is not None
         sysprops["connection_device_id"] = conn.device_id
         sysprops["connection_auth_method"] = AUTH_METHOD
         if conn.model_id:
             sysprops["dt_dataschema"] = conn.model_id
-        telemetry = self.ledger.record(Telemetry(conn.device_id, sysprops.get("message_id"), body, props,
-                                                 sysprops, self.now, dup, False, qos))
+        # straight into the ledger's compact record: no Telemetry object per message
+        self.ledger.record_message(conn.device_id, sysprops.get("message_id"), body, props, sysprops,
+                                   self.now, dup, qos)
         self.faults.on_accepted(conn)
-        return telemetry
 
 
 class IoTHubCore(_DeviceToCloud, _CloudToDevice):

@@ -1,6 +1,16 @@
-"""The delivery ledger: every telemetry message the hub accepted, in acceptance order."""
-from collections.abc import Collection
+"""The delivery ledger: every telemetry message the hub accepted, in acceptance order.
+
+Stored compactly so a long session does not feed the garbage collector: a record is a tuple of
+immutable scalars (which the collector untracks on its first pass and never scans again), the
+property bags are one encoded bytes value each, and the times, marks and indices are flat arrays.
+`Telemetry` objects are built on read.
+"""
+from array import array
+from bisect import bisect_left
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from heapq import merge
+from typing import Any
 
 
 @dataclass
@@ -14,53 +24,190 @@ class Telemetry:
     dup: bool = False          # the MQTT DUP flag: the client says it is re-sending
     duplicate: bool = False    # this device already delivered a message with this message id
     qos: int = 1
-    lost_in_failover: bool = False  # accepted, then lost unread from the built-in endpoint
+    lost_in_failover: bool = False  # acknowledged, then dropped by a region failover (its RPO)
+
+
+_SEP = "\x00"
+_DUP, _DUPLICATE, _MID, _CONN = 1, 2, 4, 8  # _MID/_CONN: system property equal to the record's field
+_QOS_SHIFT = 4
+_BLOB_CACHE_MAX = 4096
+
+
+def _encode(bag: dict[str, Any]) -> Any:
+    """One value per property bag: None when empty, else NUL-joined UTF-8 when every key and value is
+    a NUL-free string, else (rare: values from a real hub's endpoint) a tuple of pairs."""
+    if not bag:
+        return None
+    parts = []
+    for k, v in bag.items():
+        if type(k) is not str or type(v) is not str or _SEP in k or _SEP in v:
+            return tuple(bag.items())
+        parts.append(k)
+        parts.append(v)
+    return _SEP.join(parts).encode("utf-8", "surrogatepass")
+
+
+def _decode(blob: Any) -> dict[str, Any]:
+    if blob is None:
+        return {}
+    if type(blob) is tuple:
+        return dict(blob)
+    parts = blob.decode("utf-8", "surrogatepass").split(_SEP)
+    return dict(zip(parts[0::2], parts[1::2]))
 
 
 class Ledger:
-    """Append-only: nothing recorded is ever removed. A plain store: one thread writes (the
-    hub's); readers on other threads get copies (a list slice is atomic). Waiting for records
-    is the driver's business (waiting.py)."""
+    """Append-only: nothing recorded is ever removed (a failover may only mark records lost).
+    A plain store: one thread writes (the hub's); readers on other threads get fresh `Telemetry`
+    copies. Waiting for records is the driver's business (waiting.py)."""
 
     def __init__(self) -> None:
-        self._items: list[Telemetry] = []
-        self._seen: dict[str, set[str]] = {}
+        # (device_id, message_id, body, properties blob, system-properties blob, flags)
+        self._records: list[tuple[Any, ...]] = []
+        self._at = array("d")
+        self._lost = bytearray()
+        self._lost_total = 0
+        self._by_device: dict[str, array] = {}
+        self._lost_by_device: dict[str, int] = {}
+        self._first: dict[str, dict[str, int]] = {}  # device -> message id -> first record number
+        # equal property bags (the same few per device) share one bytes object
+        self._blobs: dict[Any, Any] = {}
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def _shared(self, blob: Any) -> Any:
+        if blob is None:
+            return None
+        got = self._blobs.get(blob)
+        if got is not None:
+            return got
+        if len(self._blobs) >= _BLOB_CACHE_MAX:
+            self._blobs.clear()
+        self._blobs[blob] = blob
+        return blob
 
     def record(self, t: Telemetry) -> Telemetry:
-        if t.message_id is not None:
-            seen = self._seen.setdefault(t.device_id, set())
-            if t.message_id in seen:
-                t.duplicate = True
-            else:
-                seen.add(t.message_id)
-        self._items.append(t)
+        """Store `t` (its `duplicate` flag is set here) and return it."""
+        t.duplicate = self._store(t.device_id, t.message_id, t.body, t.properties,
+                                          t.system_properties, t.enqueued_at, t.dup, t.qos)
+        if t.lost_in_failover:
+            self._mark(len(self._records) - 1)
         return t
 
-    def __len__(self) -> int:
-        return len(self._items)
+    def record_message(self, device_id: str, message_id: str | None, body: bytes,
+                       properties: dict[str, Any], system_properties: dict[str, Any],
+                       enqueued_at: float, dup: bool = False, qos: int = 1) -> bool:
+        """Store one message without building a `Telemetry`; True if it is a duplicate."""
+        return self._store(device_id, message_id, body, properties, system_properties, enqueued_at, dup, qos)
 
-    def count(self, device_id: str | None = None) -> int:
-        if device_id is None:
-            return len(self._items)
-        return sum(1 for t in self._items[:] if t.device_id == device_id)
+    def _store(self, device_id: str, message_id: str | None, body: bytes, properties: dict[str, Any],
+               system_properties: dict[str, Any], enqueued_at: float, dup: bool, qos: int) -> bool:
+        n = len(self._records)
+        duplicate = False
+        if message_id is not None:
+            first = self._first.get(device_id)
+            if first is None:
+                first = self._first[device_id] = {}
+            if message_id in first:
+                duplicate = True
+            else:
+                first[message_id] = n
+        flags = (_DUP if dup else 0) | (_DUPLICATE if duplicate else 0) | (qos << _QOS_SHIFT)
+        sysprops = system_properties
+        # the two per-message system properties live in the record already: leaving them out
+        # lets equal bags share one blob
+        if message_id is not None and sysprops.get("message_id") == message_id:
+            flags |= _MID
+        if sysprops.get("connection_device_id") == device_id:
+            flags |= _CONN
+        if flags & (_MID | _CONN):
+            sysprops = {k: v for k, v in sysprops.items()
+                        if not ((k == "message_id" and flags & _MID)
+                                or (k == "connection_device_id" and flags & _CONN))}
+        # columns first, the record after: a reader bounded by len(self._records) sees whole rows
+        self._at.append(enqueued_at)
+        self._lost.append(0)
+        self._records.append((device_id, message_id, bytes(body), self._shared(_encode(properties)),
+                              self._shared(_encode(sysprops)), flags))
+        index = self._by_device.get(device_id)
+        if index is None:
+            index = self._by_device[device_id] = array("q")
+        index.append(n)
+        return duplicate
 
-    def items(self, device_id: str | None = None, since: int = 0) -> list[Telemetry]:
-        items = self._items[since:]
-        if device_id is None:
-            return items
-        return [t for t in items if t.device_id == device_id]
+    def _mark(self, i: int) -> None:
+        if not self._lost[i]:
+            self._lost[i] = 1
+            self._lost_total += 1
+            dev = self._records[i][0]
+            self._lost_by_device[dev] = self._lost_by_device.get(dev, 0) + 1
 
     def mark_lost_in_failover(self, since: float, until: float,
                               device_ids: Collection[str] | None = None) -> int:
-        """Mark the records enqueued in [since, until) (of `device_ids`, all when None) as lost
-        in a failover; how many were newly marked. Records stay: only the telemetry view hides them."""
-        marked = 0
-        for t in reversed(self._items[:]):
-            if t.enqueued_at < since:
-                break  # acceptance order is enqueue order
-            if t.enqueued_at >= until or t.lost_in_failover:
-                continue
-            if device_ids is None or t.device_id in device_ids:
-                t.lost_in_failover = True
-                marked += 1
-        return marked
+        """Mark the records enqueued in [since, until) (of `device_ids`; all devices when None) as
+        lost in a failover; returns how many were newly marked."""
+        before = self._lost_total
+        at = self._at
+        if device_ids is None:
+            candidates: Iterable[int] = range(len(at))
+        else:
+            candidates = (i for d in set(device_ids) for i in self._by_device.get(d, ()))
+        for i in candidates:
+            if since <= at[i] < until:
+                self._mark(i)
+        return self._lost_total - before
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def count(self, device_id: str | None = None, include_lost: bool = True) -> int:
+        if device_id is None:
+            return len(self._records) - (0 if include_lost else self._lost_total)
+        n = len(self._by_device.get(device_id, ()))
+        return n - (0 if include_lost else self._lost_by_device.get(device_id, 0))
+
+    def first_index(self, device_id: str, message_id: str) -> int | None:
+        """The record number of the first message `message_id` from `device_id`, if any."""
+        return self._first.get(device_id, {}).get(message_id)
+
+    def message_ids(self, device_id: str) -> Collection[str]:
+        """The distinct message ids `device_id` delivered (a live view; copy before iterating
+        on another thread than the writer's)."""
+        return self._first.get(device_id, {}).keys()
+
+    def _build(self, i: int) -> Telemetry:
+        dev, mid, body, props, sysprops, flags = self._records[i]
+        system = _decode(sysprops)
+        if flags & _MID:
+            system["message_id"] = mid
+        if flags & _CONN:
+            system["connection_device_id"] = dev
+        return Telemetry(dev, mid, body, _decode(props), system, self._at[i],
+                         bool(flags & _DUP), bool(flags & _DUPLICATE), flags >> _QOS_SHIFT,
+                         bool(self._lost[i]))
+
+    def _indices(self, device_ids: Collection[str] | None, since: int) -> Iterable[int]:
+        if device_ids is None:
+            return range(since, len(self._records))
+        picked = []
+        for d in dict.fromkeys(device_ids):
+            index = self._by_device.get(d)
+            if index is not None:
+                # a slice is a copy: the writer may append meanwhile
+                picked.append(index[bisect_left(index, since):] if since else index[:])
+        if len(picked) == 1:
+            return picked[0]
+        return merge(*picked)
+
+    def items(self, device_id: str | None = None, since: int = 0, include_lost: bool = True,
+              device_ids: Collection[str] | None = None) -> list[Telemetry]:
+        """Records from number `since` on, of `device_id` (or of any of `device_ids`), in order.
+        Costs O(records returned) when a device is named."""
+        if device_id is not None:
+            device_ids = (device_id,)
+        lost = self._lost
+        end = len(self._records)
+        return [self._build(i) for i in self._indices(device_ids, since)
+                if i < end and (include_lost or not lost[i])]

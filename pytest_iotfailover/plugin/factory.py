@@ -98,12 +98,9 @@ def make_client(iothub: HubView, device, aio: bool = False, **sdk_kwargs):
     """A client for `device` that the fixtures' wedge monitor watches: a client whose network
     thread died while it still reports connected is named in the test's report and warnings and
     revived through the SDK's own reconnect (see wedge.py)."""
-    if aio:
-        from azure.iot.device.aio import IoTHubDeviceClient
-    else:
-        from azure.iot.device import IoTHubDeviceClient
-    client = IoTHubDeviceClient.create_from_connection_string(device.connection_string,
-                                                              **iothub.client_kwargs(**sdk_kwargs))
+    from ..devices.client import create_client
+
+    client = create_client(device.connection_string, aio=aio, **iothub.client_kwargs(**sdk_kwargs))
     monitor = _monitor_for(iothub)
     monitor.add(client, device.device_id)
     with _monitors_lock:
