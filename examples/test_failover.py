@@ -10,22 +10,34 @@ import threading
 import pytest
 from azure.iot.device import Message, MethodResponse
 
-from pytest_iotfailover import AsyncOutbox, Outbox, assert_all_delivered, assert_in_order, assert_no_duplicates
+from pytest_iotfailover import AsyncOutbox, Outbox, assert_all_delivered, assert_no_duplicates
 
 
 def test_outbox_survives_a_region_failover(iothub, device_client, failover):
-    """The pattern the SDK leaves to the application: buffer, retry after recovery, lose nothing."""
-    with Outbox(device_client) as outbox:
-        failover.outage(2, after_messages=20)
+    """Buffer, retry after recovery, and re-send what the hub acknowledged just before the failover:
+    a failover loses what no backend had read yet (here a backend 30 s behind). The backend
+    deduplicates by message id; the assertion reads what the backend has."""
+    with Outbox(device_client, replay=60) as outbox:
+        failover.outage(2, after_messages=20, unread=30)
         for i in range(100):
             outbox.send({"temperature": 20 + i % 5, "seq": i})
         assert_all_delivered(iothub, outbox, timeout=20)
-        assert_in_order(iothub, outbox)
+
+
+@pytest.mark.xfail(strict=True, reason="a plain Outbox: the hub acknowledged the messages sent in the seconds "
+                                       "before the failover, no backend had read them yet, and the failover lost "
+                                       "them (IoT Hub loses unread device-to-cloud messages)")
+def test_plain_outbox_loses_what_the_failover_ate(iothub, device_client, failover):
+    with Outbox(device_client) as outbox:
+        failover.outage(2, after_messages=20, unread=30)
+        for i in range(100):
+            outbox.send({"temperature": 20 + i % 5, "seq": i})
+        assert_all_delivered(iothub, outbox, timeout=20)
 
 
 def test_pool_of_20_devices_survives_a_region_failover(iothub, device_client_factory, failover):
     pool = device_client_factory(count=20, pooled=True)
-    with Outbox(pool) as outbox:                  # round-robin over the 20 devices
+    with Outbox(pool, replay=10) as outbox:       # round-robin over the 20 devices
         failover.outage(2, after_messages=40)
         for i in range(200):
             outbox.send(Message(f"reading {i}"))
@@ -77,7 +89,8 @@ def test_naive_sender_loses_telemetry(iothub, device_client, failover):
 
 
 def test_bare_sdk_stops_receiving_c2d_after_failover(iothub, iothub_device, device_client, failover):
-    """The secondary region has no MQTT session and the Python SDK never subscribes again."""
+    """The secondary region has no MQTT session (the embedded hub's assumption: no document says) and the
+    Python SDK never subscribes again."""
     received = []
     device_client.on_message_received = received.append
     iothub.send_c2d(iothub_device.device_id, "before")

@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+# A backend keeping up with the built-in endpoint reads a message about a second after it was
+# enqueued: an assumption (no document gives a consumer's lag), see README "failover".
+DEFAULT_UNREAD = 1.0
+MAX_RPO = 300.0
+
+
 class FaultKind(str, Enum):
     REGION_FAILOVER = "region_failover"
     DROP = "drop"
@@ -160,6 +166,12 @@ class RegionFailover(FaultSpec):
     answered, so the SDK's connection watchdog fires again and again (azure-iot-sdk-python #1197).
     Default: "reset" for the whole hub, "connack3" for one device. `refuse="tcp"|"connack"` is the
     older spelling of `connect="reset"|"connack3"` and still works.
+
+    Data loss (failover-facts.md "Data loss (RPO)", from reliability-iot-hub.md): `unread` s of
+    telemetry before the start were accepted but never read by the backend and are lost from the
+    hub's telemetry view (the ledger keeps them, marked `lost_in_failover`); `keep_c2d=False` drops
+    queued and un-acknowledged C2D (a manual failover recovers none); `rpo` s (0..300) of twin and
+    registry changes are rolled back.
     """
     kind: ClassVar[FaultKind] = FaultKind.REGION_FAILOVER
     outage: float = 2.0
@@ -167,10 +179,14 @@ class RegionFailover(FaultSpec):
     refuse: str | None = None
     existing: str = "reset"
     connect: str | None = None
+    unread: float = DEFAULT_UNREAD
+    keep_c2d: bool = False
+    rpo: float = 0.0
 
     def check(self) -> None:
         self._set("outage", checks.required_seconds("outage", self.outage))
         checks.boolean("keep_sessions", self.keep_sessions)
+        self._check_data_loss()
         if self.refuse is not None:
             checks.choice("refuse", self.refuse, ("tcp", "connack"))
         checks.choice("existing", self.existing, EXISTING_MODES)
@@ -191,6 +207,14 @@ class RegionFailover(FaultSpec):
         if self.refuse is not None:
             return _REFUSE_ALIAS[self.refuse]
         return "reset" if self.device_id is None else "connack3"
+
+    def _check_data_loss(self) -> None:
+        self._set("unread", checks.required_seconds("unread", self.unread))
+        checks.boolean("keep_c2d", self.keep_c2d)
+        # the documents give 0-5 min for twins and the registry: more would claim a loss no one saw
+        self._set("rpo", checks.required_seconds("rpo", self.rpo, maximum=MAX_RPO))
+        if self.rpo and self.device_id is not None:
+            raise ValueError("rpo= needs the whole hub: the registry and twins fail over with the hub, not per device")
 
     @property
     def refusal(self) -> str:

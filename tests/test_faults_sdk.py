@@ -54,7 +54,7 @@ def reconnect_after(hub, device_id, handle, timeout=10):
 
 def test_region_failover_one_liner_after_50_messages(hub, device, client):
     # Takes ~3 s: a 2 s outage, then the SDK's 1 s retry interval.
-    failover = hub.faults.region_failover(outage=2, after_messages=50)
+    failover = hub.faults.region_failover(outage=2, after_messages=50, unread=0)  # delivery, not data loss
     deadline = time.monotonic() + 15
     for i in range(80):
         send_with_retry(client, Message(f"m{i}", message_id=f"m{i}"), deadline)

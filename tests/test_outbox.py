@@ -112,7 +112,7 @@ def test_send_is_thread_safe(hub, device, client):
 
 def test_region_failover_after_20_of_60_loses_nothing(hub, device, client):
     # ~2.5 s: a 1 s outage, then the SDK's 1 s retry interval
-    failover = hub.faults.region_failover(outage=1, after_messages=20)
+    failover = hub.faults.region_failover(outage=1, after_messages=20, unread=0)
     with Outbox(client, send_timeout=5) as ob:
         ids = [ob.send(f"m{i}") for i in range(60)]
         ob.flush(20)

@@ -21,14 +21,14 @@ SUITE = """
 
     def test_fails_over(iothub, device_client, failover):
         device_client.send_message(Message("a", message_id="a"))
-        failover(outage=0.5).wait_recovered(timeout=30)
+        failover(outage=0.5, unread=0).wait_recovered(timeout=30)
         device_client.send_message(Message("b", message_id="b"))
         assert_all_delivered(iothub, ["a"], timeout=10)
         assert_all_delivered(iothub, ["b"], timeout=10)   # both assertions count
 
     @pytest.mark.failover(slo="recover<0s")   # can never hold: the marker's objective wins
     def test_marker_tightens(iothub, device_client, failover):
-        failover(outage=0.5).wait_recovered(timeout=30)
+        failover(outage=0.5, unread=0).wait_recovered(timeout=30)
 
     def test_short_blackhole(iothub, device_client, failover):
         # shorter than the client's keep-alive (5 s): the device never notices

@@ -459,7 +459,8 @@ def test_region_failover_through_the_api_and_wait_for_its_end(info):
         assert fault["state"] == "active" and fault["ended_at"] is None
         # a failover of one device can only refuse at CONNACK: TCP cannot tell who is knocking
         assert fault["params"] == {"outage": 1.0, "keep_sessions": False, "refuse": "connack",
-                                   "existing": "reset", "connect": "connack3"}
+                                   "existing": "reset", "connect": "connack3", "unread": 1.0,
+                                   "keep_c2d": False, "rpo": 0.0}
 
         done = ok(info, "POST", f"/faults/{fault['id']}/wait", {"timeout": 10})
         assert done["state"] == "ended"
@@ -473,6 +474,20 @@ def test_region_failover_through_the_api_and_wait_for_its_end(info):
         bounded(client.send_message, Message("after the failover", message_id="fo-1"))
     finally:
         shutdown(client)
+
+
+def test_service_calls_get_503_during_a_region_failover(info):
+    ok(info, "POST", "/devices", {"device_id": "svc1"}, expect=201)
+    fault = ok(info, "POST", "/faults/region_failover", {"outage": 60, "device_id": "svc1"}, expect=201)
+    try:
+        for method, path, body in [("POST", "/devices/svc1/c2d", {"body": "x"}),
+                                   ("GET", "/devices/svc1/twin", None),
+                                   ("PATCH", "/devices/svc1/twin/desired", {"a": 1}),
+                                   ("POST", "/devices/svc1/methods/m", {"timeout": 1})]:
+            status, err, _ = api(info, method, path, body)
+            assert (status, "failing over" in err["error"]) == (503, True), (method, path, err)
+    finally:
+        api(info, "DELETE", f"/faults/{fault['id']}")
 
 
 def test_delete_cancels_a_pending_fault(info):

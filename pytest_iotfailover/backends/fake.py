@@ -28,9 +28,9 @@ class FakeBackend(Hub):
         if self.fakehub.registry.get(device_id) is not None:
             self.fakehub.remove_device(device_id)
 
-    def telemetry(self, device_ids: Collection[str] | None = None) -> list[Telemetry]:
+    def telemetry(self, device_ids: Collection[str] | None = None, *, include_lost: bool = False) -> list[Telemetry]:
         # by the ledger's device index: a test's query costs its own devices' messages only
-        return self.fakehub.telemetry(device_ids=device_ids)
+        return self.fakehub.telemetry(device_ids=device_ids, include_lost=include_lost)
 
     def wait_until(self, predicate, timeout):
         return self.fakehub.ledger.wait_until(predicate, timeout)

@@ -51,6 +51,12 @@ class _OutboxView:
         return self._core.name
 
     @property
+    def replayed_ids(self) -> list[str]:
+        """Ids sent again after a failover (replay=), in the order they were queued again."""
+        with self._core._cond:
+            return list(self._core.replayed_ids)
+
+    @property
     def block_timeout(self) -> float:
         """How long a blocked send() waits without any acknowledgement before raising OutboxFull."""
         return self._core.block_timeout
@@ -140,15 +146,21 @@ class Outbox(_OutboxView):
     "drop_oldest" evicts the oldest message not being sent at that moment (listed in
     `dropped_ids`), "raise" raises `OutboxFull`.
 
+    `replay` (seconds, default 0: off): a regional failover loses messages the hub acknowledged but
+    no backend had read yet. After a lane stalled for at least `replay_outage` s (default 2), the
+    messages it had acknowledged in the `replay` s before the stall are sent again, first, with
+    their message ids (`replayed_ids`); the backend deduplicates. Choose `replay` above the
+    backend's lag.
+
     The outbox never connects, disconnects or shuts down its target: the caller owns it.
     """
 
     def __init__(self, target: Any, *, capacity: int = 10_000, on_overflow: str = "block",
                  send_timeout: float = 30.0, min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
-                 name: str | None = None):
+                 name: str | None = None, replay: float = 0.0, replay_outage: float = 2.0):
         self._core = OutboxCore(self, target, capacity=capacity, on_overflow=on_overflow,
                                 send_timeout=send_timeout, min_backoff=min_backoff,
-                                max_backoff=max_backoff, name=name)
+                                max_backoff=max_backoff, name=name, replay=replay, replay_outage=replay_outage)
 
     def _check_client_kind(self, client) -> None:
         # an un-awaited coroutine would look like an instant acknowledgement

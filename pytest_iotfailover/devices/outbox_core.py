@@ -17,6 +17,7 @@ from azure.iot.device import Message
 from .. import checks
 from . import wedge as _wedge
 from .backoff import MAX_BACKOFF, MIN_BACKOFF, Backoff
+from .replay import Replay
 
 __all__ = ["OutboxClosed", "OutboxCore", "OutboxFull"]
 
@@ -41,7 +42,7 @@ class OutboxClosed(RuntimeError):
 
 
 class _Entry:
-    __slots__ = ("device_id", "message", "message_id", "seq", "state")
+    __slots__ = ("device_id", "first_try", "message", "message_id", "seq", "state")
 
     def __init__(self, seq: int, message: Message, device_id: str | None):
         self.seq = seq
@@ -49,6 +50,7 @@ class _Entry:
         self.message = message
         self.device_id = device_id
         self.state = "pending"      # "pending" | "acked" | "dropped"
+        self.first_try: float | None = None  # monotonic time of its first attempt (replay=)
 
 
 class _Attempt:
@@ -94,8 +96,10 @@ class OutboxCore:
 
     def __init__(self, front: Any, target: Any, *, capacity: int = 10_000, on_overflow: str = "block",
                  send_timeout: float = 30.0, min_backoff: float = MIN_BACKOFF, max_backoff: float = MAX_BACKOFF,
-                 name: str | None = None):
+                 name: str | None = None, replay: float = 0.0, replay_outage: float = 2.0):
         self._front = front
+        self._replay = Replay(replay, replay_outage, capacity)
+        self.replayed_ids: list[str] = []  # read under the lock
         self._is_pool = hasattr(target, "device_ids")
         self._check_target(target)
         checks.positive_int("capacity", capacity)
@@ -244,6 +248,8 @@ class OutboxCore:
                     return
                 entry = lane.entries[0]
                 lane.current = entry
+                if entry.first_try is None:
+                    entry.first_try = time.monotonic()
                 attempt = _Attempt(entry)
             try:
                 self._front._launch(attempt)
@@ -311,7 +317,18 @@ class OutboxCore:
                 self._pending -= 1
                 self._sent_ids.append(entry.message_id)
                 self._last_progress = time.monotonic()
+                self._send_again(entry)
             self._cond.notify_all()
+
+    def _send_again(self, acked: _Entry) -> None:
+        """replay=: after a failover-length stall, what the lane had acknowledged just before it
+        goes first again (caller holds the lock)."""
+        lane = self._lanes[acked.device_id]
+        for entry in reversed(self._replay.acked(acked.device_id, acked, acked.first_try, self._last_progress)):
+            entry.state, entry.first_try = "pending", None
+            lane.entries.appendleft(entry)
+            self._pending += 1
+            self.replayed_ids.append(entry.message_id)
 
     def _pending_ids_locked(self) -> list[str]:
         entries = [e for lane in self._lanes.values() for e in lane.entries]

@@ -141,6 +141,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 404
     if code == 403004:
         return 409
+    if code == 503001:  # ServiceUnavailable: the hub is failing over
+        return 503
     return 400
 
 
@@ -796,7 +798,8 @@ class ControlServer:
             "duplicate": t.duplicate,
             "qos": t.qos,
             "enqueued_at": t.enqueued_at,
-        } for t in self.hub.telemetry(device_id)]
+            "lost_in_failover": t.lost_in_failover,
+        } for t in self.hub.telemetry(device_id, include_lost=True)]  # the ledger: lost ones marked
 
     def events(self, kind: str | None, device_id: str | None) -> list[dict[str, Any]]:
         return [{"kind": e.kind, "device_id": e.device_id, "at": e.at, "detail": e.detail}

@@ -13,7 +13,17 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from ..iothub.faults import _ATTEMPT_KINDS, _CLIENT_SIDE_REASONS, Fault
-from ..model import DeviceRecovery, FaultKind, FaultSpec, FaultState, RecoveryReport, Throttle, spec_for, tally_messages
+from ..model import (
+    DEFAULT_UNREAD,
+    DeviceRecovery,
+    FaultKind,
+    FaultSpec,
+    FaultState,
+    RecoveryReport,
+    Throttle,
+    spec_for,
+    tally_messages,
+)
 
 
 class FaultHandle:
@@ -169,15 +179,19 @@ class Faults:
 
     def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
                         existing: str = "reset", connect: str | None = None,
+                        unread: float = DEFAULT_UNREAD, keep_c2d: bool = False, rpo: float = 0.0,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
-        MQTT sessions (subscriptions, un-acked C2D) gone unless keep_sessions; twins and ledger kept.
+        MQTT sessions (subscriptions) gone unless keep_sessions (an assumption: no document says).
         `existing`: "reset" or "zombie" (kept open, never answered); `connect`: "reset" (default for
         the whole hub), "connack3" (default for one device) or "silent" (never answered); `refuse`
-        ("tcp"/"connack") is the older spelling of connect. Sources: model.RegionFailover."""
+        ("tcp"/"connack") is the older spelling of connect. Data loss: `unread` s of telemetry lost
+        unread, C2D dropped unless keep_c2d, `rpo` s of twin and registry changes rolled back.
+        Sources: model.RegionFailover."""
         return self._start(FaultKind.REGION_FAILOVER, {
             "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "existing": existing,
-            "connect": connect, "device_id": device_id, "at": at, "after_messages": after_messages})
+            "connect": connect, "unread": unread, "keep_c2d": keep_c2d, "rpo": rpo, "device_id": device_id,
+            "at": at, "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""

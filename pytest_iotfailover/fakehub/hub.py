@@ -340,7 +340,8 @@ class FakeHub:
                    secondary_key: str | None = None, enabled: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
-        return self.registry.add(device_id, primary_key, secondary_key, enabled)
+        # through the core: refused during a failover, and remembered for its rollback (rpo=)
+        return self._act(self._running_core().add_device, device_id, primary_key, secondary_key, enabled)
 
     def device(self, device_id: str) -> Device:
         dev = self.registry.get(device_id)
@@ -423,11 +424,7 @@ class FakeHub:
             None, self.invoke_method, device_id, method_name, payload, timeout)
 
     def get_twin(self, device_id: str) -> dict[str, Any]:
-        def get():
-            if self.registry.get(device_id) is None:
-                raise HubOperationError(f"device {device_id!r} is not registered", 404001)
-            return self._running_core().twin(device_id).document()
-        return self._call(get)
+        return self._act(self._running_core().get_twin, device_id)
 
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         return self._act(self._running_core().update_desired, device_id, patch)

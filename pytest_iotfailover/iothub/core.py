@@ -27,7 +27,8 @@ from .faults import FaultEngine
 from .ledger import Ledger
 from .mqtt import codec
 from .mqtt import packets as p
-from .registry import Registry
+from .registry import Device, Registry
+from .rpo import ChangeHistory
 from .session import (
     C2DMessage,
     C2DQueue,
@@ -129,6 +130,7 @@ class _Steps(TierGate):
     twins: dict[str, Twin]
     ledger: Ledger
     faults: FaultEngine
+    history: ChangeHistory
     retain_property: str
 
     def __init__(self) -> None:
@@ -178,7 +180,31 @@ class _Steps(TierGate):
             raise HubOperationError(f"device {device_id!r} is not registered", 404001)
 
 
-class _TwinsAndMethods(_Steps):
+
+class _Failover(_Steps):
+    """What a regional failover changes on the service side: refusals while it lasts, and the
+    change history its rollback (rpo=, rpo.py) needs."""
+
+    def _service_available(self, device_id: str | None, what: str) -> None:
+        """During a regional failover the whole hub is unavailable, service APIs included
+        (failover-facts.md "Time and endpoints"). 503001 is IoT Hub's ServiceUnavailable code
+        (Microsoft.Azure.Devices ErrorCode enum); that a failover answers with it is an assumption."""
+        if self.faults.service_outage(device_id):
+            raise HubOperationError(f"{what}: the IoT hub is failing over to its paired region; "
+                                    "try again after the failover", 503001)
+
+    def _twin_changing(self, device_id: str) -> None:
+        self.history.twin_changing(device_id, self.twins.get(device_id), self.now)
+
+    def _add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
+                    enabled: bool) -> Device:
+        self._service_available(None, "add_device")
+        device = self.registry.add(device_id, primary_key, secondary_key, enabled)
+        self.history.device_created(device_id, self.now)
+        return device
+
+
+class _TwinsAndMethods(_Failover):
     """Twin GET/PATCH and direct methods (§5, §6)."""
     _method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]]
     _rids: Iterator[int]
@@ -212,6 +238,7 @@ class _TwinsAndMethods(_Steps):
         merged, why = merged_section(twin.reported, patch, "reported")
         if merged is None:
             return self._twin_reply(conn, 400, rid, _error_body(400004, why, self.now))
+        self._twin_changing(conn.device_id)
         twin.reported = merged
         twin.reported_version += 1
         self.events.add("twin_reported", conn.device_id, version=twin.reported_version)
@@ -234,7 +261,13 @@ class _TwinsAndMethods(_Steps):
             twin = self.twins[device_id] = Twin()
         return twin
 
+    def _get_twin(self, device_id: str) -> dict[str, Any]:
+        self._service_available(device_id, "get_twin")
+        self._registered(device_id)
+        return self.twin(device_id).document()
+
     def _update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        self._service_available(device_id, "update_desired")
         self._registered(device_id)
         if not isinstance(patch, dict):
             raise HubOperationError("desired patch must be a JSON object (dict)", 400004)
@@ -249,6 +282,7 @@ class _TwinsAndMethods(_Steps):
         merged, why = merged_section(twin.desired, body_obj, "desired")
         if merged is None:
             raise HubOperationError(why, 400004)
+        self._twin_changing(device_id)
         twin.desired = merged
         twin.desired_version += 1
         conn = self.connections.get(device_id)
@@ -261,6 +295,7 @@ class _TwinsAndMethods(_Steps):
 
     def _invoke_method(self, device_id: str, name: str, payload: Any, timeout: float,
                        notify: Callable[[MethodResponse], None]) -> None:
+        self._service_available(device_id, "invoke_method")
         try:
             body = json.dumps(payload).encode()
         except (TypeError, ValueError) as exc:
@@ -318,12 +353,13 @@ class _TwinsAndMethods(_Steps):
         return self._emit(Reply(notify, MethodResponse(int(status_text), result)))
 
 
-class _CloudToDevice(_Steps):
+class _CloudToDevice(_Failover):
     """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7)."""
     _c2d_ids: Iterator[int]
 
     def _send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
                   message_id: str | None) -> str:
+        self._service_available(device_id, "send_c2d")
         self._registered(device_id)
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
         session = self.sessions.get(device_id)
@@ -519,6 +555,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self.sessions: dict[str, Session] = {}
         self.c2d_queues: dict[str, C2DQueue] = {}
         self.twins: dict[str, Twin] = {}
+        self.history = ChangeHistory()
         self.region = "primary"
         self.faults = FaultEngine(self)
         self._method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]] = {}
@@ -574,6 +611,13 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         """Publish a method request; a `Reply(notify, MethodResponse)` follows exactly once
         (404 at once, 504 from timer_fired, or the device's answer from receive)."""
         return self._step(now, self._invoke_method, device_id, name, payload, timeout, notify)[1]
+
+    def add_device(self, device_id: str, primary_key: str | None, secondary_key: str | None,
+                   enabled: bool, now: float) -> tuple[Device, list[Action]]:
+        return self._step(now, self._add_device, device_id, primary_key, secondary_key, enabled)
+
+    def get_twin(self, device_id: str, now: float) -> tuple[dict[str, Any], list[Action]]:
+        return self._step(now, self._get_twin, device_id)
 
     def device_disabled(self, device_id: str, removed: bool, now: float) -> list[Action]:
         return self._step(now, self._device_disabled, device_id, removed)[1]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .mqtt import packets as p
+from .rpo import data_loss, requeue_inflight
 
 FAULT_PROPERTY = "AzIoTHub_FaultOperationType"
 _DELAY_PROPERTY = "AzIoTHub_FaultOperationDelayInSecs"
@@ -219,11 +220,23 @@ class FaultEngine:
             self._zombify_in_scope(fault)
         else:
             self._close_in_scope(fault, "region_failover", abort=True)
+        self._failover_data_loss(fault)
         if not fault.params.get("keep_sessions"):
-            # the secondary region has no MQTT sessions: subscriptions and un-acked C2D are gone
+            # the secondary region has no MQTT sessions (an assumption: no document says what a
+            # failover does to them): subscriptions and un-acked C2D are gone
             for device_id in [d for d in hub.sessions if fault.targets(d)]:
+                if fault.params.get("keep_c2d"):
+                    requeue_inflight(hub, device_id)
                 del hub.sessions[device_id]
 
+    def _failover_data_loss(self, fault: Fault) -> None:
+        loss = data_loss(self.hub, fault)
+        self.events.add("failover_data_loss", fault.device_id, fault_id=fault.id, **loss)
+
+    def service_outage(self, device_id: str | None) -> bool:
+        """Whether a regional failover covering `device_id` (None: the whole hub) is under way."""
+        return any(f.kind == "region_failover" and (f.device_id is None or f.device_id == device_id)
+                   for f in self.active)
     def _zombify(self, fault: Fault, conn: Any, how: str) -> None:
         self.hub.pause(conn, True)
         self.zombies.add(conn)

@@ -23,7 +23,7 @@ class DeliveryFigures:
     duplicates: int         # extra copies of sent ids
     lost: int               # sent ids never accepted (and no longer pending in an Outbox)
     pending: int = 0        # sent ids an Outbox still holds, not yet acknowledged
-    lost_in_failover: int = 0  # acknowledged by the hub, then lost in a failover (filled by the RPO work)
+    lost_in_failover: int = 0  # sent ids the hub accepted, then lost unread in a failover
     latency_p50: float | None = None
     latency_p99: float | None = None
     latency_max: float | None = None
@@ -71,6 +71,16 @@ def _telemetry(iothub, device_id):
     return iothub.telemetry(device_id) if device_id is not None else iothub.telemetry()
 
 
+def lost_in_failover_ids(iothub: Any, device_id: str | None = None) -> set[str]:
+    """Message ids the hub accepted and a failover then lost from the built-in endpoint (the
+    ledger's `lost_in_failover` marks); empty for a hub whose view cannot tell them apart."""
+    try:
+        items = iothub.telemetry(device_id, include_lost=True)
+    except TypeError:
+        return set()  # no include_lost: a view that cannot see what was lost
+    return {t.message_id for t in items if t.lost_in_failover}
+
+
 def _listing(ids: Sequence[str]) -> str:
     shown = ", ".join(map(str, ids[:_SHOW]))
     return shown + (f" ... and {len(ids) - _SHOW} more" if len(ids) > _SHOW else "")
@@ -96,7 +106,7 @@ def _fault_text(iothub: Any) -> list[str]:
 
 
 class DeliveryReport:
-    def __init__(self, sent_ids, telemetry, submitted_at, sent=None):
+    def __init__(self, sent_ids, telemetry, submitted_at, sent=None, lost_in_failover=frozenset()):
         self.sent_ids = sent_ids
         wanted = set(sent_ids)
         self.copies = Counter(t.message_id for t in telemetry if t.message_id in wanted)
@@ -104,7 +114,8 @@ class DeliveryReport:
         # an Outbox still holding a message has not given up on it: that is not a loss (yet)
         pending = set(getattr(sent, "pending_ids", None) or ())
         self.pending = [m for m in self.missing if m in pending]
-        self.lost = [m for m in self.missing if m not in pending]
+        self.lost_in_failover = [m for m in self.missing if m in lost_in_failover and m not in pending]
+        self.lost = [m for m in self.missing if m not in pending and m not in lost_in_failover]
         failures = getattr(sent, "failures", None) or []
         self.last_failure = failures[-1] if failures else None
         self.duplicated = {m: n for m, n in self.copies.items() if n > 1}
@@ -116,6 +127,7 @@ class DeliveryReport:
         self.figures = DeliveryFigures(
             sent=len(wanted), delivered=len(self.copies),
             duplicates=sum(n - 1 for n in self.copies.values()), lost=len(self.lost), pending=len(self.pending),
+            lost_in_failover=len(self.lost_in_failover),
             latency_p50=_percentile(lat, 0.5), latency_p99=_percentile(lat, 0.99),
             latency_max=lat[-1] if lat else None)
 
@@ -127,8 +139,14 @@ class DeliveryReport:
         if self.pending:
             lines.append(f"  pending, not yet acknowledged by the hub ({len(self.pending)}): "
                          f"{_listing(self.pending)}")
+        if self.lost_in_failover:
+            lines.append(f"  {len(self.lost_in_failover)} of {f.sent} were acknowledged by the hub and then lost "
+                         "in the failover (IoT Hub loses unread device-to-cloud messages): "
+                         f"{_listing(self.lost_in_failover)}")
         if self.lost:
             lines.append(f"  missing ({len(self.lost)}): {_listing(self.lost)}")
+            if self.lost_in_failover:
+                lines.append(f"  {len(self.lost)} were never acknowledged")
         if self.last_failure is not None:
             mid, error, at = self.last_failure
             lines.append(f"  last send failure, {time.time() - at:.1f} s ago, for {mid}: {error}")
@@ -158,7 +176,8 @@ def assert_all_delivered(iothub, sent, timeout: float = 10.0, device_id: str | N
     def all_there():
         return wanted <= {t.message_id for t in _telemetry(iothub, device_id)}
     iothub.wait_until(all_there, timeout)
-    report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent), sent)
+    report = DeliveryReport(ids, _telemetry(iothub, device_id), _submitted_at(sent), sent,
+                            lost_in_failover_ids(iothub, device_id))
     _record(iothub, report)
     if report.missing:
         why = (f" ({len(report.pending)} still pending in the Outbox, {len(report.lost)} lost)"

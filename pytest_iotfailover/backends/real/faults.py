@@ -76,7 +76,11 @@ SUPPORT: dict[FaultKind, Support] = {
                   "embedded hub",
         "existing": "what open connections see during a failover cannot be chosen; use the embedded hub",
         "connect": "how the hub refuses connections during a failover cannot be chosen; use the "
-                   "embedded hub"}),
+                   "embedded hub",
+        "unread": "what a real failover loses unread depends on your consumer's lag; use the embedded hub",
+        "keep_c2d": "a manual failover recovers no cloud-to-device messages (reliability-iot-hub.md); "
+                    "use the embedded hub",
+        "rpo": "the replication lag of twins and the registry cannot be chosen; use the embedded hub"}),
     FaultKind.DROP: Support(honours=frozenset({"device_id", "at", "graceful"}),
                             cannot={"after_messages": _NO_COUNTING}),
     FaultKind.THROTTLE: Support(honours=frozenset({"device_id", "at", "seconds"}), cannot={

@@ -1,0 +1,38 @@
+"""What `Outbox(replay=)` sends again after a failover.
+
+A regional failover loses messages the hub acknowledged but no backend had read yet
+(failover-facts.md "Data loss (RPO)", from reliability-iot-hub.md); the device cannot tell which.
+After a lane stalled for at least `outage` s (no acknowledgement while a message waited: the hub was
+away, longer than a blip), the lane re-sends every message it had acknowledged in the `seconds`
+before the stall began, with the same message ids: the backend deduplicates.
+"""
+import collections
+from typing import Any
+
+from .. import checks
+
+
+class Replay:
+    def __init__(self, seconds: float, outage: float, capacity: int):
+        self.seconds = checks.required_seconds("replay", seconds)
+        self.outage = checks.required_seconds("replay_outage", outage, positive=True)
+        # bounded like the outbox itself: at most `capacity` acknowledged messages remembered per lane
+        self.capacity = capacity
+        self._recent: dict[Any, collections.deque[tuple[float, Any]]] = {}
+        self._last_ack: dict[Any, float] = {}
+
+    def acked(self, lane_key: Any, entry: Any, first_try: float | None, now: float) -> list[Any]:
+        """Note `entry`'s acknowledgement at `now` (monotonic); the entries to send again, oldest first."""
+        if not self.seconds:
+            return []
+        recent = self._recent.setdefault(lane_key, collections.deque(maxlen=self.capacity))
+        began = max(self._last_ack.get(lane_key, float("-inf")), first_try if first_try is not None else now)
+        again: list[Any] = []
+        if now - began >= self.outage:
+            again = [e for at, e in recent if began - self.seconds <= at <= began and e.state == "acked"]
+            recent.clear()
+        self._last_ack[lane_key] = now
+        recent.append((now, entry))
+        while recent and recent[0][0] < now - self.seconds:
+            recent.popleft()
+        return again
