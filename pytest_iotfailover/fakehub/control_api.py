@@ -501,19 +501,19 @@ class _Handler(BaseHTTPRequestHandler):
         m = "GET" if self.command == "HEAD" else self.command
 
         if segments == ["telemetry"]:
-            self._allow(m, "GET")
-            params = self._params(query, "device_id")
+            _allow(m, "GET")
+            params = _params(query, "device_id")
             return 200, api.telemetry(params.get("device_id")), None
         if segments == ["events"]:
-            self._allow(m, "GET")
-            params = self._params(query, "kind", "device_id")
+            _allow(m, "GET")
+            params = _params(query, "kind", "device_id")
             return 200, api.events(params.get("kind"), params.get("device_id")), None
         if segments == ["devices"]:
-            self._allow(m, "GET", "POST")
-            self._params(query)
+            _allow(m, "GET", "POST")
+            _params(query)
             if m == "GET":
                 return 200, api.list_devices(), None
-            return 201, api.add_device(self._json_object(body)), None
+            return 201, api.add_device(_json_object(body)), None
         found = None
         if len(segments) >= 3 and segments[0] == "devices":
             found = self._device_route(m, segments[1], segments[2:], query, body)
@@ -527,88 +527,87 @@ class _Handler(BaseHTTPRequestHandler):
     def _device_route(self, m: str, device_id: str, rest: list[str], query: str, body: bytes) -> Any:
         api = self.server.control
         if rest == ["c2d"]:
-            self._allow(m, "POST")
-            self._params(query)
-            return 200, api.send_c2d(device_id, self._json_object(body)), None
+            _allow(m, "POST")
+            _params(query)
+            return 200, api.send_c2d(device_id, _json_object(body)), None
         if len(rest) == 2 and rest[0] == "methods":
-            self._allow(m, "POST")
-            self._params(query)
-            return 200, api.invoke_method(device_id, rest[1], self._json_object(body)), None
+            _allow(m, "POST")
+            _params(query)
+            return 200, api.invoke_method(device_id, rest[1], _json_object(body)), None
         if rest == ["twin"]:
-            self._allow(m, "GET")
-            self._params(query)
+            _allow(m, "GET")
+            _params(query)
             return 200, api.get_twin(device_id), None
         if rest == ["twin", "desired"]:
-            self._allow(m, "PATCH")
-            self._params(query)
-            return 200, api.update_desired(device_id, self._json_object(body)), None
+            _allow(m, "PATCH")
+            _params(query)
+            return 200, api.update_desired(device_id, _json_object(body)), None
         return None
 
     def _fault_route(self, m: str, rest: list[str], query: str, body: bytes) -> Any:
         api = self.server.control
         if not rest:
-            self._allow(m, "GET")
-            self._params(query)
+            _allow(m, "GET")
+            _params(query)
             return 200, api.list_faults(), None
         if len(rest) == 1:
             # POST names a kind to start; the other methods name a fault already started
-            self._allow(m, "GET", "POST", "DELETE")
-            self._params(query)
+            _allow(m, "GET", "POST", "DELETE")
+            _params(query)
             if m == "POST":
                 api.check_fault_kind(rest[0])
-                return 201, api.start_fault(rest[0], self._json_object(body, allow_empty=True)), None
+                return 201, api.start_fault(rest[0], _json_object(body, allow_empty=True)), None
             if m == "DELETE":
                 return 200, api.cancel_fault(rest[0]), None
             return 200, api.get_fault(rest[0]), None
         if len(rest) == 2 and rest[1] == "wait":
-            self._allow(m, "POST")
-            self._params(query)
-            return 200, api.wait_fault(rest[0], self._json_object(body, allow_empty=True)), None
+            _allow(m, "POST")
+            _params(query)
+            return 200, api.wait_fault(rest[0], _json_object(body, allow_empty=True)), None
         return None
 
-    @staticmethod
-    def _allow(method: str, *allowed: str) -> None:
-        if method not in allowed:
-            raise ApiError(405, f"method {method} not allowed here; use {' or '.join(allowed)}",
-                           {"Allow": ", ".join(allowed)})
 
-    @staticmethod
-    def _params(query: str, *known: str) -> dict[str, str]:
-        try:
-            parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, errors="strict")
-        except UnicodeDecodeError:
-            raise ApiError(400, "query string is not valid percent-encoded UTF-8") from None
-        out = {}
-        for name, values in parsed.items():
-            if name not in known:
-                allowed = ", ".join(known) if known else "none"
-                raise ApiError(400, f"unknown query parameter {name!r} (allowed: {allowed})")
-            if len(values) > 1:
-                raise ApiError(400, f"query parameter {name!r} given {len(values)} times")
-            out[name] = values[0]
-        return out
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        raise ApiError(405, f"method {method} not allowed here; use {' or '.join(allowed)}",
+                       {"Allow": ", ".join(allowed)})
 
-    @staticmethod
-    def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
-        if not body.strip():
-            if allow_empty:
-                return {}
-            raise ApiError(400, "request body is empty; expected a JSON object")
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "request body is not UTF-8") from None
-        try:
-            obj = json.loads(text, parse_constant=_reject_constant)
-        except RecursionError:
-            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
-        except ValueError as exc:  # includes integers beyond the interpreter's digit limit
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"request body must be a JSON object, not {type(obj).__name__}")
-        _check_json(obj)
-        return obj
 
+def _params(query: str, *known: str) -> dict[str, str]:
+    try:
+        parsed = parse_qs(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(400, "query string is not valid percent-encoded UTF-8") from None
+    out = {}
+    for name, values in parsed.items():
+        if name not in known:
+            allowed = ", ".join(known) if known else "none"
+            raise ApiError(400, f"unknown query parameter {name!r} (allowed: {allowed})")
+        if len(values) > 1:
+            raise ApiError(400, f"query parameter {name!r} given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+def _json_object(body: bytes, allow_empty: bool = False) -> dict[str, Any]:
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "request body is not UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # includes integers beyond the interpreter's digit limit
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(obj).__name__}")
+    _check_json(obj)
+    return obj
 
 def _field(obj: dict[str, Any], name: str, types, type_name: str, required: bool = True,
            default: Any = None) -> Any:
