@@ -27,14 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without installing
 
-import bench_hub as bh  # noqa: E402
-from pytest_iotfailover.iothub.mqtt import Decoder, codec, packets as p  # noqa: E402
+import bench_hub as bh
+
+from pytest_iotfailover.iothub.mqtt import Decoder, codec
+from pytest_iotfailover.iothub.mqtt import packets as p
 
 PACED_TARGET = 1.5   # hub µs CPU/msg at most this many times mosquitto's, paced
 BATCHED_TARGET = 2.0  # and batched
@@ -121,7 +122,7 @@ class FloorProtocol(asyncio.BufferedProtocol):
             self.tls.write(b"".join(replies))
         self._flush()
 
-    def _parse(self) -> List[bytes]:
+    def _parse(self) -> list[bytes]:
         buf, i, n, replies = self.buf, 0, len(self.buf), []
         while n - i >= 2:
             length, mult, j, complete = 0, 1, i + 1, False
@@ -192,11 +193,11 @@ class FloorProcess(bh.ServerProcess):
         info = json.loads(line)
         self.host, self.port, self.ca_pem, self.loop = info["host"], info["port"], info["ca_pem"], info["loop"]
 
-    def credentials(self, index: int) -> Tuple[str, str, Optional[bytes]]:
+    def credentials(self, index: int) -> tuple[str, str, bytes | None]:
         device_id = f"dev{index}"
         return device_id, f"benchhub.azure-devices.net/{device_id}/?api-version={bh.API_VERSION}", b"x" * 150
 
-    def stop(self) -> List[str]:
+    def stop(self) -> list[str]:
         with contextlib.suppress(Exception):
             self.proc.stdin.close()
             self.proc.wait(10)
@@ -237,11 +238,11 @@ class GenClient(asyncio.Protocol):
         self.sent = self.acked = 0
         self.inflight = collections.deque()  # scheduled send time of each un-acknowledged message
         self.backlog = collections.deque()   # scheduled but held back by the window
-        self.latencies: List[float] = []
-        self.batches: List[bytes] = []
+        self.latencies: list[float] = []
+        self.batches: list[bytes] = []
         self.next_batch = self.partial = 0
         self.sending = False
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     def connection_made(self, transport):
         self.transport = transport
@@ -388,7 +389,7 @@ async def gen_run(cfg: dict) -> None:
     out = sys.stdout
     ctx = bh.client_context(cfg["ca_pem"])
     gate = asyncio.Semaphore(bh.HANDSHAKE_CONCURRENCY)
-    clients: List[GenClient] = []
+    clients: list[GenClient] = []
 
     async def one(cred):
         async with gate:
@@ -502,7 +503,7 @@ class Generator:
 
 # =============================================================================== one measurement
 
-def spawn_server(kind: str, devices: int, workdir: str, mosquitto: Optional[str]) -> bh.ServerProcess:
+def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None) -> bh.ServerProcess:
     name, _, loop = kind.partition("/")
     if name == "hub":
         return bh.HubProcess(devices, loop=loop)
@@ -514,7 +515,7 @@ def spawn_server(kind: str, devices: int, workdir: str, mosquitto: Optional[str]
 def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
     conns, gens = scenario["conns"], scenario["generators"]
     server = spawn_server(kind, conns, workdir, args.mosquitto_path)
-    generators: List[Generator] = []
+    generators: list[Generator] = []
     try:
         payload = (b'{"seq":0,"temperature":21.5,"humidity":40,"pad":"' + b"x" * args.payload)[:args.payload]
         creds = []
@@ -592,11 +593,11 @@ def limit_of(r: dict, scenario: dict) -> str:
 
 # =============================================================================== reporting
 
-def fmt(x: Optional[float], spec: str = ".1f") -> str:
+def fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def fx(x: Optional[float]) -> str:
+def fx(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
@@ -610,7 +611,7 @@ def kept_up(r: dict) -> bool:
     return r["offered"] is None or r["rate"] >= 0.97 * r["offered"]
 
 
-def summarise(rows: List[dict]) -> dict:
+def summarise(rows: list[dict]) -> dict:
     """Median over repeats, and the spread, of the runs that got the offered load.
 
     A paced run that fell behind (a starved generator, a busy machine) sent fewer messages per
@@ -642,13 +643,13 @@ def print_run(r: dict, scenario: dict) -> None:
           f"{limit_of(r, scenario)}", flush=True)
 
 
-def ratio(a: Optional[dict], b: Optional[dict]) -> Optional[float]:
+def ratio(a: dict | None, b: dict | None) -> float | None:
     if a is None or b is None or b["med"] <= 0:
         return None
     return a["med"] / b["med"]
 
 
-def print_summary(scenarios: List[dict], results: Dict[Tuple[int, str], List[dict]], kinds: List[str],
+def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dict]], kinds: list[str],
                   repeats: int) -> None:
     print(f"\nsummary: µs server CPU per message, median of {repeats} run(s) [min-max]; paced runs that "
           "fell 3% or more behind the offered rate are left out (-n: n runs left out; !: none kept up, all used)")
@@ -762,7 +763,7 @@ def main(argv=None) -> int:
         order = ["hub/asyncio", "hub/uvloop", "floor/asyncio", "floor/uvloop", "mosquitto"]
         kinds = [k for k in order if k in available]
 
-    scenarios: List[dict] = []
+    scenarios: list[dict] = []
     for conns in ([] if args.no_paced else args.conn_list):
         for rate in args.rate_list:
             gens = int(args.generators) if args.generators != "auto" else (1 if rate < 10_000 else 2)
@@ -784,7 +785,7 @@ def main(argv=None) -> int:
     print("paced: one PUBLISH per TLS record and per write, spread evenly over the connections; "
           f"batched: {args.batch} PUBLISHes per TLS write, {args.depth} writes in flight per connection")
 
-    results: Dict[Tuple[int, str], List[dict]] = collections.defaultdict(list)
+    results: dict[tuple[int, str], list[dict]] = collections.defaultdict(list)
     deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory(prefix="bench-fair-") as workdir:
         try:

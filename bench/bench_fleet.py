@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"{tier}: {count} clients, run {n + 1} of {args.repeat}")
                 try:
                     result = run_once(count, args, hub_args)
-                except Exception as exc:  # noqa: BLE001 - a failed run is reported, the next one still runs
+                except Exception as exc:
                     print(f"{tier:<11} {count:>7}  run failed: {type(exc).__name__}: {exc}", flush=True)
                     ok = False
                     continue

@@ -28,14 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without installing
 
-from pytest_iotfailover.sas import make_sas_token  # noqa: E402
-from pytest_iotfailover.iothub.mqtt import Decoder, codec, packets as p  # noqa: E402
-from pytest_iotfailover.iothub.mqtt.codec import encode_remaining_length  # noqa: E402
+from pytest_iotfailover.iothub.mqtt import Decoder, codec
+from pytest_iotfailover.iothub.mqtt import packets as p
+from pytest_iotfailover.iothub.mqtt.codec import encode_remaining_length
+from pytest_iotfailover.sas import make_sas_token
 
 API_VERSION = "2019-10-01"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,9 +60,9 @@ def proc_cpu_seconds(pid: int) -> float:
     try:
         total = 0
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
+            # a thread that just ended has no file any more
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
         if total:
             return total / 1e9
     except (OSError, ValueError, IndexError):
@@ -96,11 +96,12 @@ def raise_nofile(wanted: int) -> int:
     return wanted
 
 
-_CHILDREN: List[subprocess.Popen] = []
+_CHILDREN: list[subprocess.Popen] = []
 
 
-def spawn_child(cmd: List[str], **kw) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)
+def spawn_child(cmd: list[str], **kw) -> subprocess.Popen:
+    # the benchmark's own process starts no threads before it spawns its servers
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent, **kw)  # noqa: PLW1509
     _CHILDREN.append(proc)
     return proc
 
@@ -123,7 +124,7 @@ def _die_with_parent() -> None:
 
 # =============================================================================== hub child
 
-def hub_child_main(devices: int, profile_path: Optional[str], loop: Optional[str] = None) -> int:
+def hub_child_main(devices: int, profile_path: str | None, loop: str | None = None) -> int:
     """Runs in the child: a FakeHub, driven by one-line commands on stdin, answering on stdout."""
     from pytest_iotfailover.fakehub.hub import FakeHub
 
@@ -190,10 +191,10 @@ class ServerProcess(abc.ABC):
             raise BenchError(f"{self.name} (pid {self.pid}) exited with status {self.proc.returncode}")
 
     @abc.abstractmethod
-    def credentials(self, index: int) -> Tuple[str, str, Optional[bytes]]:
+    def credentials(self, index: int) -> tuple[str, str, bytes | None]:
         """(client id, user name, password) of load connection `index`."""
 
-    def accepted(self) -> Optional[int]:
+    def accepted(self) -> int | None:
         """How many messages the server says it accepted, when it can tell."""
         return None
 
@@ -207,8 +208,8 @@ class ServerProcess(abc.ABC):
 class HubProcess(ServerProcess):
     name = "hub"
 
-    def __init__(self, devices: int, profile_path: Optional[str] = None, timeout: float = 60.0,
-                 loop: Optional[str] = None):
+    def __init__(self, devices: int, profile_path: str | None = None, timeout: float = 60.0,
+                 loop: str | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--hub-child", "--devices", str(devices)]
         if profile_path:
             cmd += ["--profile-out", profile_path]
@@ -220,7 +221,7 @@ class HubProcess(ServerProcess):
         self.hostname, self.ca_pem = info["hostname"], info["ca_pem"]
         self.devices = info["devices"]
         self.loop = info.get("loop", "asyncio")
-        self._tokens: Dict[int, bytes] = {}
+        self._tokens: dict[int, bytes] = {}
 
     def _read(self, timeout: float) -> dict:
         # poll, not select: with thousands of client sockets open this pipe's fd is over FD_SETSIZE
@@ -240,7 +241,7 @@ class HubProcess(ServerProcess):
         self.proc.stdin.flush()
         return self._read(timeout)
 
-    def credentials(self, index: int) -> Tuple[str, str, Optional[bytes]]:
+    def credentials(self, index: int) -> tuple[str, str, bytes | None]:
         device_id, key = self.devices[index]
         token = self._tokens.get(index)
         if token is None:
@@ -248,12 +249,12 @@ class HubProcess(ServerProcess):
                 f"{self.hostname}/devices/{device_id}", key, ttl=3600).encode()
         return device_id, f"{self.hostname}/{device_id}/?api-version={API_VERSION}", token
 
-    def accepted(self) -> Optional[int]:
+    def accepted(self) -> int | None:
         return self.request("stats")["telemetry"]
 
-    def stop(self) -> List[str]:
+    def stop(self) -> list[str]:
         """Stop cleanly so the hub's own error check runs; returns the errors it logged."""
-        errors: List[str] = []
+        errors: list[str] = []
         if self.proc.poll() is None:
             with contextlib.suppress(Exception):
                 errors = self.request("stats", 10)["errors"]
@@ -320,7 +321,8 @@ class MosquittoProcess(ServerProcess):
             conf.insert(0, "user root")
         with open(paths["mosquitto.conf"], "w") as f:
             f.write("\n".join(conf) + "\n")
-        self._log = open(os.path.join(workdir, "mosquitto.log"), "wb")
+        # open for the broker's lifetime; closed in stop()
+        self._log = open(os.path.join(workdir, "mosquitto.log"), "wb")  # noqa: SIM115
         self.proc = spawn_child([binary, "-c", paths["mosquitto.conf"]], stdin=subprocess.DEVNULL,
                                 stdout=self._log, stderr=subprocess.STDOUT)
         self.logfile = self._log.name
@@ -341,12 +343,12 @@ class MosquittoProcess(ServerProcess):
                 log = f.read()[-2000:]
             raise BenchError(f"mosquitto exited with status {self.proc.returncode}:\n{log}")
 
-    def credentials(self, index: int) -> Tuple[str, str, Optional[bytes]]:
+    def credentials(self, index: int) -> tuple[str, str, bytes | None]:
         # the same CONNECT shape as for the hub, so both parse the same bytes; mosquitto ignores them
         device_id = f"dev{index}"
         return device_id, f"benchhub.azure-devices.net/{device_id}/?api-version={API_VERSION}", b"x" * 150
 
-    def stop(self) -> List[str]:
+    def stop(self) -> list[str]:
         self.kill()
         self._log.close()
         return []
@@ -547,11 +549,11 @@ def client_context(ca_pem: str) -> ssl.SSLContext:
 
 
 async def open_clients(server: ServerProcess, count: int, payload: bytes, keep_alive: int,
-                       timeout: float) -> List[Client]:
+                       timeout: float) -> list[Client]:
     ctx = client_context(server.ca_pem)
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(HANDSHAKE_CONCURRENCY)
-    clients: List[Client] = []
+    clients: list[Client] = []
 
     async def one(i: int) -> None:
         async with gate:
@@ -568,14 +570,14 @@ async def open_clients(server: ServerProcess, count: int, payload: bytes, keep_a
     return clients
 
 
-def close_clients(clients: List[Client]) -> None:
+def close_clients(clients: list[Client]) -> None:
     for c in clients:
         c.close()
 
 
 # =============================================================================== measurements
 
-def split(total: int, parts: int) -> List[int]:
+def split(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
@@ -699,7 +701,7 @@ async def bench(args, workdir: str) -> int:
     phase_timeout = max(60.0, args.messages / 500)
     binary = None if args.no_mosquitto else shutil.which(args.mosquitto)
 
-    def spawn(kind: str, devices: int = 0, profile_path: Optional[str] = None) -> ServerProcess:
+    def spawn(kind: str, devices: int = 0, profile_path: str | None = None) -> ServerProcess:
         if kind == "hub":
             return HubProcess(devices, profile_path, loop=args.loop)
         return MosquittoProcess(binary, workdir)
@@ -719,7 +721,7 @@ async def bench(args, workdir: str) -> int:
         print(f"mosquitto: skipped, {args.mosquitto!r} is not installed "
               "(Debian/Ubuntu: apt-get install -y mosquitto)")
 
-    runs: List[dict] = []
+    runs: list[dict] = []
     kinds = ["hub"] + (["mosquitto"] if binary else [])
     print("\nthroughput: each run has its own freshly started server process")
     print(f"{'server':<10} {'conns':>5} {'msgs/s':>9} {'µs CPU/msg':>10} {'server CPU':>10} "
@@ -788,7 +790,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as workdir:
         try:
             return asyncio.run(asyncio.wait_for(bench(args, workdir), args.timeout))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"bench_hub: gave up after --timeout {args.timeout:g} s", file=sys.stderr)
             return 2
         except BenchError as exc:

@@ -21,14 +21,14 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without installing
 
-from azure.iot.device import IoTHubDeviceClient  # noqa: E402
+from azure.iot.device import IoTHubDeviceClient
 
-from pytest_iotfailover import FakeHub  # noqa: E402
+from pytest_iotfailover import FakeHub
 
 # The retry interval's floor in the SDK is 1 s; keep_alive only matters for silent faults.
 CLIENT_KWARGS = {"keep_alive": 5, "connection_retry_interval": 1}
@@ -56,18 +56,18 @@ class BenchError(RuntimeError):
 
 # ================================================================================ bounded work
 
-def run_parallel(calls: Sequence[Tuple[str, Callable[[], object]]], workers: int,
-                 timeout: float) -> Tuple[Dict[str, Optional[BaseException]], List[str]]:
+def run_parallel(calls: Sequence[tuple[str, Callable[[], object]]], workers: int,
+                 timeout: float) -> tuple[dict[str, BaseException | None], list[str]]:
     """Run the calls on `workers` daemon threads; give up waiting after `timeout` s.
 
     The SDK's connect and shutdown have no deadline of their own, and a hung call must neither
     hang the bench nor keep the interpreter from exiting, hence daemon threads rather than an
     executor. Returns {key: exception or None} for the calls that finished, and the unfinished keys.
     """
-    todo: "queue.Queue[Tuple[str, Callable[[], object]]]" = queue.Queue()
+    todo: queue.Queue[tuple[str, Callable[[], object]]] = queue.Queue()
     for call in calls:
         todo.put(call)
-    done: Dict[str, Optional[BaseException]] = {}
+    done: dict[str, BaseException | None] = {}
     cond = threading.Condition()
 
     def worker():
@@ -98,7 +98,7 @@ def run_parallel(calls: Sequence[Tuple[str, Callable[[], object]]], workers: int
     return finished, [k for k, _ in calls if k not in finished]
 
 
-def thread_cpu_seconds(native_id: Optional[int]) -> Optional[float]:
+def thread_cpu_seconds(native_id: int | None) -> float | None:
     """CPU time of one thread of this process; schedstat counts in ns, stat only in 10 ms ticks."""
     if native_id is None:
         return None
@@ -117,7 +117,7 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
-def hub_thread_id(hub: FakeHub) -> Optional[int]:
+def hub_thread_id(hub: FakeHub) -> int | None:
     thread = getattr(hub, "_thread", None)  # no public handle on the hub's event-loop thread
     return getattr(thread, "native_id", None)
 
@@ -128,21 +128,21 @@ class Result:
     def __init__(self, clients: int, scenario: str):
         self.clients = clients
         self.scenario = scenario
-        self.outage: Optional[float] = None
-        self.recover: Optional[float] = None
-        self.downtimes: List[float] = []
+        self.outage: float | None = None
+        self.recover: float | None = None
+        self.downtimes: list[float] = []
         self.back = 0
         self.attempts = 0
         self.refusals = 0
-        self.other: Dict[str, int] = {}
+        self.other: dict[str, int] = {}
         self.window: float = 0.0                               # fault start -> all back
         self.storm: float = 0.0                                # fault end -> all back
-        self.hub_cpu: Optional[float] = None
+        self.hub_cpu: float | None = None
         self.proc_cpu: float = 0.0
         self.others_cpu: float = 0.0
-        self.reconnect_offsets: List[float] = []               # from fault end
-        self.attempt_offsets: List[Tuple[float, str]] = []     # from fault start
-        self.error: Optional[str] = None
+        self.reconnect_offsets: list[float] = []               # from fault end
+        self.attempt_offsets: list[tuple[float, str]] = []     # from fault start
+        self.error: str | None = None
 
     @property
     def all_back(self) -> bool:
@@ -184,7 +184,7 @@ def run_scenario(hub: FakeHub, scenario: str, ids: set, outage: float, timeout: 
     # Polled from the event log rather than with handle.report(): the report is built on the hub
     # thread and would steal the very time being measured.
     deadline = time.monotonic() + timeout
-    back: Dict[str, float] = {}
+    back: dict[str, float] = {}
     seen = 0
     while True:
         events = hub.event_log.list()
@@ -227,12 +227,12 @@ def run_scenario(hub: FakeHub, scenario: str, ids: set, outage: float, timeout: 
     return res
 
 
-def run_count(n: int, outage: float, timeout: float, workers: int, results: List[Result],
-              tier: Optional[str] = None) -> None:
+def run_count(n: int, outage: float, timeout: float, workers: int, results: list[Result],
+              tier: str | None = None) -> None:
     """Appends each scenario's result as it completes, so a later failure keeps the earlier figures."""
     progress(f"N={n}: starting hub")
     first = len(results)
-    clients: Dict[str, IoTHubDeviceClient] = {}
+    clients: dict[str, IoTHubDeviceClient] = {}
     hub = FakeHub("benchhub", raise_errors=False, tier=tier).start()
     try:
         devices = [hub.add_device(f"bench-{i:03d}") for i in range(n)]
@@ -269,11 +269,11 @@ def run_count(n: int, outage: float, timeout: float, workers: int, results: List
 
 # ================================================================================ printing
 
-def fmt(v: Optional[float], digits: int = 2) -> str:
+def fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def print_table(results: List[Result], outage: float) -> None:
+def print_table(results: list[Result], outage: float) -> None:
     head = (f"{'scenario':<16} {'N':>4} {'outage':>7} {'recover':>8} {'p50 down':>9} {'max down':>9} "
             f"{'back':>8} {'attempts':>8} {'refused':>8} {'hub CPU':>8} {'proc CPU':>9} {'others':>7}  target")
     print(head)
@@ -304,10 +304,10 @@ def print_table(results: List[Result], outage: float) -> None:
           "until the last device was back")
 
 
-def histogram(label: str, values: List[float]) -> List[str]:
+def histogram(label: str, values: list[float]) -> list[str]:
     if not values:
         return [f"  {label}: none"]
-    counts: Dict[int, int] = {}
+    counts: dict[int, int] = {}
     for v in values:
         counts[int(v // BUCKET)] = counts.get(int(v // BUCKET), 0) + 1
     lines = [f"  {label}:"]
@@ -371,7 +371,7 @@ def main(argv=None) -> int:
 
     tier = None if args.tier.strip().lower() in ("none", "off") else args.tier
     started = time.monotonic()
-    results: List[Result] = []
+    results: list[Result] = []
     broke = False
     for n in counts:
         try:

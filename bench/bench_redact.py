@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pytest_iotfailover import redaction as secrets  # noqa: E402
+from pytest_iotfailover import redaction as secrets
 
 
 def old_redact(text, known):

@@ -4,7 +4,6 @@
 
 Each test that uses `failover` gets a timeout of its own, so a hung SDK call fails instead of hanging CI.
 """
-import asyncio
 import threading
 
 import pytest

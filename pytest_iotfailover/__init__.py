@@ -27,13 +27,24 @@ _PUBLIC = {
     "DevicePool": ".devices.pool",
 }
 
-__all__ = [*_PUBLIC, "__version__"]
+__all__ = ["AsyncOutbox", "Device", "DevicePool", "FakeHub", "FaultHandle", "HubEvent", "HubOperationError",
+           "MethodResponse", "Outbox", "OutboxClosed", "OutboxFull", "RecoveryReport", "Telemetry",
+           "__version__", "assert_all_delivered", "assert_in_order", "assert_no_duplicates"]
+assert sorted(__all__) == sorted([*_PUBLIC, "__version__"])  # one list for ruff and mypy, one for the look-up
 
 if TYPE_CHECKING:
     from .devices.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
     from .devices.pool import DevicePool
-    from .fakehub.hub import (Device, FakeHub, FaultHandle, HubEvent, HubOperationError, MethodResponse,
-                              RecoveryReport, Telemetry)
+    from .fakehub.hub import (
+        Device,
+        FakeHub,
+        FaultHandle,
+        HubEvent,
+        HubOperationError,
+        MethodResponse,
+        RecoveryReport,
+        Telemetry,
+    )
     from .testing.assertions import assert_all_delivered, assert_in_order, assert_no_duplicates
 
 

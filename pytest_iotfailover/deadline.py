@@ -34,7 +34,7 @@ class Call:
         try:
             if fn is not None:
                 self.result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for this call
+        except BaseException as exc:
             self.error = exc
         finally:
             self._fn = None  # an abandoned call must not keep its arguments alive

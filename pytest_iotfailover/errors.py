@@ -5,9 +5,19 @@ those goes on working. Standard library only: every layer may import this module
 """
 from __future__ import annotations
 
-__all__ = ["IoTFailoverError", "ProtocolError", "PacketTooLarge", "AuthError", "ProtocolViolation",
-           "HubOperationError", "HubInternalError", "FaultNotSupported", "SettingsError", "RealHubUnavailable",
-           "RealBackendError"]
+__all__ = [
+    "AuthError",
+    "FaultNotSupported",
+    "HubInternalError",
+    "HubOperationError",
+    "IoTFailoverError",
+    "PacketTooLarge",
+    "ProtocolError",
+    "ProtocolViolation",
+    "RealBackendError",
+    "RealHubUnavailable",
+    "SettingsError",
+]
 
 
 class IoTFailoverError(Exception):

@@ -9,14 +9,22 @@ import ssl
 import struct
 import time
 from collections import deque
-from typing import Deque, List, Optional, Union
+from typing import Self
 
 from pytest_iotfailover.fakehub.hub import Device, FakeHub
+from pytest_iotfailover.iothub.mqtt import Decoder, encode
+from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.sas import make_sas_token
-from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
 
-__all__ = ["MqttClient", "ConnectionClosed", "connect", "close_all", "sas_token", "username_for",
-           "API_VERSION"]
+__all__ = [
+    "API_VERSION",
+    "ConnectionClosed",
+    "MqttClient",
+    "close_all",
+    "connect",
+    "sas_token",
+    "username_for",
+]
 
 API_VERSION = "2021-04-12"
 DEFAULT_TIMEOUT = 5.0
@@ -41,8 +49,8 @@ def username_for(hub: FakeHub, device_id: str) -> str:
     return f"{hub.hostname}/{device_id}/?api-version={API_VERSION}"
 
 
-def sas_token(hub: FakeHub, device_id: str, key: Optional[str] = None, *,
-              expiry: Optional[float] = None, ttl: float = 3600) -> str:
+def sas_token(hub: FakeHub, device_id: str, key: str | None = None, *,
+              expiry: float | None = None, ttl: float = 3600) -> str:
     """A device SAS token; `key` defaults to the registered device's primary key."""
     if key is None:
         key = hub.device(device_id).primary_key
@@ -54,16 +62,16 @@ class MqttClient:
 
     def __init__(self, sock: ssl.SSLSocket):
         self.sock = sock
-        self.connack: Optional[p.Connack] = None
+        self.connack: p.Connack | None = None
         self._decoder = Decoder()
-        self._pending: Deque[object] = deque()
+        self._pending: deque[object] = deque()
         self._next_id = 0
         self._eof = False
         _open_clients.add(self)
 
     @classmethod
     def open(cls, hub: FakeHub, timeout: float = DEFAULT_TIMEOUT, *,
-             rcvbuf: Optional[int] = None) -> "MqttClient":
+             rcvbuf: int | None = None) -> "MqttClient":
         """TLS handshake done, nothing sent: for tests that misbehave before CONNECT.
 
         `rcvbuf` shrinks the socket's receive buffer (SO_RCVBUF, set before connecting), for
@@ -120,7 +128,7 @@ class MqttClient:
             try:
                 if not raw.recv(65536):
                     return
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -129,8 +137,8 @@ class MqttClient:
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
 
-    def publish(self, topic: str, payload: Union[bytes, str] = b"", qos: int = 1, *,
-                packet_id: Optional[int] = None, dup: bool = False, retain: bool = False) -> Optional[int]:
+    def publish(self, topic: str, payload: bytes | str = b"", qos: int = 1, *,
+                packet_id: int | None = None, dup: bool = False, retain: bool = False) -> int | None:
         """Send a PUBLISH; returns its packet id (None for QoS 0). Does not wait for PUBACK."""
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
@@ -189,7 +197,7 @@ class MqttClient:
         """
         start = time.monotonic()
         deadline = start + timeout
-        got: List[object] = list(self._pending)
+        got: list[object] = list(self._pending)
         self._pending.clear()
         while not got:
             remaining = deadline - time.monotonic()
@@ -206,14 +214,14 @@ class MqttClient:
                 raise AssertionError(f"the hub sent undecodable bytes instead of closing: {exc}") from None
         raise AssertionError(f"expected the hub to close the connection, got {got!r}")
 
-    def _read(self, timeout: float) -> Optional[bytes]:
+    def _read(self, timeout: float) -> bytes | None:
         """Bytes, b'' when the peer closed, None on timeout."""
         if self._eof:
             return b""
         self.sock.settimeout(max(timeout, 0.001))
         try:
             data = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return None
         except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
                 ssl.SSLEOFError, ssl.SSLZeroReturnError):
@@ -246,18 +254,18 @@ class MqttClient:
             pass
         self.close()
 
-    def __enter__(self) -> "MqttClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def connect(hub: FakeHub, device: Union[Device, str], *, clean_session: bool = False,
-            keep_alive: int = 60, username: Optional[str] = None,
-            password: Optional[Union[str, bytes]] = None, client_id: Optional[str] = None,
-            will: Optional[p.Will] = None, protocol_level: int = 4,
-            timeout: float = DEFAULT_TIMEOUT, rcvbuf: Optional[int] = None) -> MqttClient:
+def connect(hub: FakeHub, device: Device | str, *, clean_session: bool = False,
+            keep_alive: int = 60, username: str | None = None,
+            password: str | bytes | None = None, client_id: str | None = None,
+            will: p.Will | None = None, protocol_level: int = 4,
+            timeout: float = DEFAULT_TIMEOUT, rcvbuf: int | None = None) -> MqttClient:
     """Open a connection, send CONNECT and wait for CONNACK (kept in `client.connack`).
 
     Returns the client whatever the return code, so refusals can be asserted. `username` and

@@ -16,9 +16,15 @@ import pytest
 import trustme
 from azure.core.credentials import AccessToken
 
-from pytest_iotfailover.backends.real.arm import (ArmFailover, ArmFailoverError, ArmFailoverHandle,
-                                             FailoverInProgress, FailoverNotAllowed, FailoverQuotaExceeded,
-                                             format_utc)
+from pytest_iotfailover.backends.real.arm import (
+    ArmFailover,
+    ArmFailoverError,
+    ArmFailoverHandle,
+    FailoverInProgress,
+    FailoverNotAllowed,
+    FailoverQuotaExceeded,
+    format_utc,
+)
 from pytest_iotfailover.model import RecoveryReport
 
 pytestmark = pytest.mark.timeout(15)

@@ -1,7 +1,6 @@
 import pytest
 
-from pytest_iotfailover.iothub.auth import (AuthError, parse_connection_string, parse_username, redact,
-                                         verify_sas_token)
+from pytest_iotfailover.iothub.auth import AuthError, parse_connection_string, parse_username, redact, verify_sas_token
 from pytest_iotfailover.sas import make_sas_token
 
 KEY = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="

@@ -22,9 +22,9 @@ def test_quick_bench_prints_figures():
     # server, connections, msgs/s, µs CPU/msg, server CPU %, client CPU %, peak RSS MB
     for conns in (1, 10):
         assert re.search(rf"^hub\s+{conns}\s+{number}\s+{number}\s+{number}%\s+{number}%\s+{number}\s",
-                         out, re.M), out
+                         out, re.MULTILINE), out
     # server, idle connections, RSS before MB, RSS after MB, KB per connection
-    assert re.search(rf"^hub\s+200\s+{number}\s+{number}\s+-?{number}\b", out, re.M), out
+    assert re.search(rf"^hub\s+200\s+{number}\s+{number}\s+-?{number}\b", out, re.MULTILINE), out
     assert "mosquitto: skipped (--no-mosquitto)" in out
 
 
@@ -42,6 +42,6 @@ def test_quick_fair_bench_prints_figures():
     # server, msgs/s, µs CPU/msg, server CPU %, generators' CPU %, generator µs/msg, others %
     for kind in ("hub/asyncio", "floor/asyncio"):
         rows = re.findall(rf"^  {kind}\s+{number}\s+{number}\s+{number}%\s+[\d+]+%\s+{number}\s+{number}%",
-                          out, re.M)
+                          out, re.MULTILINE)
         assert len(rows) == 2, out  # one paced, one batched
-    assert re.search(r"^  paced 200 msg/s, 10 conns\s+asyncio\s+-\s+\d+\.\d+x", out, re.M), out
+    assert re.search(r"^  paced 200 msg/s, 10 conns\s+asyncio\s+-\s+\d+\.\d+x", out, re.MULTILINE), out

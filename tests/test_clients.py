@@ -12,14 +12,12 @@ import time
 
 import pytest
 from azure.iot.device import Message, MethodResponse
+from sdk_support import Inbox, bounded
 
-from pytest_iotfailover.devices.pool import (DeviceConnectionError, DevicePool, DeviceTimeoutError,
-                                        create_client)
 from pytest_iotfailover.devices.backoff import Backoff
+from pytest_iotfailover.devices.pool import DeviceConnectionError, DevicePool, DeviceTimeoutError, create_client
 from pytest_iotfailover.devices.slots import TRANSITIONS, Slot, SlotState
 from pytest_iotfailover.iothub.auth import device_connection_string
-
-from sdk_support import Inbox, bounded
 
 pytestmark = pytest.mark.timeout(20)
 

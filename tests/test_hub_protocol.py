@@ -16,12 +16,13 @@ import time
 from urllib.parse import quote
 
 import pytest
-
 from mqttclient import MqttClient, close_all, connect, sas_token, username_for
+
 from pytest_iotfailover.fakehub.hub import FakeHub
-from pytest_iotfailover.sas import make_sas_token
+from pytest_iotfailover.iothub.mqtt import Decoder, ProtocolError
+from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.iothub.registry import new_key
-from pytest_iotfailover.iothub.mqtt import Decoder, ProtocolError, packets as p
+from pytest_iotfailover.sas import make_sas_token
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -942,7 +943,7 @@ class _Flood:
             try:
                 self.client.sock.sendall(self.batch)
                 self.sent += 100
-            except socket.timeout:
+            except TimeoutError:
                 continue  # the hub stopped reading: TCP pushes back
             except OSError:
                 return  # the hub closed the connection
@@ -1079,7 +1080,9 @@ def test_fuzzed_packets_never_cause_an_internal_error(hub):
 
     Derandomized and bounded in examples, so every run tries the same cases.
     """
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
     from pytest_iotfailover.iothub.mqtt import encode
 
     dev = hub.add_device("dev1")

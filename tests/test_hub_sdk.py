@@ -4,11 +4,10 @@ import time
 
 import pytest
 from azure.iot.device import Message, MethodResponse, exceptions
+from sdk_support import Inbox, bounded, make_client
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.sas import make_sas_token
-
-from sdk_support import Inbox, bounded, make_client
 
 pytestmark = pytest.mark.timeout(30)
 

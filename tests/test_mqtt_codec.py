@@ -3,6 +3,7 @@
 The malformed-packet fixtures are built by hand with `_frame` below (an independent
 remaining-length encoder), so they do not depend on the encoder under test.
 """
+import itertools
 import struct
 
 import pytest
@@ -10,7 +11,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pytest_iotfailover.iothub.mqtt import (
-    Decoder, PacketTooLarge, ProtocolError, encode, encode_puback, packets as p,
+    Decoder,
+    PacketTooLarge,
+    ProtocolError,
+    encode,
+    encode_puback,
+)
+from pytest_iotfailover.iothub.mqtt import (
+    packets as p,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None,
@@ -114,7 +122,7 @@ any_packet = st.one_of(connects(), connacks, publishes(), id_only, subscribes, s
 def split_points(draw, data: bytes):
     cuts = draw(st.lists(st.integers(0, len(data)), max_size=8))
     bounds = sorted(set([0, len(data)] + cuts))
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 # ----------------------------------------------------------------------------- 1. round trip

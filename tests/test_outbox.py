@@ -12,10 +12,9 @@ import time
 
 import pytest
 from azure.iot.device import Message, exceptions
+from sdk_support import bounded, make_client
 
 from pytest_iotfailover.devices.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
-
-from sdk_support import bounded, make_client
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -380,9 +379,8 @@ def test_async_outbox_cannot_block_the_loop_but_asend_waits(hub, device):
                 await ob.flush(0.05)
             await ob.flush(5)
             await ob.close()
-            with pytest.raises(TypeError, match="async with"):
-                with ob:
-                    pass
+            with pytest.raises(TypeError, match="async with"), ob:
+                pass
             return [a, b]
         finally:
             await asyncio.wait_for(c.shutdown(), 10)

@@ -9,12 +9,11 @@ import sys
 
 import pytest
 from azure.iot.device import Message
+from sdk_support import Inbox, bounded, make_client
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.fakehub import cli
 from pytest_iotfailover.fakehub.hub import LOOP_ENV
-
-from sdk_support import Inbox, bounded, make_client
 
 pytestmark = pytest.mark.timeout(45)
 

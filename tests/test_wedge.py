@@ -15,19 +15,18 @@ import struct
 import sys
 import threading
 import time
-from typing import Deque, List, NamedTuple
+from typing import NamedTuple
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message
+from sdk_support import bounded
 
-from pytest_iotfailover import DevicePool, FakeHub, Outbox
-from pytest_iotfailover import wedge
+from pytest_iotfailover import DevicePool, FakeHub, Outbox, wedge
 from pytest_iotfailover.fakehub.server import HubServer
-from pytest_iotfailover.iothub.mqtt import Decoder, encode, packets as p
+from pytest_iotfailover.iothub.mqtt import Decoder, encode
+from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.plugin import reporting
 from pytest_iotfailover.plugin.factory import make_client, shutdown_quietly, wedges_of
-
-from sdk_support import bounded
 
 # The death is reproduced on Python 3.11 and 3.12; on 3.13 the same reset after CONNACK left paho
 # 1.6's network thread alive in our runs (the reset surfaces differently in its write path), so
@@ -65,10 +64,10 @@ class HostileProxy:
         cert = hub.certificates.ca.issue_cert(self.address, hub.hostname)
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(self._ctx)
-        self.plan: Deque[str] = collections.deque()
-        self.steps: List[str] = []          # the step each connection took, in order
+        self.plan: collections.deque[str] = collections.deque()
+        self.steps: list[str] = []          # the step each connection took, in order
         self._cond = threading.Condition()
-        self._live: List[socket.socket] = []
+        self._live: list[socket.socket] = []
         self._stopped = False
         threading.Thread(target=self._accept, name="hostile-proxy", daemon=True).start()
 
@@ -78,7 +77,7 @@ class HostileProxy:
         assert cs != device.connection_string
         return ProxiedDevice(device.device_id, cs)
 
-    def wait_steps(self, count: int, timeout: float = _IO_TIMEOUT) -> List[str]:
+    def wait_steps(self, count: int, timeout: float = _IO_TIMEOUT) -> list[str]:
         with self._cond:
             if not self._cond.wait_for(lambda: len(self.steps) >= count, timeout):
                 raise TimeoutError(f"expected {count} connections to the proxy, saw {self.steps}")
@@ -251,7 +250,7 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
         assert "wedge-bare: the SDK's network thread died at" in found.text
         assert found.text.endswith("(SSLEOFError); it still reports connected")
         # nothing can answer this call now: no thread reads the socket
-        done, errors = _send_in_background(client, Message("stuck", message_id="stuck-1"))
+        done, _errors = _send_in_background(client, Message("stuck", message_id="stuck-1"))
 
         paho = wedge.paho_of(client)
         dead = [paho._sock, paho._sockpairR, paho._sockpairW]

@@ -186,7 +186,7 @@ class Outbox(_OutboxView):
                 if inspect.iscoroutine(result):
                     result.close()
                 raise TypeError("the target returned an awaitable: it is an asyncio client, use AsyncOutbox")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             self._core._attempt_done(attempt, exc)
         else:
             self._core._attempt_done(attempt, None)

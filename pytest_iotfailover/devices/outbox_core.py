@@ -253,7 +253,7 @@ class OutboxCore:
                 attempt = _Attempt(entry)
             try:
                 self._front._launch(attempt)
-            except BaseException as exc:  # noqa: BLE001 - e.g. no thread could be started: counts as a failed try
+            except BaseException as exc:
                 self._attempt_done(attempt, exc)
             deadline = time.monotonic() + self._send_timeout
             with cond:

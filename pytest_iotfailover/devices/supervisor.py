@@ -236,7 +236,7 @@ class Supervisor:
             self.pool._shut_down.add(client)
         try:
             call_with_deadline(client.shutdown, timeout, "shutdown", name=f"{self.pool._name}-shutdown")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             # a client already gone, or one wedged in the SDK: either way it is not ours any more
             log.debug("%s: shutting a client down: %s", self.pool._name, describe(exc))
 
@@ -271,7 +271,7 @@ class Supervisor:
                 return  # whoever connects it next installs the handlers then
             try:
                 self._install_handlers(slot, client)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 # a client that cannot subscribe is of no use: replace it even if it looks connected
                 self._lost(slot, client, f"subscribing failed ({describe(exc)})", force=True)
 
@@ -287,7 +287,7 @@ class Watchdog:
         while not self.pool._stop_watching.wait(self.pool._watch_interval):
             try:
                 self._watch_once(absent_since)
-            except Exception as exc:  # noqa: BLE001 - keep watching the others
+            except Exception as exc:
                 log.debug("%s: watchdog: %s", self.pool._name, describe(exc))
 
     def _watch_once(self, absent_since: dict[str, float]) -> None:
@@ -301,7 +301,7 @@ class Watchdog:
             try:
                 ids = self.pool._liveness_probe()
                 on_hub = None if ids is None else set(ids)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 on_hub = None  # the hub cannot say right now: no opinion
         now = time.monotonic()
         for slot, client in live:

@@ -119,7 +119,7 @@ def diagnose(client: Any, grace: float = DEAD_THREAD_GRACE) -> Wedge | None:
     thread = paho._thread
     try:
         connected = bool(client.connected)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if thread is None or thread.is_alive() or not connected:
         return None
@@ -183,7 +183,7 @@ def revive(client: Any, timeout: float = _REVIVE_TIMEOUT) -> bool:
     def run():
         try:
             paho._reset_sockets()
-        except Exception:  # noqa: BLE001, S110
+        except Exception:
             pass  # already closed
         handler = paho.on_disconnect
         if handler is None:
@@ -192,7 +192,7 @@ def revive(client: Any, timeout: float = _REVIVE_TIMEOUT) -> bool:
     def quietly():
         try:
             run()
-        except Exception:  # noqa: BLE001, S110 - the SDK logs its own trouble; the client is no worse off
+        except Exception:
             pass
     Call(quietly, "iotfailover:revive").wait(timeout)
     return True
@@ -206,7 +206,7 @@ def release(client: Any) -> None:
         return
     try:
         paho._reset_sockets()
-    except Exception:  # noqa: BLE001, S110
+    except Exception:
         pass
 
 
@@ -285,7 +285,7 @@ class WedgeMonitor:
             try:
                 ids = self.liveness_probe()
                 connected_on_hub = None if ids is None else set(ids)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 connected_on_hub = None  # the hub is gone or busy: no opinion
         now = time.monotonic()
         for key, client in clients:
@@ -315,7 +315,7 @@ class WedgeMonitor:
             if self.on_wedge is not None:
                 try:
                     self.on_wedge(client, wedge)
-                except Exception:  # noqa: BLE001, S110
+                except Exception:
                     pass  # a reporting hook must not stop the monitor
             if self.heal and not revive(client):
                 _force_loss(client)
@@ -334,7 +334,7 @@ class WedgeMonitor:
                     return
             try:
                 self.check()
-            except Exception:  # noqa: BLE001, S110
+            except Exception:
                 pass  # keep watching; one odd client must not blind the monitor to the others
 
 
@@ -348,5 +348,5 @@ def _force_loss(client: Any) -> None:
     try:
         import socket
         sock.shutdown(socket.SHUT_RDWR)
-    except Exception:  # noqa: BLE001, S110
+    except Exception:
         pass

@@ -1,6 +1,6 @@
 """A throw-away certificate authority and server certificate for the fake hub."""
 import ssl
-from typing import Sequence
+from collections.abc import Sequence
 
 import trustme
 

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 resource: Any
 try:
@@ -107,10 +107,10 @@ class FileExistsRefusal(Exception):
 
 # (path, (st_dev, st_ino)) of each file this process created, so that on exit it removes those
 # files only, and not one that somebody put in their place meanwhile.
-Created = Tuple[str, Tuple[int, int]]
+Created = tuple[str, tuple[int, int]]
 
 
-def _write_new(path: str, text: str, mode: int = 0o600) -> Tuple[int, int]:
+def _write_new(path: str, text: str, mode: int = 0o600) -> tuple[int, int]:
     """Create `path` holding `text`; FileExistsRefusal if anything is at `path`, never replacing it.
 
     Readers see either no file or the whole file: the text goes to a temporary file first, which
@@ -143,7 +143,7 @@ def _write_new(path: str, text: str, mode: int = 0o600) -> Tuple[int, int]:
             pass
 
 
-def _write_exclusive(path: str, text: str, mode: int) -> Tuple[int, int]:
+def _write_exclusive(path: str, text: str, mode: int) -> tuple[int, int]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags, mode)
@@ -157,7 +157,7 @@ def _write_exclusive(path: str, text: str, mode: int) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _remove_created(created: List[Created]) -> None:
+def _remove_created(created: list[Created]) -> None:
     for path, identity in reversed(created):
         try:
             st = os.lstat(path)
@@ -172,7 +172,7 @@ def _remove_created(created: List[Created]) -> None:
             pass
 
 
-def _output_paths(info_file: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+def _output_paths(info_file: str | None) -> tuple[str | None, str | None]:
     """(info file, CA file) for --info-file, or (None, None) when they go to a new temporary directory."""
     if info_file is None:
         return None, None
@@ -180,7 +180,7 @@ def _output_paths(info_file: Optional[str]) -> Tuple[Optional[str], Optional[str
     return info_path, os.path.splitext(info_path)[0] + "-ca.pem"
 
 
-def _raise_fd_limit() -> Optional[int]:
+def _raise_fd_limit() -> int | None:
     """Raise the soft limit on open descriptors to the hard one; the soft limit now, or None.
 
     The usual soft limit of 1,024 stops a hub at about a thousand connections, far below what the
@@ -239,7 +239,7 @@ class _StopSignal:
     """
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
@@ -270,7 +270,7 @@ class _StopSignal:
         self._writer.close()
 
 
-def _info(hub: FakeHub, control: ControlServer, ca_path: str, devices: Dict[str, str]) -> dict:
+def _info(hub: FakeHub, control: ControlServer, ca_path: str, devices: dict[str, str]) -> dict:
     return {
         "hub_name": hub.hub_name,
         "hostname": hub.hostname,
@@ -289,7 +289,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
@@ -321,9 +321,9 @@ class _Run:
     """What a run started and must undo: the control API, the files it created, a private folder."""
 
     def __init__(self) -> None:
-        self.control: Optional[ControlServer] = None
-        self.created: List[Created] = []
-        self.temp_dir: Optional[str] = None
+        self.control: ControlServer | None = None
+        self.created: list[Created] = []
+        self.temp_dir: str | None = None
 
 
 def _serve(args: argparse.Namespace, hub: FakeHub, stop: "_StopSignal", run: _Run) -> int:

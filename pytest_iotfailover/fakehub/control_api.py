@@ -395,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
-        except Exception as exc:  # noqa: BLE001 - one bad request must not take the server thread down
+        except Exception as exc:
             if not self.server.control.hub.running:
                 status, result = 503, {"error": "the hub is not running"}
             else:

@@ -221,7 +221,7 @@ class FakeHub:
         try:
             try:
                 loop.run_until_complete(self._startup())
-            except BaseException as exc:  # noqa: BLE001 - start() raises it in the caller's thread
+            except BaseException as exc:
                 self._startup_error = exc
                 return
             finally:
@@ -320,7 +320,7 @@ class FakeHub:
         def run():
             try:
                 fut.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
+            except BaseException as exc:
                 fut.set_exception(exc)
         self._loop.call_soon_threadsafe(run)
         return fut.result(timeout)

@@ -3,5 +3,14 @@
 from ..errors import HubInternalError, HubOperationError
 from ..fakehub.hub import Device, FakeHub, FaultHandle, HubEvent, MethodResponse, RecoveryReport, Telemetry
 
-__all__ = ["FakeHub", "Device", "Telemetry", "HubEvent", "MethodResponse", "HubOperationError",
-           "FaultHandle", "RecoveryReport", "HubInternalError"]
+__all__ = [
+           "Device",
+           "FakeHub",
+           "FaultHandle",
+           "HubEvent",
+           "HubInternalError",
+           "HubOperationError",
+           "MethodResponse",
+           "RecoveryReport",
+           "Telemetry",
+]

@@ -688,7 +688,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                 raise ProtocolViolation(f"{name} is not accepted from a device")
         except ProtocolViolation as exc:
             self._violation(conn, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a hub bug must not take the driver down
+        except Exception as exc:
             self._internal_error(conn, exc)
 
     def _violation(self, conn: Connection, message: str) -> None:

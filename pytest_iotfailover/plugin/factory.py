@@ -2,7 +2,7 @@
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytest
 
@@ -34,7 +34,7 @@ def run_bounded(fn, timeout: float, what: str):
 
 # One wedge monitor per embedded hub (its liveness probe asks that hub), one for real hubs.
 _monitors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_real_hub_monitor: Optional[wedge.WedgeMonitor] = None
+_real_hub_monitor: wedge.WedgeMonitor | None = None
 _monitor_of: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _monitors_lock = threading.Lock()
 
@@ -87,7 +87,7 @@ def shutdown_quietly(client, what: str = "device client") -> None:
                 "same hazard (README: \"When the SDK client dies silently\")"))
 
 
-def wedges_of(client) -> List[wedge.Wedge]:
+def wedges_of(client) -> list[wedge.Wedge]:
     """The wedges the fixtures' monitor found on `client` so far."""
     with _monitors_lock:
         monitor = _monitor_of.get(client)
@@ -114,8 +114,8 @@ class DeviceClientFactory:
 
     def __init__(self, iothub: HubView):
         self.iothub = iothub
-        self._clients: List[Any] = []
-        self._pools: List[Any] = []
+        self._clients: list[Any] = []
+        self._pools: list[Any] = []
 
     def __call__(self, count: int = 1, pooled: bool = False, connect: bool = True, **sdk_kwargs):
         if not isinstance(count, int) or count < 1:
@@ -123,7 +123,7 @@ class DeviceClientFactory:
         devices = [self.iothub.add_device() for _ in range(count)]
         if pooled:
             from ..devices.pool import DevicePool
-            kwargs: Dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
+            kwargs: dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)
             kwargs.pop("connection_retry_interval", None)  # the pool does its own retrying
             probe = hub_liveness_probe(self.iothub)
             if probe is not None:

@@ -97,7 +97,7 @@ def _pytest_timeout_default(config: pytest.Config) -> float | None:
         return None
     try:
         return plugin.get_env_settings(config).timeout
-    except Exception:  # noqa: BLE001 - an older or newer pytest-timeout; it validates its settings itself
+    except Exception:
         return None
 
 

@@ -10,6 +10,7 @@ from ..errors import FaultNotSupported
 from ..model import FaultKind, FaultSpec, spec_for
 from .view import HubView
 
+
 class Failover:
     """Start faults on the test's hub; each call returns at once with the fault's handle
     (`.wait()` blocks until the hub is back, `.report()` says how recovery went).

@@ -113,7 +113,7 @@ class HubView:
         for device_id in list(self._devices):
             try:
                 self.remove_device(device_id)
-            except Exception as exc:  # noqa: BLE001 - keep removing the others, report them all below
+            except Exception as exc:
                 errors.append(f"{device_id}: {exc}")
         if errors:
             raise RuntimeError("could not remove test devices: " + "; ".join(errors))

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from ...model import RecoveryReport
 from ...redaction import redact
@@ -277,9 +277,9 @@ class ArmFailover:
         same = sorted(op["started_at"] for op in ops if op.get("kind") == kind)
         if len(same) >= PER_DAY:
             nth = len(same) + 1
-            refusals.append((f"this would be the {nth}{_ordinal(nth)} {kind} of IoT "
-                             f"hub {self.hub_name!r} in 24 h, and IoT Hub allows "
-                             f"{PER_DAY} failovers and {PER_DAY} failbacks a day",
+            refusals.append(((f"this would be the {nth}{_ordinal(nth)} {kind} of IoT "
+                              f"hub {self.hub_name!r} in 24 h, and IoT Hub allows "
+                              f"{PER_DAY} failovers and {PER_DAY} failbacks a day"),
                              same[-PER_DAY] + DAY, f"{PER_DAY} {kind}s per day"))
         if ops:
             # counted from the end when known: a later reference than IoT Hub may use,
@@ -287,10 +287,10 @@ class ArmFailover:
             # hub turns down for the gap
             previous = max(max(op["started_at"], op.get("ended_at") or 0) for op in ops)
             if now < previous + MIN_GAP:
-                refusals.append((f"the previous operation on IoT hub {self.hub_name!r} "
-                                 f"was at {format_utc(previous)}, and IoT Hub needs at "
-                                 "least 1 h between a failover and the next failover "
-                                 "or failback", previous + MIN_GAP,
+                refusals.append(((f"the previous operation on IoT hub {self.hub_name!r} "
+                                  f"was at {format_utc(previous)}, and IoT Hub needs at "
+                                  "least 1 h between a failover and the next failover "
+                                  "or failback"), previous + MIN_GAP,
                                  "1 h between operations"))
         if refusals:
             next_allowed = max(r[1] for r in refusals)
@@ -527,7 +527,7 @@ class ArmFailoverHandle:
         return RecoveryReport(fault=FAILOVER_KIND, target=None, params=self.params,
                               started_at=self.started_at, ended_at=self.ended_at)
 
-    def __enter__(self) -> ArmFailoverHandle:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -28,10 +28,10 @@ from ...iothub.auth import parse_connection_string
 from ...iothub.core import MethodResponse
 from ...iothub.events import HubEvent
 from ...iothub.ledger import Telemetry
-from ...waiting import WaitingLedger as Ledger
 from ...iothub.registry import Device
 from ...model import FaultSpec
 from ...redaction import redact, remember
+from ...waiting import WaitingLedger as Ledger
 from ..base import Hub
 from .errors import RealBackendError
 from .faults import FaultInjector, RealFaultHandle

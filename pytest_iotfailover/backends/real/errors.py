@@ -10,9 +10,9 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ...errors import RealBackendError
 from ...iothub.core import HubOperationError
 from ...redaction import redact
-from ...errors import RealBackendError
 
 _T = TypeVar("_T")
 

@@ -341,7 +341,7 @@ class RealFaultHandle:
         # this returns. Shutting the client down ends it too.
         try:
             send_through(client, device_id, message)
-        except BaseException as exc:  # noqa: BLE001 - whatever ends the send is reported below
+        except BaseException as exc:
             # A client without its own retry (a pool's) cancels the pending request when
             # the hub drops it, a moment before its state-change callback runs: that is
             # the fault working.

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ...iothub.auth import parse_connection_string
-from ...sas import make_sas_token
 from ...iothub.ledger import Telemetry
-from ...waiting import WaitingLedger as Ledger
 from ...redaction import redact, remember
+from ...sas import make_sas_token
+from ...waiting import WaitingLedger as Ledger
 from .errors import RealBackendError, text_of
 
 __all__ = ["EVENTHUB_OPTION", "EndpointLedger", "check_eventhub_connection_string",
@@ -250,7 +250,7 @@ def _system_properties(raw: dict[str, Any], partition_id: str | None) -> dict[st
     for key, value in raw.items():
         ms = _utc_ms(value) if key.lower() in _TIME_PROPERTIES else None
         if ms is not None:
-            utc = datetime.timezone.utc
+            utc = datetime.UTC
             value = datetime.datetime.fromtimestamp(ms / 1000.0, utc).isoformat()
         system[_readable_name(key)] = text_of(value)
     if partition_id is not None:
@@ -360,7 +360,7 @@ class EndpointLedger:
     def _start(self, start: float) -> None:
         assert self._connection_string is not None
         consumer = self._consumer_factory(self._connection_string)
-        position = datetime.datetime.fromtimestamp(start, datetime.timezone.utc)
+        position = datetime.datetime.fromtimestamp(start, datetime.UTC)
         self._consumer = consumer
         self._thread = threading.Thread(target=self._consume, args=(consumer, position),
                                         name="iotfailover:eventhub-ledger", daemon=True)

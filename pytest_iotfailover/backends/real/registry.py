@@ -25,9 +25,16 @@ from ...iothub.registry import Device, check_device_id, new_key
 from ...redaction import redact, remember
 from .errors import RealBackendError, call_service
 
-__all__ = ["DEVICE_PREFIX", "SWEEP_AGE", "HTTP_TIMEOUT", "RunDevices",
-           "make_run_prefix", "open_registry_manager", "close_registry_manager",
-           "sweep_leftovers"]
+__all__ = [
+    "DEVICE_PREFIX",
+    "HTTP_TIMEOUT",
+    "SWEEP_AGE",
+    "RunDevices",
+    "close_registry_manager",
+    "make_run_prefix",
+    "open_registry_manager",
+    "sweep_leftovers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +105,7 @@ def _born_at(device_id: str) -> float | None:
         born = datetime.datetime.strptime(m.group(1), "%Y%m%d%H%M%S")
     except ValueError:
         return None
-    return born.replace(tzinfo=datetime.timezone.utc).timestamp()
+    return born.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def _warn(text: str) -> None:

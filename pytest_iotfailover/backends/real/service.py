@@ -24,7 +24,7 @@ from .errors import (
 )
 from .registry import HTTP_TIMEOUT, RunDevices
 
-__all__ = ["ServiceCalls", "C2D_TIMEOUT", "METHOD_TIMEOUT_RANGE"]
+__all__ = ["C2D_TIMEOUT", "METHOD_TIMEOUT_RANGE", "ServiceCalls"]
 
 C2D_TIMEOUT = 60.0  # uamqp's send has no deadline of its own
 METHOD_TIMEOUT_RANGE = (5, 300)  # what IoT Hub accepts for responseTimeoutInSeconds
@@ -40,7 +40,7 @@ def _method_seconds(timeout: Any) -> int:
     if timeout > high:
         raise ValueError(f"IoT Hub waits at most {high} s for a direct method "
                          f"response, got {timeout!r}")
-    return max(low, int(math.ceil(timeout)))
+    return max(low, math.ceil(timeout))
 
 
 def _without_metadata(section: dict[str, Any]) -> dict[str, Any]:
