@@ -402,21 +402,7 @@ class FakeHub:
         """Call a direct method: the device's response, 404 if it is offline/unsubscribed, 504 on timeout."""
         if self._thread is not None and threading.get_ident() == self._thread.ident:
             raise RuntimeError("invoke_method blocks; it cannot be called from the hub thread")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._method_futures.add(fut)
-        try:
-            # set_result races stop()'s set_exception: whichever comes first wins
-            self._act(self._running_core().invoke_method, device_id, method_name, payload, float(timeout),
-                      lambda r: _set_result_once(fut, r))
-            return fut.result(timeout + 30)
-        except concurrent.futures.TimeoutError:
-            # the hub answers every call by `timeout` (504 at the latest); only a stopped or
-            # stuck hub thread gets here
-            state = "was stopped" if not self.running else "did not answer"
-            raise TimeoutError(f"method {method_name!r} on device {device_id!r}: the hub {state} "
-                               f"within {timeout + 30:g} s of the call") from None
-        finally:
-            self._method_futures.discard(fut)
+        return _await_method(self, device_id, method_name, payload, float(timeout))
 
     async def invoke_method_async(self, device_id: str, method_name: str, payload: Any = None,
                                   timeout: float = 30.0) -> MethodResponse:
@@ -455,3 +441,21 @@ class FakeHub:
     def __repr__(self):
         state = "running" if self.running else "stopped"
         return f"<FakeHub {self.hostname} at {self.gateway_host}:{self.port} {state}>"
+
+
+def _await_method(hub: FakeHub, device_id: str, method_name: str, payload: Any, timeout: float) -> MethodResponse:
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    hub._method_futures.add(fut)
+    try:
+        # set_result races stop()'s set_exception: whichever comes first wins
+        hub._act(hub._running_core().invoke_method, device_id, method_name, payload, timeout,
+                 lambda r: _set_result_once(fut, r))
+        return fut.result(timeout + 30)
+    except concurrent.futures.TimeoutError:
+        # the hub answers every call by `timeout` (504 at the latest); only a stopped or
+        # stuck hub thread gets here
+        state = "was stopped" if not hub.running else "did not answer"
+        raise TimeoutError(f"method {method_name!r} on device {device_id!r}: the hub {state} "
+                           f"within {timeout + 30:g} s of the call") from None
+    finally:
+        hub._method_futures.discard(fut)

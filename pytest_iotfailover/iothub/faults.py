@@ -113,7 +113,7 @@ class FaultEngine:
     def schedule(self, fault: Fault, at: float | None, after_messages: int | None) -> Fault:
         now = self.hub.now
         if fault.kind == "region_failover":
-            self._refuse_overlap(fault, at, after_messages, now)
+            _refuse_overlap(self.history, fault, at, after_messages, now)
         fault.id = next(self._ids)
         fault.started, fault.done = self.new_flag(), self.new_flag()
         fault.due_at = None if after_messages else now + (at or 0)
@@ -126,33 +126,6 @@ class FaultEngine:
         else:
             self.start(fault)
         return fault
-
-    def _refuse_overlap(self, fault: Fault, at: float | None, after_messages: int | None, now: float) -> None:
-        """A second outage inside the first would find no connected device to fail over (its report
-        would read 0/0 devices back) and end before or after the first one at random."""
-        start = None if after_messages else now + (at or 0)
-        for other in self.history:
-            if other.kind != "region_failover" or other.state not in ("pending", "active"):
-                continue
-            if not (other.device_id is None or fault.device_id is None or other.device_id == fault.device_id):
-                continue
-            scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
-            advice = ("outages must not overlap: wait for the first one (handle.wait()) or cancel it "
-                      "before starting another")
-            other_start = other.started_at if other.state == "active" else other.due_at
-            if other_start is None:
-                # it waits for messages, so when it will start cannot be known: any other may overlap
-                raise ValueError(f"a region failover of {scope} is already waiting for messages "
-                                 f"(after_messages=); {advice}")
-            other_end = other_start + (other.duration or 0)
-            # a new one that waits for messages may start at any moment from now
-            clash = (other_end > now if start is None
-                     else start < other_end and other_start < start + (fault.duration or 0))
-            if clash:
-                when = ("running" if other.state == "active" else f"due in {max(other_start - now, 0):.1f} s")
-                raise ValueError(
-                    f"a region failover of {scope} is already {when} (outage {other.duration or 0:g} s, over in "
-                    f"{max(other_end - now, 0):.1f} s); {advice}")
 
     def start(self, fault: Fault) -> None:
         if fault.state != "pending":
@@ -368,14 +341,8 @@ class FaultEngine:
 
     # --- the real hub's fault-injection message properties ---------------------------------------
 
-    def _injection_key(self, conn: Any, pkt: Any, props: dict[str, str]) -> tuple[Any, ...]:
-        mid = props.get("$.mid")
-        if mid is not None:
-            return (conn.device_id, mid)
-        return (conn.device_id, hashlib.sha256(pkt.topic.encode() + b"\0" + bytes(pkt.payload)).digest())
-
     def _service_fault_injection(self, conn: Any, pkt: Any, props: dict[str, str]) -> D2CAction | None:
-        key = self._injection_key(conn, pkt, props)
+        key = _injection_key(conn, pkt, props)
         if key in self._injected:
             return None  # a re-send of a request already honoured: a normal message now
         kind = props[FAULT_PROPERTY]
@@ -405,3 +372,39 @@ class FaultEngine:
         self.schedule(fault, delay, None)
         # the real hub terminates the connection before acknowledging the request
         return D2CAction(consume=True)
+
+
+def _refuse_overlap(history: list[Fault], fault: Fault, at: float | None, after_messages: int | None,
+                now: float) -> None:
+    """A second outage inside the first would find no connected device to fail over (its report
+    would read 0/0 devices back) and end before or after the first one at random."""
+    start = None if after_messages else now + (at or 0)
+    for other in history:
+        if other.kind != "region_failover" or other.state not in ("pending", "active"):
+            continue
+        if not (other.device_id is None or fault.device_id is None or other.device_id == fault.device_id):
+            continue
+        scope = "the whole hub" if other.device_id is None else f"device {other.device_id!r}"
+        advice = ("outages must not overlap: wait for the first one (handle.wait()) or cancel it "
+                  "before starting another")
+        other_start = other.started_at if other.state == "active" else other.due_at
+        if other_start is None:
+            # it waits for messages, so when it will start cannot be known: any other may overlap
+            raise ValueError(f"a region failover of {scope} is already waiting for messages "
+                             f"(after_messages=); {advice}")
+        other_end = other_start + (other.duration or 0)
+        # a new one that waits for messages may start at any moment from now
+        clash = (other_end > now if start is None
+                 else start < other_end and other_start < start + (fault.duration or 0))
+        if clash:
+            when = ("running" if other.state == "active" else f"due in {max(other_start - now, 0):.1f} s")
+            raise ValueError(
+                f"a region failover of {scope} is already {when} (outage {other.duration or 0:g} s, over in "
+                f"{max(other_end - now, 0):.1f} s); {advice}")
+
+
+def _injection_key(conn: Any, pkt: Any, props: dict[str, str]) -> tuple[Any, ...]:
+    mid = props.get("$.mid")
+    if mid is not None:
+        return (conn.device_id, mid)
+    return (conn.device_id, hashlib.sha256(pkt.topic.encode() + b"\0" + bytes(pkt.payload)).digest())
