@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from .. import wedge
+from ..deadline import call_with_deadline
 from ..testing.view import HubView
 
 SHUTDOWN_TIMEOUT = 10.0
@@ -15,21 +16,7 @@ CONNECT_TIMEOUT = 30.0
 
 def run_bounded(fn, timeout: float, what: str):
     """Run a blocking SDK call on a helper thread: the SDK's calls have no timeout of their own."""
-    result, error = [], []
-
-    def target():
-        try:
-            result.append(fn())
-        except BaseException as exc:  # handed to the caller
-            error.append(exc)
-    t = threading.Thread(target=target, name=f"iotfailover:{what}", daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"{what} did not finish within {timeout:g} s")
-    if error:
-        raise error[0]
-    return result[0] if result else None
+    return call_with_deadline(fn, timeout, what)
 
 
 # One wedge monitor per embedded hub (its liveness probe asks that hub), one for real hubs.
