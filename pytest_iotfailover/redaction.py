@@ -198,3 +198,13 @@ def redact(text: str) -> str:
 
 def has_secret(text: str) -> bool:
     return bool(text) and redact(text) != text
+
+
+def remember_keys_of(*connection_strings: str) -> None:
+    """Hide the keys of these connection strings from every later output; only the keys: the
+    host and device names around them must stay readable."""
+    for cs in connection_strings:
+        for part in cs.split(";"):
+            name, _, value = part.partition("=")
+            if name.strip() == "SharedAccessKey" and value:
+                remember(value)

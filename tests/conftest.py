@@ -1,6 +1,8 @@
 """Fixtures several test modules share. Modules that need another kind of hub define their own."""
 import pytest
 import trustme
+from azure.iot.device import exceptions
+from sdk_support import bounded, make_client
 
 from pytest_iotfailover import FakeHub
 
@@ -28,3 +30,15 @@ def ca_file(ca, tmp_path_factory):
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     ca.cert_pem.write_to_path(str(path))
     return str(path)
+
+
+@pytest.fixture
+def client(hub, device):
+    """A connected SDK client for `device`, shut down afterwards (modules may define their own)."""
+    c = make_client(hub, device)
+    bounded(c.connect)
+    yield c
+    try:
+        bounded(c.shutdown)
+    except exceptions.ClientError:
+        pass  # a client the hub refused for good may complain on shutdown

@@ -10,17 +10,6 @@ from pytest_iotfailover.testing.assertions import DeliveryReport, lost_in_failov
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def client(hub, device):
-    c = make_client(hub, device)
-    bounded(c.connect)
-    yield c
-    try:
-        bounded(c.shutdown)
-    except exceptions.ClientError:
-        pass  # a client the hub refused for good may complain on shutdown
-
-
 def send(client, count, prefix="m"):
     ids = [f"{prefix}{i}" for i in range(count)]
     for mid in ids:

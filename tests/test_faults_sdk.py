@@ -20,17 +20,6 @@ from pytest_iotfailover.model import SPECS, Drop, FaultState
 pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.fixture
-def client(hub, device):
-    c = make_client(hub, device)
-    bounded(c.connect)
-    yield c
-    try:
-        bounded(c.shutdown)
-    except exceptions.ClientError:
-        pass  # a client the hub refused for good may complain on shutdown
-
-
 def send_with_retry(client, message, deadline):
     """The buffer-and-retry loop the SDK leaves to the application: send_message raises at once
     while the hub is unreachable and never times out, so bound each try and try again.

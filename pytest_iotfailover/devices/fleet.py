@@ -31,7 +31,7 @@ from typing import Any
 
 from .. import checks
 from ..errors import IoTFailoverError
-from ..redaction import redact, remember
+from ..redaction import redact, remember_keys_of
 
 __all__ = [
     "DEFAULT_PER_PROCESS",
@@ -71,13 +71,7 @@ _OWNED_KWARGS = ("server_verification_cert",)
 
 
 def _remember_keys(*connection_strings: str) -> None:
-    """Hide the keys of these connection strings from every later output; only the keys: the
-    host and device names around them must stay readable."""
-    for cs in connection_strings:
-        for part in cs.split(";"):
-            name, _, value = part.partition("=")
-            if name.strip() == "SharedAccessKey" and value:
-                remember(value)
+    remember_keys_of(*connection_strings)
 
 
 class FleetError(IoTFailoverError):

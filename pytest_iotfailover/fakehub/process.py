@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from .. import checks
 from ..errors import HubOperationError
-from ..redaction import redact, remember
+from ..redaction import redact, remember, remember_keys_of
 
 __all__ = ["StandaloneHub", "hub_supports_option", "process_cpu_seconds"]
 
@@ -34,13 +34,7 @@ SDK_PORT = 8883
 
 
 def _remember_keys(*connection_strings: str) -> None:
-    """Hide the keys of these connection strings from every later output; only the keys: the
-    host and device names around them must stay readable."""
-    for cs in connection_strings:
-        for part in cs.split(";"):
-            name, _, value = part.partition("=")
-            if name.strip() == "SharedAccessKey" and value:
-                remember(value)
+    remember_keys_of(*connection_strings)
 
 
 def process_cpu_seconds(pid: int) -> float | None:
