@@ -210,3 +210,23 @@ def test_page_from_a_real_run_opens_in_a_browser(pytester, run, tmp_path):
         assert text == f"{fig['time_to_recover']:.3f}s"
     finally:
         driver.quit()
+
+
+def test_messages_the_failover_lost_are_drawn_as_lost_in_failover(pytester, run):
+    # acknowledged before the failover and never read by the backend: the timeline marks them apart
+    pytester.makepyfile("""
+        from azure.iot.device import Message
+
+        def test_loses_unread(iothub, device_client, failover):
+            for i in range(3):
+                device_client.send_message(Message(str(i), message_id=f"m{i}"))
+            failover.region_failover(outage=0.5, unread=60).wait(30)
+            device_client.send_message(Message("after", message_id="after"))
+            iothub.wait_for_telemetry(1)
+    """)
+    result = run("--iothub-report", "report.json")
+    result.assert_outcomes(passed=1)
+    [test] = _validated(pytester.path / "report.json")["tests"]
+    fates = {m["id"]: m["fate"] for m in test["devices"][0]["messages"]}
+    assert fates == {"m0": "lost_in_failover", "m1": "lost_in_failover", "m2": "lost_in_failover",
+                     "after": "delivered"}

@@ -127,11 +127,16 @@ def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any],
             if t.device_id != device_id or t.message_id is None:
                 continue
             m = copies.get(t.message_id)
+            lost = bool(getattr(t, "lost_in_failover", False))
             if m is None:
+                # acknowledged, then lost in a failover: the backend never read it
                 copies[t.message_id] = {"id": str(t.message_id), "sent": [t.enqueued_at], "acked": t.enqueued_at,
-                                        "delivered": t.enqueued_at, "duplicates": [], "fate": "delivered"}
+                                        "delivered": None if lost else t.enqueued_at, "duplicates": [],
+                                        "fate": "lost_in_failover" if lost else "delivered"}
             else:
                 m["duplicates"].append(t.enqueued_at)
+                if m["fate"] == "lost_in_failover" and not lost:  # a copy sent again after the failover
+                    m["fate"], m["delivered"] = "delivered", t.enqueued_at
         lanes.append({"device_id": device_id, "states": states, "messages": list(copies.values())})
     return lanes
 

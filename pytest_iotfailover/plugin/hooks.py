@@ -204,8 +204,11 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     lanes: list[Any] = []
     if view is not None and record is not None and gate.needed(item, settings):
         # before the fixtures' finalizers remove the test's devices from the view
-        lanes = gate.device_lanes(view.device_ids, view.events, view.telemetry(), record.started_at,
-                                  [])
+        try:  # the embedded hub also tells what a failover lost; a real hub's view cannot
+            telemetry = view.telemetry(include_lost=True)
+        except TypeError:
+            telemetry = view.telemetry()
+        lanes = gate.device_lanes(view.device_ids, view.events, telemetry, record.started_at, [])
     try:
         result = yield
     except BaseException:
