@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import checks
 from ..errors import IoTFailoverError
+from ..procstat import process_cpu_seconds
 from ..redaction import redact, remember_keys_of
 
 __all__ = [
@@ -83,17 +84,6 @@ def fleet_device_ids(count: int, id_prefix: str = "fleet-") -> list[str]:
     checks.positive_int("count", count)
     width = max(4, len(str(count - 1)))
     return [f"{id_prefix}{n:0{width}d}" for n in range(count)]
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (all threads) from /proc, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- what comes back --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from urllib.parse import quote, urlsplit
 
 from .. import checks
 from ..errors import HubOperationError
+from ..procstat import process_cpu_seconds
 from ..redaction import redact, remember, remember_keys_of
 
 __all__ = ["StandaloneHub", "hub_supports_option", "process_cpu_seconds"]
@@ -35,18 +36,6 @@ SDK_PORT = 8883
 
 def _remember_keys(*connection_strings: str) -> None:
     remember_keys_of(*connection_strings)
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` (all its threads) from /proc, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # the command name is in parentheses and may hold spaces; the fields after it are fixed
-    fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def hub_supports_option(option: str, timeout: float = 30.0) -> bool:
