@@ -190,18 +190,16 @@ def test_refuse_5_stops_the_sdk_for_good(hub, device, client):
 def test_drop_before_ack_shows_one_flagged_duplicate(hub, device, client):
     f = hub.faults.drop_before_ack()
     # as an application does: send again when the SDK gives up with NoConnectionError (its own
-    # retry can race its reconnect); paho re-sends its copy with DUP=1 either way
-    failed = send_with_retry(client, Message("once", message_id="once"), time.monotonic() + 10)
+    # retry can race its reconnect)
+    send_with_retry(client, Message("once", message_id="once"), time.monotonic() + 10)
     f.wait(5)
     got = hub.wait_for_telemetry(2, device_id=device.device_id)
-    while not any(t.dup for t in got):  # paho's re-send may come after the application's own
-        got = hub.wait_for_telemetry(len(got) + 1, device_id=device.device_id)
     assert {t.message_id for t in got} == {"once"}
     assert (got[0].dup, got[0].duplicate) == (False, False)
-    assert all(t.duplicate for t in got[1:]), "the hub flags every copy after the first"
-    assert f.report().duplicates == len(got) - 1
-    if not failed:
-        assert [(t.dup, t.duplicate) for t in got] == [(False, False), (True, True)]
+    # the copy after the reset is paho's re-send (DUP=1) or the SDK's own re-publish, a new packet
+    # (DUP=0): the hub flags every copy after the first as a duplicate either way
+    assert all(t.duplicate for t in got[1:])
+    assert f.report().duplicates >= len(got) - 1 >= 1
 
 
 def test_expire_tokens_makes_the_client_authenticate_again(hub, device, client):
