@@ -51,7 +51,20 @@ def bytes_per_message(n: int) -> float:
     return (after - before) / n
 
 
-def gc_pauses(n: int) -> tuple[float, float, int]:
+def _full_collection(repeat: int = 5) -> float:
+    """The shortest of `repeat` full collections: what the process's own objects cost the collector."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        gc.collect()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gc_pauses(n: int) -> dict[str, float]:
+    """The longest pause while recording `n` messages, and full collections of this same process
+    before the ledger exists, with it, and after it is dropped: the difference is the ledger's."""
+    baseline = _full_collection()
     ledger = WaitingLedger()
     record = _recorder(ledger)
     pauses: list[float] = []
@@ -66,12 +79,13 @@ def gc_pauses(n: int) -> tuple[float, float, int]:
     try:
         for i in range(n):
             record(_fields(i, f"device-{i % 100}"))
-        t0 = time.perf_counter()
-        gc.collect()
-        full = time.perf_counter() - t0
     finally:
         gc.callbacks.remove(on_gc)
-    return max(pauses), full, len(pauses)
+    with_ledger = _full_collection()
+    del ledger, record
+    dropped = _full_collection()
+    return {"longest": max(pauses), "collections": len(pauses), "baseline": baseline,
+            "with_ledger": with_ledger, "dropped": dropped}
 
 
 def assertion_after(n: int, sent: int = 100) -> float:
@@ -107,9 +121,17 @@ def main() -> int:
     args = ap.parse_args()
     print(f"ledger overhead: {bytes_per_message(args.memory_messages):.0f} B per message beyond its "
           f"{len(BODY)}-byte body")
-    worst, full, count = gc_pauses(args.messages)
-    print(f"gc while recording {args.messages:,} messages: {count} collections, longest pause "
-          f"{worst * 1000:.1f} ms; a full collection afterwards {full * 1000:.1f} ms")
+    g = gc_pauses(args.messages)
+    # the interpreter runs a full collection only when enough objects survived, which 1 M untracked
+    # records may not trigger during the run: the forced one at 1 M is the pause any later full
+    # collection would take, so the target is on the longer of the two
+    worst = max(g["longest"], g["with_ledger"])
+    print(f"gc while recording {args.messages:,} messages: {g['collections']} automatic collections, "
+          f"longest {g['longest'] * 1000:.1f} ms; a full collection at {args.messages:,} messages "
+          f"{g['with_ledger'] * 1000:.1f} ms; longest pause {worst * 1000:.1f} ms (target <= 20 ms)")
+    print(f"full collection of this process without the ledger: {g['baseline'] * 1000:.1f} ms before it "
+          f"existed, {g['dropped'] * 1000:.1f} ms after dropping it; the ledger's share of the pause "
+          f"{(g['with_ledger'] - g['baseline']) * 1000:.1f} ms")
     took = assertion_after(args.messages)
     print(f"assert_all_delivered on 100 messages after {args.messages:,} earlier: {took:.3f} s")
     return 0
