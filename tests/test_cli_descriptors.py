@@ -9,6 +9,7 @@ on SIGTERM or SIGINT with exit status 0.
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -172,6 +173,22 @@ def _wait_for_warning(hub: _Hub) -> None:
         time.sleep(0.05)  # polling interval: stderr is a file
 
 
+def _assert_control_api_refuses(hub: _Hub) -> None:
+    """At the limit the control API turns a client away at once too, rather than leaving it waiting
+    (and itself spinning on the connection it cannot accept)."""
+    host, port = hub.info["control_url"][len("http://"):].rsplit(":", 1)
+    try:
+        # on loopback the reset may come before connect() returns
+        with socket.create_connection((host, int(port)), timeout=ANSWER_TIMEOUT) as sock:
+            sock.sendall(f"GET /events HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+            answer = sock.recv(65536)
+    except (ConnectionResetError, BrokenPipeError):
+        return
+    except TimeoutError:
+        pytest.fail(f"the control API neither answered nor refused within {ANSWER_TIMEOUT:g} s at the limit")
+    assert answer == b"", f"the control API answered at the limit: {answer[:200]!r}"
+
+
 def _api(hub: _Hub, path: str):
     import urllib.request
     req = urllib.request.Request(hub.info["control_url"] + path,
@@ -197,6 +214,7 @@ def test_hub_out_of_descriptors_refuses_new_devices_and_serves_connected_ones(tm
         assert clients[-1].publish(f"devices/dev{refused - 1}/messages/events/", b"x") is not None
         assert clients[-1].expect(p.PUBACK, ANSWER_TIMEOUT)
         _wait_for_warning(hub)
+        _assert_control_api_refuses(hub)
 
         # descriptors freed: the hub accepts again (its accept loop survived the shortage)
         for _ in range(3):

@@ -24,7 +24,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
-__all__ = ["ACCEPT_ERRNOS", "ACCEPT_WARNING_EVERY", "AcceptGuard", "raise_fd_limit"]
+__all__ = ["ACCEPT_ERRNOS", "ACCEPT_WARNING_EVERY", "AcceptGuard", "Reserve", "raise_fd_limit"]
 
 # asyncio retries a failed accept() itself (after a second) and tells the loop's exception
 # handler each time: one warning per this many seconds is enough to see a descriptor shortage
@@ -76,6 +76,53 @@ def _soft_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+class Reserve:
+    """One descriptor held back, to be given up for refusing a connection when none is left."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._fd = None  # still short: the next refusal tries again
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def refuse(self, listener: socket.socket, at_most: int = _REFUSE_AT_MOST, retake: bool = True) -> int:
+        """Give the reserve up, accept and reset up to `at_most` waiting connections, and (with
+        `retake`) take the reserve back; how many were refused."""
+        self.close()
+        refused = 0
+        blocking = listener.getblocking()
+        try:
+            listener.setblocking(False)
+            while refused < at_most:
+                try:
+                    conn, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # another thread took the freed descriptor: the next failure tries again
+                refused += 1
+                try:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                except OSError:
+                    pass
+                conn.close()
+        finally:
+            if blocking:
+                listener.setblocking(True)
+            if retake:
+                self.take()
+        return refused
+
+
 class AcceptGuard:
     """Called with each failed accept's OSError: refuses the connections waiting in the backlog and
     warns (an `accept_failed` event and a logging warning) at most once per ACCEPT_WARNING_EVERY s,
@@ -92,7 +139,7 @@ class AcceptGuard:
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probe: asyncio.TimerHandle | None = None
-        self._reserve: int | None = None
+        self._reserve = Reserve()
         self._warned_at: float | None = None
         self._failures = 0
         self._refused: int | None = 0
@@ -102,7 +149,7 @@ class AcceptGuard:
         self._listener = listener
         self._loop = loop
         if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-            self._take_reserve()
+            self._reserve.take()
         else:
             self._refused = None  # libuv does not say how many it refused
             self._probe = loop.call_later(self.PROBE_EVERY, self._check)
@@ -111,47 +158,19 @@ class AcceptGuard:
         if self._probe is not None:
             self._probe.cancel()
             self._probe = None
-        if self._reserve is not None:
-            os.close(self._reserve)
-            self._reserve = None
+        self._reserve.close()
         self._listener = self._loop = None
-
-    def _take_reserve(self) -> None:
-        if self._reserve is None:
-            try:
-                self._reserve = os.open(os.devnull, os.O_RDONLY)
-            except OSError:
-                self._reserve = None  # still short: the next failed accept tries again
 
     def refuse_waiting(self) -> int:
         """Accept and reset each connection waiting on the listener; how many."""
-        listener = self._listener
-        if listener is None or self._loop is None:
+        if self._listener is None or self._loop is None:
             return 0
-        if self._reserve is not None:
-            os.close(self._reserve)
-            self._reserve = None
-        refused = 0
-        try:
-            while refused < _REFUSE_AT_MOST:
-                try:
-                    conn, _ = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break  # another thread took the freed descriptor; asyncio retries in a second
-                refused += 1
-                try:
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-                except OSError:
-                    pass
-                conn.close()
-        finally:
-            # retaken once asyncio's accept loop has returned: retaken at once, each further
-            # accept() in that loop would fail with EMFILE again even on an empty backlog (Linux
-            # allocates the descriptor first), and asyncio would call the exception handler and
-            # schedule one more retry for each, up to 100 times per wake-up
-            self._loop.call_soon(self._take_reserve)
+        refused = self._reserve.refuse(self._listener, retake=False)
+        # retaken once asyncio's accept loop has returned: retaken at once, each further accept()
+        # in that loop would fail with EMFILE again even on an empty backlog (Linux allocates the
+        # descriptor first), and asyncio would call the exception handler and schedule one more
+        # retry for each, up to 100 times per wake-up
+        self._loop.call_soon(self._reserve.take)
         return refused
 
     def _check(self) -> None:
