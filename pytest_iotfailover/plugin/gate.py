@@ -227,8 +227,8 @@ def build_entry(nodeid: str, started_at: float, record: Any, lanes: list[dict[st
 # --- verdicts ---------------------------------------------------------------------------------
 
 def _for_slo(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """The entry in the shape testing.slo and testing.baseline read (`fault` for the kind,
-    `throttled` for throttled_time, devices = the ones the fault disconnected)."""
+    """The entry in the shape testing.slo reads (`fault` for the kind, `throttled` for
+    throttled_time, devices = the ones the fault disconnected); testing.baseline reads it too."""
     faults = []
     for f in entry["faults"]:
         figures = dict(f["figures"], throttled=f["figures"].get("throttled_time"))
@@ -270,17 +270,6 @@ def compare_baseline(entry: dict[str, Any], base: Mapping[str, Any] | None, sour
                 "tolerance": r.allowed, "regressed": True} for r in regressions]
     entry["baseline"] = {"source": source, "results": results}
     return [str(r) for r in regressions], [str(m) for m in missing]
-
-
-def baseline_as_slo_input(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A run report (schema shape, `kind`) in the shape testing.baseline reads (`fault`)."""
-    tests = []
-    for t in doc.get("tests") or []:
-        if isinstance(t, Mapping) and isinstance(t.get("faults"), list) and all(
-                isinstance(f, Mapping) and "kind" in f and "fault" not in f for f in t["faults"]):
-            t = dict(t, faults=[dict(f, fault=f["kind"]) for f in t["faults"]])
-        tests.append(t)
-    return dict(doc, tests=tests)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -341,20 +330,10 @@ def needed(item: pytest.Item, settings: Any) -> bool:
 def load_baseline(settings: Any) -> dict[str, Any] | None:
     if not settings.baseline:
         return None
-    try:
-        with open(settings.baseline, encoding="utf-8") as f:
-            doc = json.load(f)
-    except OSError as exc:
-        raise pytest.UsageError(f"--iothub-baseline: cannot read {settings.baseline}: "
-                                f"{exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise pytest.UsageError(f"--iothub-baseline: {settings.baseline} is not a JSON report: {exc}") from None
-    doc = baseline_as_slo_input(doc) if isinstance(doc, Mapping) else doc
-    try:
-        baseline_mod.compare({"tests": []}, doc, settings.max_regression)
+    try:  # the one reader of reports: a fault's kind as `kind`, or as `fault` in older ones
+        return baseline_mod.load_report(settings.baseline, "--iothub-baseline")
     except baseline_mod.BaselineError as exc:
-        raise pytest.UsageError(f"--iothub-baseline: {exc}") from None
-    return dict(doc)
+        raise pytest.UsageError(str(exc)) from None
 
 
 def at_teardown(item: pytest.Item, record: Any, lanes: list[dict[str, Any]], settings: Any,
