@@ -241,3 +241,24 @@ def test_a_schema_report_is_labelled_by_its_run_start():
     doc = one([schema_fault()], created=None)
     doc["run"] = {"started_at": 1_780_000_000.0}
     assert run_label(doc) == "2026-05-28"
+
+
+@pytest.mark.parametrize("spelling", ["kind", "fault"])
+def test_the_gate_reads_baselines_with_the_shared_loader(tmp_path, spelling):
+    from types import SimpleNamespace
+
+    from pytest_iotfailover.plugin import gate
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(one([schema_fault() if spelling == "kind" else fault()])))
+    settings = SimpleNamespace(baseline=str(path), max_regression=0.2)
+    base = gate.load_baseline(settings)
+    assert base == load_report(path)
+    entry = {"nodeid": NODE, "outcome": "passed", "delivery": None, "faults": [
+        {"kind": "region_failover", "target": None, "started_at": 1.0, "ended_at": 2.0,
+         "figures": dict(schema_fault(recover=2.0)["figures"], throttled_time=0.0, outage=1.0),
+         "recovery": []}]}
+    regressions, missing = gate.compare_baseline(entry, base, str(path), 0.2)
+    assert len(regressions) == 1 and "recover 1.20s" in regressions[0] and missing == []
+    path.write_text(json.dumps(one([{"figures": {}}])))
+    with pytest.raises(pytest.UsageError, match=rf"--iothub-baseline: {path}: .*faults\[0\] has no fault kind"):
+        gate.load_baseline(settings)
