@@ -230,6 +230,9 @@ def test_messages_a_failover_kept_from_the_hub_are_drawn_never_acknowledged(pyte
         assert (m["fate"], m["outbox_state"], m["acked"], m["delivered"]) == ("lost", "pending", None, None)
         assert m["sent"] == [m["submitted"]] and m["submitted"] >= before["submitted"]
         assert timeline.never_acked(m) == "lost"
+    # no delivery assertion: the fault's loss figure is the lanes' count, not a silent 0
+    figures = tests["test_closed_while_pending"]["faults"][0]["figures"]
+    assert figures["lost"] == sum(m["fate"] == "lost" for m in closed.values()) >= 2
 
     pending = _messages(tests["test_ends_while_pending"])
     assert set(pending) == {"p1", "p2"}, "only this test's Outbox, none of another test's"
