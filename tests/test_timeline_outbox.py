@@ -7,6 +7,7 @@ user fixture, one that drops) lose messages to a region failover; the report (ch
 schema, serially and under pytest-xdist) draws those messages as never acknowledged at their submit
 times.
 """
+import asyncio
 import gc
 import json
 import threading
@@ -108,6 +109,54 @@ def test_outboxes_made_on_other_threads_during_the_test_count_too(hub, device, c
         made[0].close()
     finally:
         watch.stop()
+
+
+def test_an_async_outbox_is_watched_too(hub, device):
+    from sdk_support import make_client
+
+    from pytest_iotfailover import AsyncOutbox
+
+    async def scenario(watch):
+        c = make_client(hub, device, aio=True)
+        await asyncio.wait_for(c.connect(), 10)
+        try:
+            async with AsyncOutbox(c, name="aio") as ob:
+                ob.send(Message("x", message_id="x"))
+                await ob.flush(15)
+            return watch.snapshots()
+        finally:
+            await asyncio.wait_for(c.shutdown(), 10)
+    watch = OutboxWatch()
+    try:
+        [snap] = asyncio.run(asyncio.wait_for(scenario(watch), 30))
+    finally:
+        watch.stop()
+    assert snap.name == "aio" and snap.closed
+    assert [(r.message_id, r.state, r.device_id) for r in snap.messages] == [("x", "acknowledged", device.device_id)]
+
+
+def test_a_pools_pending_messages_are_placed_on_their_devices(hub):
+    from pytest_iotfailover import DevicePool
+    devices = [hub.add_device(f"pooled{i}") for i in range(2)]
+    pool = DevicePool(devices, keep_alive=5, connect_timeout=5.0, operation_timeout=10.0,
+                      server_verification_cert=hub.ca_pem)
+    watch = OutboxWatch()
+    try:
+        pool.connect(timeout=10)
+        dark = hub.faults.blackhole(300, device_id="pooled1")
+        with Outbox(pool, name="pooled", send_timeout=30) as ob:
+            ob.send(Message("a", message_id="a"), device_id="pooled0")
+            ob.send(Message("b", message_id="b"), device_id="pooled1")
+            ob.send(Message("c", message_id="c"), device_id="pooled1")
+            _wait_until(lambda: "a" in ob.sent_ids, 20, "a acknowledged")
+            [snap] = watch.snapshots()
+        dark.cancel()
+    finally:
+        watch.stop()
+        pool.close(timeout=10)
+    records = {r.message_id: (r.device_id, r.state) for r in snap.messages}
+    # an acknowledged message's device is left to the hub's ledger; the pending ones keep their lane
+    assert records == {"a": (None, "acknowledged"), "b": ("pooled1", "pending"), "c": ("pooled1", "pending")}
 
 
 class Snap:
