@@ -169,14 +169,15 @@ def test_lanes_merge_the_outbox_view_into_the_hubs():
         def __init__(self, device_id, message_id, at, lost=False):
             self.device_id, self.message_id, self.enqueued_at, self.lost_in_failover = device_id, message_id, at, lost
     rec = observers.MessageRecord
-    telemetry = [T("d1", "seen", 10.5), T("d1", "unacked", 11.5)]
+    telemetry = [T("d1", "seen", 10.5), T("d1", "unacked", 11.5), T("d2", "never", 11.9)]
     snaps = [Snap("ob", True, rec("seen", "d1", 10.0, "acknowledged", (10.2,)),
                   rec("unacked", "d1", 11.0, "pending", ()),
                   rec("never", "d1", 12.0, "pending", (12.5, 13.5)),
                   rec("gave-up", "d1", 12.2, "dropped", ())),
              Snap("pool", False, rec("pooled", "d9", 13.0, "pending", ()),
                   rec("who", None, 13.1, "dropped", ()))]
-    lanes = gate.device_lanes(["d1"], [], telemetry, 9.0, [], outboxes=snaps)
+    # d2 sent an id of its own that d1's Outbox also used: the hub's copy is d2's, not d1's
+    lanes = gate.device_lanes(["d1", "d2"], [], telemetry, 9.0, [], outboxes=snaps)
     by = {lane["device_id"]: {m["id"]: m for m in lane["messages"]} for lane in lanes}
     d1 = by["d1"]
     assert d1["seen"]["submitted"] == 10.0 and d1["seen"]["sent"] == [10.5] and d1["seen"]["acked"] == 10.5
@@ -187,6 +188,7 @@ def test_lanes_merge_the_outbox_view_into_the_hubs():
                            "fate": "lost", "submitted": 12.0, "outbox": "ob", "outbox_state": "pending",
                            "failures": [12.5, 13.5]}
     assert d1["gave-up"]["fate"] == "lost"
+    assert by["d2"]["never"]["fate"] == "delivered" and "submitted" not in by["d2"]["never"]
     assert by["d9"]["pooled"]["fate"] == "in_flight"   # its outbox is still open
     assert by["pool (device not known)"]["who"]["fate"] == "lost"
     test = {"nodeid": "t", "devices": lanes, "faults": [{"started_at": 11.0, "ended_at": 12.0}]}

@@ -160,11 +160,13 @@ def _add_outboxes(lanes: list[dict[str, Any]], outboxes: list[Any], start: float
         hub_ids.setdefault(mid, []).append(m)
     for snap in outboxes:
         for rec in snap.messages:
-            seen = by_id.get((rec.device_id, rec.message_id)) if rec.device_id is not None else None
-            if seen is None and len(hub_ids.get(rec.message_id, ())) == 1:
-                seen = hub_ids[rec.message_id][0]  # a pool's acknowledged message: the hub knows its device
-            elif seen is None and rec.device_id is None and rec.message_id in hub_ids:
-                continue  # several devices sent this id; which copy is this outbox's cannot be told
+            if rec.device_id is not None:
+                seen = by_id.get((rec.device_id, rec.message_id))
+            else:  # a pool's acknowledged message: the hub knows its device
+                copies = hub_ids.get(rec.message_id, [])
+                if len(copies) > 1:
+                    continue  # several devices sent this id; which copy is this outbox's cannot be told
+                seen = copies[0] if copies else None
             if seen is not None:
                 _outbox_fields(seen, rec, snap.name)
                 if rec.state != "acknowledged":

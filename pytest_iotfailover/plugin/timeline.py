@@ -8,6 +8,10 @@ elements, not tens of thousands. Beyond MAX_LANES devices, lanes become about BA
 top of a band stacks the share of its devices in each connection state over time, the bottom carries
 the band's message ticks.
 
+A message an Outbox sent has its send tick at the application's submit time (`submitted`); one that
+got no acknowledgement and never reached the backend is a hollow circle there, given up or still
+pending (see `never_acked`), and a "messages in the lanes" table counts them.
+
 Hovering a lane shows the nearest message's id; that small handler sits in an attribute of the <svg>
 (inline handlers still run where inserted <script> elements do not) and reads per-lane data attributes.
 
