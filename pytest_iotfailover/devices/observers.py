@@ -44,7 +44,8 @@ class Listener:
 
 def listen(on_created: Callable[[Any], None], on_closed: Callable[[Any], None] | None = None) -> Listener:
     """Call `on_created(outbox)` for every Outbox/AsyncOutbox made from now on, `on_closed(outbox)`
-    when one is closed; both run on the thread that made or closed it, so they must be quick."""
+    when one is closed; both run on the thread that made or closed it, so they must be quick.
+    `on_created` runs while the Outbox is still being built: keep a reference, read it later."""
     listener = Listener(on_created, on_closed)
     with _lock:
         _listeners.append(listener)
