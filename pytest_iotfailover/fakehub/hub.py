@@ -2,6 +2,7 @@
 import asyncio
 import concurrent.futures
 import errno
+import functools
 import os
 import re
 import threading
@@ -19,6 +20,7 @@ from ..iothub.tiers import Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .faults import FaultHandle, Faults, RecoveryReport
+from .hub_limits import LimitsFace
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 
 __all__ = [
@@ -146,7 +148,7 @@ class _EngineFace:
         self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
-class FakeHub:
+class FakeHub(LimitsFace):
     """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
 
     Runs its own event loop in a background thread. Every public method may be called from any
@@ -197,6 +199,7 @@ class FakeHub:
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
+        self._init_limits()  # shared access policies and C2D feedback (hub_limits.py)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -244,7 +247,8 @@ class FakeHub:
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
-                              max_unauthenticated=self._max_unauthenticated, tier=self.tier)
+                              max_unauthenticated=self._max_unauthenticated, tier=self.tier,
+                              policies=self._policies, feedback=self._feedback)
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
@@ -393,9 +397,13 @@ class FakeHub:
     # --- service-side operations -------------------------------------------------------------
 
     def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
-                 *, message_id: str | None = None) -> str:
-        """Queue a cloud-to-device message; returns its message id."""
-        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
+                 *, message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None,
+                 ack: str | None = None) -> str:
+        """Queue a cloud-to-device message; returns its message id. `ttl` (seconds from now) or
+        `expiry_time` (epoch seconds or an aware datetime; default: one hour), `ack` (none,
+        positive, negative, full: which outcomes `feedback()` reports); see iothub/c2d_lifecycle.py."""
+        send = functools.partial(self._running_core().send_c2d, ttl=ttl, expiry_time=expiry_time, ack=ack)
+        return self._act(send, device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
