@@ -144,7 +144,8 @@ class C2DLifecycle:
         """A message joined the queue: an expiry timer when its sender waits for negative feedback
         (the others are swept lazily; nobody can tell when)."""
         if msg.ack in _NEGATIVE:
-            self._timer(("c2d_expiry", device_id, next(self._c2d_expiry_ids)), msg.expiry)
+            msg.expiry_timer = ("c2d_expiry", device_id, next(self._c2d_expiry_ids))
+            self._timer(msg.expiry_timer, msg.expiry)
 
     def _c2d_dead(self, device_id: str, msg: C2DMessage) -> bool:
         """True (and dead-lettered, with feedback) when `msg` has expired."""
@@ -170,6 +171,9 @@ class C2DLifecycle:
                     del session.inflight[pid]
 
     def _c2d_completed(self, device_id: str, msg: C2DMessage) -> None:
+        if msg.expiry_timer is not None:  # a completed message never expires: no timer held for it
+            self._timer(msg.expiry_timer, None)
+            msg.expiry_timer = None
         self.events.add("c2d_completed", device_id, message_id=msg.message_id, delivery_count=msg.delivery_count)
         self._c2d_feedback(device_id, msg, "Success", self.now)
 

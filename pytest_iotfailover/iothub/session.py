@@ -77,6 +77,7 @@ class C2DMessage:
     delivery_count: int = 0
     expiry: float = math.inf    # absolute, epoch seconds (c2d_lifecycle.py)
     ack: str = "none"           # iothub-ack: which outcomes produce feedback
+    expiry_timer: Any = None    # the key of its expiry timer, while one is armed
 
 
 C2DQueue = deque[C2DMessage]
