@@ -25,6 +25,8 @@ from pytest_iotfailover.iothub.limits import C2D_MAX_TTL
 from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.sas import make_sas_token
 
+pytest_plugins = ["pytester"]
+
 TWO_DAYS = 2 * 86400
 
 
@@ -371,3 +373,20 @@ def test_sdk_encodes_awkward_property_names_and_values(hub, device, sdk):
     assert t.message_id == "id:1 2/3"
     assert t.properties == msg.custom_properties
     assert hub.is_connected("dev1")
+
+
+def test_iothub_fixture_sends_with_ttl_and_reads_feedback(pytester, monkeypatch):
+    monkeypatch.delenv("IOTHUB_CONNECTION_STRING", raising=False)
+    pytester.makepyfile("""
+        import threading
+
+        def test_feedback(iothub, iothub_device, device_client):
+            got = threading.Event()
+            device_client.on_message_received = lambda m: got.set()
+            mid = iothub.send_c2d(iothub_device.device_id, "x", ttl=60, ack="positive")
+            assert got.wait(10)
+            assert iothub.wait_until(lambda: iothub.feedback(), 10)
+            [record] = iothub.feedback()
+            assert (record.message_id, record.status_code) == (mid, "Success")
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--iothub-tier", "none").assert_outcomes(passed=1)
