@@ -247,8 +247,8 @@ class FakeHub(LimitsFace):
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
-                              max_unauthenticated=self._max_unauthenticated, tier=self.tier,
-                              policies=self._policies, feedback=self._feedback)
+                              max_unauthenticated=self._max_unauthenticated, tier=self.tier)
+            core.policies, core.feedback = self._policies, self._feedback  # hub_limits.py
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
@@ -399,9 +399,7 @@ class FakeHub(LimitsFace):
     def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
                  *, message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None,
                  ack: str | None = None) -> str:
-        """Queue a cloud-to-device message; returns its message id. `ttl` (seconds from now) or
-        `expiry_time` (epoch seconds or an aware datetime; default: one hour), `ack` (none,
-        positive, negative, full: which outcomes `feedback()` reports); see iothub/c2d_lifecycle.py."""
+        """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
         send = functools.partial(self._running_core().send_c2d, ttl=ttl, expiry_time=expiry_time, ack=ack)
         return self._act(send, device_id, c2d_body(body), properties, message_id)
 

@@ -71,7 +71,7 @@ class LimitsFace:
 
     def _set_policies(self, policies: dict[str, AccessPolicy]) -> None:
         self._policies = policies
-        if self._core is not None:
+        if self._core is not None:  # a started hub's core holds the dict it was given
             self._core.policies = policies
 
     # --- C2D feedback ------------------------------------------------------------------------

@@ -110,14 +110,19 @@ def _refuse(error: limits.IotHubError | None) -> None:
 
 class C2DLifecycle:
     """Expiry and feedback for the core's C2D queues. Needs the core's clock (`now`), queues,
-    sessions, event log, `feedback` log and `_timer`."""
+    sessions, event log and `_timer`. A driver that reads `feedback` from other threads replaces
+    it with a FeedbackLog holding a lock."""
     now: float
     events: EventLog
     c2d_queues: dict[str, C2DQueue]
     sessions: dict[str, Session]
-    feedback: FeedbackLog
     _timer: Callable[[Hashable, float | None], None]
-    _c2d_expiry_ids: Iterator[int] = itertools.count(1)  # keys of expiry timers; uniqueness is all that matters
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feedback = FeedbackLog()
+        self._c2d_ids: Iterator[int] = itertools.count(1)          # message ids the hub makes up
+        self._c2d_expiry_ids: Iterator[int] = itertools.count(1)   # keys of expiry timers
 
     def _c2d_terms(self, properties: dict[str, str | None], ttl: Any, expiry_time: Any,
                    ack: Any) -> tuple[float, str]:

@@ -14,7 +14,8 @@ import json
 import re
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import HubOperationError, ProtocolViolation
@@ -22,7 +23,7 @@ from . import limits
 from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, verify_sas_token
-from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle, FeedbackLog
+from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle
 from .events import EventLog
 from .faults import FaultEngine
 from .ledger import Ledger
@@ -137,6 +138,8 @@ class _Steps(TierGate):
     faults: FaultEngine
     history: ChangeHistory
     retain_property: str
+    # the hub's shared access policies (limits.AccessPolicy by name); the driver replaces it whole
+    policies: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -367,7 +370,6 @@ class _TwinsAndMethods(_Failover):
 class _CloudToDevice(C2DLifecycle, _Failover):
     """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7); expiry and feedback
     in c2d_lifecycle.py."""
-    _c2d_ids: Iterator[int]
 
     def _send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
                   message_id: str | None, ttl: Any = None, expiry_time: Any = None, ack: Any = None) -> str:
@@ -560,11 +562,8 @@ class _DeviceToCloud(_TwinsAndMethods):
 class IoTHubCore(_DeviceToCloud, _CloudToDevice):
     def __init__(self, hostname: str, registry: Registry, ledger: Ledger, events: EventLog, *,
                  token_grace: float = 300.0, connect_timeout: float = 30.0, max_unauthenticated: int = 1000,
-                 retain_property: str = "mqtt-retain", tier: Tier | None = None,
-                 policies: Any = None, feedback: FeedbackLog | None = None):
+                 retain_property: str = "mqtt-retain", tier: Tier | None = None):
         super().__init__()
-        self.policies = policies if policies is not None else {}  # limits.AccessPolicy by name
-        self.feedback = feedback if feedback is not None else FeedbackLog()
         self._init_tier_gate(HubThrottles(tier))
         self.hostname = hostname
         self.registry = registry
@@ -585,7 +584,6 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self.faults = FaultEngine(self)
         self._method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]] = {}
         self._rids = itertools.count(1)
-        self._c2d_ids = itertools.count(1)
 
     # --- driver entry points -------------------------------------------------------------------
 
@@ -626,7 +624,6 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
 
     def send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
                  message_id: str | None, now: float, **terms: Any) -> tuple[str, list[Action]]:
-        """`terms`: ttl, expiry_time, ack (c2d_lifecycle.py)."""
         return self._step(now, self._send_c2d, device_id, body, properties, message_id, **terms)
 
     def update_desired(self, device_id: str, patch: dict[str, Any], now: float) -> tuple[int, list[Action]]:
