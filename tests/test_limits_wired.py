@@ -180,11 +180,18 @@ def test_qos0_delivery_completes_at_once(hub, device):
 
 
 def test_clean_session_purge_reports_purged(hub, device):
-    hub.send_c2d(device.device_id, "x", message_id="gone", ack="negative")
+    c = mq.connect(hub, device)
+    c.subscribe("devices/dev1/messages/devicebound/#")
+    hub.send_c2d(device.device_id, "w", message_id="held", ack="full")
+    c.expect(p.PUBLISH)  # delivered, never acknowledged
+    c.close()
+    hub.wait_for_event("disconnect", "dev1")
+    hub.send_c2d(device.device_id, "x", message_id="queued", ack="negative")
     hub.send_c2d(device.device_id, "y", message_id="silent")  # ack none: no record
     c = mq.connect(hub, device, clean_session=True)
     assert c.connack.return_code == 0
-    assert statuses(hub.wait_for_feedback("gone")) == [("gone", "Purged")]
+    records = hub.wait_for_feedback(count=2)
+    assert statuses(records) == [("held", "Purged"), ("queued", "Purged")]
     assert hub.feedback(message_id="silent") == []
 
 

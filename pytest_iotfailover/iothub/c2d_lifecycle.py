@@ -18,8 +18,9 @@ Source, unless noted: MicrosoftDocs/azure-docs `articles/iot-hub/iot-hub-devguid
   by PUBACK (QoS 1) or on delivery (QoS 0) and can neither reject nor abandon it (D-C2D), and the
   max delivery count only counts explicit abandons (D-C2D "Understanding delivery count behavior"),
   so MQTT devices produce Success and Expired only, never Rejected or DeliveryCountExceeded.
-- Purged: queued messages a clean session throws away (the fake's own purge, core.py) report
-  Purged to negative and full feedback (assumption: D-C2D lists the status without saying when).
+- Purged: queued and un-acknowledged messages a clean session throws away (the fake's own purge,
+  core.py) report Purged to negative and full feedback (assumption: D-C2D lists the status without
+  saying when).
 - The real hub batches feedback (64 records or 15 s); the fake records each outcome at once
   (simplification), stamped with when it happened: the PUBACK, or the message's expiry instant.
 """
@@ -183,7 +184,10 @@ class C2DLifecycle:
         self._c2d_feedback(device_id, msg, "Success", self.now)
 
     def _c2d_purge(self, device_id: str) -> None:
-        for msg in self.c2d_queues.pop(device_id, None) or ():
+        """A clean session throws away the device's queue and its un-acknowledged messages."""
+        session = self.sessions.get(device_id)
+        held = [m for _, m in sorted(session.inflight.items())] if session is not None else []
+        for msg in held + list(self.c2d_queues.pop(device_id, None) or ()):
             self._c2d_feedback(device_id, msg, "Purged", self.now)
 
     def _c2d_fired(self, key: Hashable) -> None:

@@ -786,8 +786,8 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
     def _attach_session(self, conn: Connection, device_id: str, clean: bool) -> bool:
         session_present = False
         if clean:
-            self.sessions.pop(device_id, None)
             self._c2d_purge(device_id)
+            self.sessions.pop(device_id, None)
             session = Session(clean=True)
         else:
             found = self.sessions.get(device_id)
