@@ -594,8 +594,10 @@ def c2d_expired(expiry: float, now: float) -> bool:
 _BAG_RAW_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()=&$")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _EVENTS = "/messages/events/"
-# the same rule as one search, for the hub's hot path: anything it finds is looked at closely
-_BAG_SUSPECT = re.compile(r"[^A-Za-z0-9\-_.!~*'()=&$%]|%(?![0-9A-Fa-f]{2})")
+# the same rule as two searches (one with an alternation is several times slower), for the hub's
+# hot path: anything they find is looked at closely
+_BAG_ODD_CHAR = re.compile(r"[^-A-Za-z0-9_.!~*'()=&$%]")
+_BAG_ODD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _bag_of(topic: str) -> str | None:
@@ -624,7 +626,7 @@ def property_bag_problem(topic: str) -> str | None:
     an assumption by extension.
     """
     bag = _bag_of(topic)
-    if not bag or not _BAG_SUSPECT.search(bag):
+    if not bag or not (_BAG_ODD_CHAR.search(bag) or _BAG_ODD_ESCAPE.search(bag)):
         return None
     i, n = 0, len(bag)
     while i < n:
