@@ -4,6 +4,7 @@ feedback, SAS tokens signed with a shared access policy (`skn=`), the MQTT user 
 
 Through the unmodified azure-iot-device client where it can produce the case, raw MQTT otherwise.
 """
+import asyncio
 import datetime
 import json
 import time
@@ -13,7 +14,7 @@ import urllib.request
 import mqttclient as mq
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message
-from sdk_support import CLIENT_KWARGS, Inbox, bounded
+from sdk_support import CLIENT_KWARGS, Inbox, bounded, make_client
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.backends.fake import FakeBackend
@@ -193,6 +194,22 @@ def test_clean_session_purge_reports_purged(hub, device):
     records = hub.wait_for_feedback(count=2)
     assert statuses(records) == [("held", "Purged"), ("queued", "Purged")]
     assert hub.feedback(message_id="silent") == []
+
+
+def test_aio_client_completion_reports_success(hub, device):
+    async def scenario():
+        c = make_client(hub, device, aio=True)
+        loop = asyncio.get_running_loop()
+        got = asyncio.Event()
+        c.on_message_received = lambda m: loop.call_soon_threadsafe(got.set)
+        try:
+            await asyncio.wait_for(c.connect(), 10)
+            hub.send_c2d(device.device_id, "x", message_id="aio", ack="full")
+            await asyncio.wait_for(got.wait(), 10)
+            return await hub.wait_for_feedback_async("aio", timeout=10)
+        finally:
+            await asyncio.wait_for(c.shutdown(), 10)
+    assert statuses(asyncio.run(scenario())) == [("aio", "Success")]
 
 
 def test_wait_for_feedback_times_out_naming_what_arrived(hub, device):

@@ -2,8 +2,10 @@
 policies (tokens with `skn=`) and the C2D feedback endpoint (`iothub-ack`). A mixin of FakeHub."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -95,3 +97,8 @@ class LimitsFace:
             raise TimeoutError(f"waited {timeout:g} s for {count} C2D feedback records{what}; "
                                f"{len(got)} arrived: {[r.status_code for r in got]}")
         return self.feedback(device_id, message_id=message_id)
+
+    async def wait_for_feedback_async(self, message_id: str | None = None, **kwargs: Any) -> list[FeedbackRecord]:
+        """`wait_for_feedback` for async tests, without blocking their event loop."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self.wait_for_feedback, message_id, **kwargs))
