@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Self
 
+from .. import checks
 from ..errors import HubInternalError
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
@@ -18,6 +19,7 @@ from ..iothub.registry import Device, Registry
 from ..iothub.tiers import Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
+from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 
@@ -152,7 +154,7 @@ class FakeHub:
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
-    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -161,7 +163,7 @@ class FakeHub:
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None, tier: str | None = "S1", units: int = 1):
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
@@ -197,6 +199,7 @@ class FakeHub:
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
+        self.dns: HubName | None = HubName(new_name(hub_name)) if checks.boolean("dns", dns) else None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -232,14 +235,16 @@ class FakeHub:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            if self.dns is not None:
+                self.dns.stop()  # socket.getaddrinfo is the original again once no such hub runs
 
     async def _startup(self) -> None:
         sock = HubServer.bind(self._host, self._port)
         try:
             host, port = sock.getsockname()[:2]
             self.gateway_host, self.port = host, port
-            self.registry.gateway_host = host
-            names = [self.hostname, "localhost", host]
+            self.registry.gateway_host = host if self.dns is None else self.dns.name
+            names = [self.hostname, "localhost", host] + ([self.dns.name] if self.dns else [])
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
@@ -249,6 +254,8 @@ class FakeHub:
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
+            if self.dns is not None:
+                self.dns.attach(self._server, host, self.event_log)
             await self._server.serve(sock)
         except BaseException:
             sock.close()
