@@ -7,7 +7,7 @@ import base64
 import binascii
 import functools
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..checks import choice, positive_int, required_seconds, text
@@ -29,15 +29,44 @@ def _key(name: str, value: str | None) -> str:
     return value
 
 
+_STATE_LOCK = threading.Lock()
+
+
+class _LimitsState:
+    def __init__(self) -> None:
+        # replaced whole, never changed in place: the hub thread reads whichever dict it sees
+        self.policies: dict[str, AccessPolicy] = default_policies(new_key)
+        self.feedback = FeedbackLog(threading.Lock())
+
+
 class LimitsFace:
-    """Policies and feedback; needs FakeHub's `_core` and `event_log`."""
+    """Policies and feedback; needs FakeHub's `_core`, `_running_core`, `_act` and `event_log`."""
     _core: Any
     event_log: WaitingEventLog
+    _running_core: Callable[[], Any]
 
-    def _init_limits(self) -> None:
-        # replaced whole, never changed in place: the hub thread reads whichever dict it sees
-        self._policies: dict[str, AccessPolicy] = default_policies(new_key)
-        self._feedback = FeedbackLog(threading.Lock())
+    @property
+    def _limits_face_state(self) -> _LimitsState:
+        # made on first use (FakeHub's constructor stays as it is), once even if threads race
+        state = self.__dict__.get("_limits_state")
+        if state is None:
+            with _STATE_LOCK:
+                state = self.__dict__.get("_limits_state")
+                if state is None:
+                    state = self.__dict__["_limits_state"] = _LimitsState()
+        return state
+
+    @property
+    def _policies(self) -> dict[str, AccessPolicy]:
+        return self._limits_face_state.policies
+
+    @property
+    def _feedback(self) -> FeedbackLog:
+        return self._limits_face_state.feedback
+
+    def _c2d_sender(self, ttl: Any, expiry_time: Any, ack: Any) -> Callable[..., Any]:
+        """The core's send_c2d with a message's expiry and ack terms bound (FakeHub.send_c2d)."""
+        return functools.partial(self._running_core().send_c2d, ttl=ttl, expiry_time=expiry_time, ack=ack)
 
     # --- shared access policies --------------------------------------------------------------
 
@@ -72,7 +101,7 @@ class LimitsFace:
         self._set_policies({k: v for k, v in self._policies.items() if k != name})
 
     def _set_policies(self, policies: dict[str, AccessPolicy]) -> None:
-        self._policies = policies
+        self._limits_face_state.policies = policies
         if self._core is not None:  # a started hub's core holds the dict it was given
             self._core.policies = policies
 
