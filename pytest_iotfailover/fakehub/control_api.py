@@ -15,7 +15,8 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
     POST  /devices                {"device_id"}  -> 201 {"device_id", "connection_string"}
-    POST  /devices/{id}/c2d       {"body", "properties"}      -> {"message_id"}
+    POST  /devices/{id}/c2d       {"body", "properties", "ttl", "expiry_time", "ack"} -> {"message_id"}
+    GET   /feedback[?device_id=ID&message_id=M]  C2D feedback records (iothub-ack), oldest first
     POST  /devices/{id}/methods/{name}  {"payload", "timeout"} -> {"status", "payload"}
     GET   /devices/{id}/twin
     PATCH /devices/{id}/twin/desired    {patch}  -> {"version"}
@@ -145,6 +146,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 409
     if code == 503001:  # ServiceUnavailable: the hub is failing over
         return 503
+    if code == 403009:  # InvalidMessageExpiryTime: the code's own HTTP status (D-ERR)
+        return 403
     return 400
 
 
@@ -410,7 +413,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             status, result, headers = exc.status, {"error": exc.message}, exc.headers
         except HubOperationError as exc:
-            status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
+            status, headers = _hub_error_status(exc), {}
+            result = {"error": str(exc), "error_code": exc.error_code}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
         except Exception as exc:
@@ -522,6 +526,10 @@ class _Handler(BaseHTTPRequestHandler):
             _allow(m, "GET")
             params = _params(query, "device_id")
             return 200, api.telemetry(params.get("device_id")), None
+        if segments == ["feedback"]:
+            _allow(m, "GET")
+            params = _params(query, "device_id", "message_id")
+            return 200, api.feedback(params.get("device_id"), params.get("message_id")), None
         if segments == ["events"]:
             _allow(m, "GET")
             params = _params(query, "kind", "device_id")
@@ -844,7 +852,7 @@ class ControlServer:
         return {"device_id": dev.device_id, "connection_string": dev.connection_string}
 
     def send_c2d(self, device_id: str, obj: dict[str, Any]) -> dict[str, Any]:
-        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id")
+        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id", "ttl", "expiry_time", "ack")
         if ("body" in obj) == ("body_base64" in obj):
             raise ApiError(400, "give exactly one of 'body' (a string) and 'body_base64'")
         if "body" in obj:
@@ -859,8 +867,18 @@ class ControlServer:
             if not isinstance(value, str):
                 raise ApiError(400, f"property {key!r} must be a string, not {type(value).__name__}")
         message_id = _field(obj, "message_id", str, "a string", required=False)
+        terms = {"ttl": _field(obj, "ttl", (int, float), "a number of seconds", required=False),
+                 "expiry_time": _field(obj, "expiry_time", (int, float), "epoch seconds", required=False),
+                 "ack": _field(obj, "ack", str, "none, positive, negative or full", required=False)}
         self._known_device(device_id)
-        return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id)}
+        try:
+            return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id, **terms)}
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def feedback(self, device_id: str | None, message_id: str | None) -> list[dict[str, Any]]:
+        return [dict(r.as_json(), enqueued_at=r.enqueued_at)
+                for r in self.hub.feedback(device_id, message_id=message_id)]
 
     def invoke_method(self, device_id: str, method_name: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "payload", "timeout")
@@ -890,6 +908,10 @@ class ControlServer:
     def start_fault(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         self.check_fault_kind(kind)
         spec = _fault_spec(kind, obj)
+        if getattr(spec, "dns", False):
+            raise ApiError(400, f"POST /faults/{kind}: dns=true cannot be offered by the standalone hub: a dns "
+                                "failover moves the hub's host name by patching name resolution inside the process "
+                                "that runs the devices (FakeHub(dns=True)), and this hub runs in a process of its own")
 
         def run():
             # history only grows, and only on this thread: the new fault lands at its current length

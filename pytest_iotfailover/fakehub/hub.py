@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Self
 
+from .. import checks
 from ..errors import HubInternalError
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
@@ -18,7 +19,9 @@ from ..iothub.tiers import Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .descriptors import ACCEPT_ERRNOS, AcceptGuard, raise_fd_limit
+from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
+from .hub_limits import LimitsFace
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 
 __all__ = [
@@ -122,13 +125,13 @@ class _EngineFace:
         self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
-class FakeHub:
+class FakeHub(LimitsFace):
     """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
 
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
-    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -137,7 +140,7 @@ class FakeHub:
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None, tier: str | None = "S1", units: int = 1):
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
@@ -173,6 +176,7 @@ class FakeHub:
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
+        self.dns: HubName | None = HubName(new_name(hub_name)) if checks.boolean("dns", dns) else None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -208,23 +212,28 @@ class FakeHub:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._accept_failed.close()
+            if self.dns is not None:
+                self.dns.stop()  # socket.getaddrinfo is the original again once no such hub runs
 
     async def _startup(self) -> None:
         sock = HubServer.bind(self._host, self._port)
         try:
             host, port = sock.getsockname()[:2]
             self.gateway_host, self.port = host, port
-            self.registry.gateway_host = host
-            names = [self.hostname, "localhost", host]
+            self.registry.gateway_host = host if self.dns is None else self.dns.name
+            names = [self.hostname, "localhost", host] + ([self.dns.name] if self.dns else [])
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
                               max_unauthenticated=self._max_unauthenticated, tier=self.tier)
+            core.policies, core.feedback = self._limits_face_state.policies, self._limits_face_state.feedback  # hub_limits.py
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
+            if self.dns is not None:
+                self.dns.attach(self._server, host, self.event_log)
             await self._server.serve(sock)
             self._accept_failed.arm(sock, self._loop)
         except BaseException:
@@ -369,10 +378,10 @@ class FakeHub:
 
     # --- service-side operations -------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
-                 *, message_id: str | None = None) -> str:
-        """Queue a cloud-to-device message; returns its message id."""
-        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
+    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None, *,
+                 message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None, ack: str | None = None) -> str:
+        """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
+        return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
