@@ -76,7 +76,11 @@ class _Hub:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                          preexec_fn=_low_limit)  # noqa: PLW1509 - setrlimit only, before exec
         self.started_at = time.monotonic()
-        self.info = self._wait_for_info()
+        try:
+            self.info = self._wait_for_info()
+        except BaseException:
+            self.kill()
+            raise
         remember(self.info["control_token"])
         remember_keys_of(*self.info["devices"].values())
         self.hostname = self.info["hostname"]
@@ -107,6 +111,7 @@ class _Hub:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
 
     def kill(self) -> None:
+        """Finalizer: never leave a hub behind."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(STOP_TIMEOUT)
@@ -118,6 +123,19 @@ def clients():
     yield opened
     for c in opened:
         c.close()
+
+
+@pytest.fixture
+def start_hub(tmp_path):
+    """Starts the hub; whatever the test did, its process is gone at teardown."""
+    started: list[_Hub] = []
+
+    def start(loop: str) -> _Hub:
+        started.append(_Hub(tmp_path, loop))
+        return started[-1]
+    yield start
+    for hub in started:
+        hub.kill()
 
 
 def _dial(hub: _Hub, device_id: str) -> MqttClient | None:
@@ -198,9 +216,9 @@ def _api(hub: _Hub, path: str):
 
 
 @pytest.mark.parametrize("loop, stop_signal", _loops())
-def test_hub_out_of_descriptors_refuses_new_devices_and_serves_connected_ones(tmp_path, clients, loop,
+def test_hub_out_of_descriptors_refuses_new_devices_and_serves_connected_ones(start_hub, clients, loop,
                                                                                 stop_signal):
-    hub = _Hub(tmp_path, loop)
+    hub = start_hub(loop)
     sdk = _sdk_client(hub, "dev0")
     try:
         bounded(sdk.connect, timeout=ANSWER_TIMEOUT)
@@ -230,11 +248,8 @@ def test_hub_out_of_descriptors_refuses_new_devices_and_serves_connected_ones(tm
             bounded(sdk.shutdown, timeout=ANSWER_TIMEOUT)
         except TimeoutError:
             pass  # a stuck SDK thread is a daemon; the hub is checked below either way
-    try:
-        hub.proc.send_signal(stop_signal)
-        code = hub.proc.wait(STOP_TIMEOUT)
-    finally:
-        hub.kill()
+    hub.proc.send_signal(stop_signal)
+    code = hub.proc.wait(STOP_TIMEOUT)
     ran_for = time.monotonic() - hub.started_at
     err = hub.stderr()
     assert code == 0, err[-3000:]
