@@ -26,6 +26,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
     DELETE /faults/{id}                          -> {fault}: cancel it (a no-op once it is over)
     POST  /faults/{id}/wait       {"timeout"}    -> {fault, "report"} once it is over; 504 if not in time
 
+`POST /devices` and `POST /devices/{id}/c2d` go through the tier's throttles (fakehub/shaping.py): a
+request beyond the rate is answered later, one past the shaping queue gets 429 with the hub's 429001.
+
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
 `POST /faults/{kind}` holds the arguments of that kind's fault spec (model.py), which are those of
@@ -143,6 +146,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 409
     if code == 503001:  # ServiceUnavailable: the hub is failing over
         return 503
+    if isinstance(code, int) and code // 1000 in (403, 429):  # 403010 not in this tier, 429xxx throttled
+        return code // 1000
     return 400
 
 
