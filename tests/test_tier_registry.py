@@ -216,3 +216,16 @@ def test_throttle_setup_option_has_cli_ini_and_environment_forms():
     assert resolve(lambda n: True if n == "iothub_throttle_setup" else None, none, {}).throttle_setup is True
     assert resolve(none, none, {"IOTFAILOVER_THROTTLE_SETUP": "1"}).throttle_setup is True
     assert resolve(none, lambda n: "true" if n == "iothub_throttle_setup" else None, {}).throttle_setup is True
+
+
+def test_the_recovery_report_counts_service_calls_that_waited_their_turn():
+    with FakeHub("rephub", shaping={C2D: Shaping(burst_seconds=1.0, max_queue_delay=30.0)}) as hub:
+        hub.add_device("d")
+        fo = hub.faults.region_failover(outage=0.1)
+        fo.wait(10)
+        hub.send_c2d("d", b"first")    # taken at once
+        hub.send_c2d("d", b"second")   # waits its turn
+        rep = fo.report()
+        [delay] = _kinds(hub, "throttle_delay", C2D)
+        assert rep.service_throttled == pytest.approx(delay.detail["seconds"])
+        assert "service calls throttled" in str(rep)
