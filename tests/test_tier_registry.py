@@ -84,11 +84,14 @@ def test_registry_burst_is_taken_at_once_then_shaped_then_refused_with_429001():
 def test_default_s1_shapes_the_registry_call_after_a_minutes_worth():
     with FakeHub("reghub") as hub:  # S1 x 1, the default shaping
         hub.add_devices([f"d{i:03}" for i in range(100)])
-        hub.add_device("one-more")   # waits its turn (0.6 s at 100/min): shaped, not refused
+        # 5 more at 100/min: the call waits its turn (up to 3 s), it is not refused
+        assert len(hub.add_devices([f"late{i}" for i in range(5)])) == 5
         [delay] = _kinds(hub, "throttle_delay", REGISTRY)
-        assert delay.device_id == "one-more" and delay.detail["seconds"] == pytest.approx(0.6, abs=0.1)
-        assert hub.throttle_stats()["registry_operation"].delayed == 1
-        assert hub.throttled_time("one-more") == pytest.approx(delay.detail["seconds"], abs=0.001)
+        assert delay.detail["call"] == "add_devices" and delay.detail["count"] == 5
+        assert 0 < delay.detail["seconds"] <= 3.0 + 1e-6
+        stats = hub.throttle_stats()["registry_operation"]
+        assert (stats.admitted, stats.delayed, stats.rejected) == (1, 1, 0)
+        assert hub.throttled_time(None) == pytest.approx(delay.detail["seconds"], abs=0.001)
 
 
 def test_removing_and_disabling_devices_are_registry_operations_too():
@@ -177,10 +180,14 @@ def test_control_api_answers_429_past_the_shaping_queue():
     with FakeHub("ctlhub", shaping={REGISTRY: Shaping(burst_seconds=0.0, max_queue_delay=0.0)}) as hub:
         control = ControlServer(hub).start()
         try:
-            statuses = [_post(control, "/devices", {"device_id": f"d{i}"})[0] for i in range(3)]
+            # one at once, and no queue: the next within 0.6 s (100/min) is refused
+            answers = [_post(control, "/devices", {"device_id": f"d{i}"}) for i in range(6)]
         finally:
             control.stop()
-    assert statuses[0] == 201 and 429 in statuses[1:]
+    assert answers[0][0] == 201
+    refused = [body for status, body in answers[1:] if status == 429]
+    assert refused and all(b["error_code"] == 429001 and "registry_operation throttled" in b["error"]
+                           for b in refused)
 
 
 def _post(control, path, obj):

@@ -10,7 +10,8 @@ dependency to every install of a pytest plugin and buy nothing. The trade-offs o
 (no TLS, modest throughput) are acceptable because the API only ever binds a loopback address and
 every request must carry the bearer token the hub prints into its 0600 info file.
 
-Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
+Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, plus IoT Hub's
+`"error_code"` when the hub refused the call):
 
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
@@ -397,7 +398,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             status, result, headers = exc.status, {"error": exc.message}, exc.headers
         except HubOperationError as exc:
-            status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
+            # IoT Hub's six-digit code too: 429 alone does not say 429001 from 429003
+            status, result, headers = _hub_error_status(exc), {"error": str(exc), "error_code": exc.error_code}, {}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
         except Exception as exc:
