@@ -879,6 +879,10 @@ class ControlServer:
     def start_fault(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         self.check_fault_kind(kind)
         spec = _fault_spec(kind, obj)
+        if getattr(spec, "dns", False):
+            raise ApiError(400, f"POST /faults/{kind}: dns=true cannot be offered by the standalone hub: a dns "
+                                "failover moves the hub's host name by patching name resolution inside the process "
+                                "that runs the devices (FakeHub(dns=True)), and this hub runs in a process of its own")
 
         def run():
             # history only grows, and only on this thread: the new fault lands at its current length

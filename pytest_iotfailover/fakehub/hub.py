@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Self
 
+from .. import checks
 from ..errors import HubInternalError
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
@@ -18,6 +19,7 @@ from ..iothub.registry import Device, Registry
 from ..iothub.tiers import Operation, Shaping, Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
+from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 from .shaping import ServiceShaping
@@ -153,7 +155,7 @@ class FakeHub(ServiceShaping):
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
-    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -162,7 +164,7 @@ class FakeHub(ServiceShaping):
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None, tier: str | None = "S1", units: int = 1,
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False,
                  shaping: Shaping | Mapping[Operation, Shaping] | None = None):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
@@ -173,8 +175,7 @@ class FakeHub(ServiceShaping):
         self._max_unauthenticated = max_unauthenticated
         # IoT Hub's per-tier throttles (iothub/tiers.py); None: unthrottled (benchmarks)
         self.tier: Tier | None = None if tier is None else Tier.lookup(tier, units)
-        self._shaping = shaping  # None: iothub/tiers.py's defaults; one Shaping for all, or per operation
-        self._init_shaping()
+        self._init_shaping(shaping)  # None: iothub/tiers.py's defaults; one Shaping for all, or per operation
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -201,6 +202,7 @@ class FakeHub(ServiceShaping):
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
+        self.dns: HubName | None = HubName(new_name(hub_name)) if checks.boolean("dns", dns) else None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -236,24 +238,28 @@ class FakeHub(ServiceShaping):
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            if self.dns is not None:
+                self.dns.stop()  # socket.getaddrinfo is the original again once no such hub runs
 
     async def _startup(self) -> None:
         sock = HubServer.bind(self._host, self._port)
         try:
             host, port = sock.getsockname()[:2]
             self.gateway_host, self.port = host, port
-            self.registry.gateway_host = host
-            names = [self.hostname, "localhost", host]
+            self.registry.gateway_host = host if self.dns is None else self.dns.name
+            names = [self.hostname, "localhost", host] + ([self.dns.name] if self.dns else [])
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
                               max_unauthenticated=self._max_unauthenticated, tier=self.tier)
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
-            self._install_shaping(core, self._shaping)
+            self._install_shaping(core)
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
+            if self.dns is not None:
+                self.dns.attach(self._server, host, self.event_log)
             await self._server.serve(sock)
         except BaseException:
             sock.close()
@@ -344,7 +350,6 @@ class FakeHub(ServiceShaping):
 
     def add_device(self, device_id: str, primary_key: str | None = None, *,
                    secondary_key: str | None = None, enabled: bool = True, throttle: bool = True) -> Device:
-        """A new identity: one registry operation, shaped by the tier (`throttle=False`: set-up, shaping.py)."""
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
         self._shape_registry(device_id, "add_device", throttle)
@@ -367,13 +372,6 @@ class FakeHub(ServiceShaping):
         self.registry.remove(device_id)
         if self.running:
             self._act(self._running_core().device_disabled, device_id, True)
-
-    def set_device_enabled(self, device_id: str, enabled: bool, *, throttle: bool = True) -> Device:
-        self._shape_registry(device_id, "set_device_enabled", throttle and self.running)
-        dev = self.registry.set_enabled(device_id, enabled)
-        if not enabled and self.running:
-            self._act(self._running_core().device_disabled, device_id, False)
-        return dev
 
     def connected_devices(self) -> list[str]:
         return self._call(lambda: sorted(self._running_core().connections))

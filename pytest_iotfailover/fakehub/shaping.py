@@ -49,13 +49,14 @@ class ServiceShaping:
     _core: IoTHubCore | None
     registry: Any
 
-    def _init_shaping(self) -> None:
+    def _init_shaping(self, shaping: Shaping | Mapping[Operation, Shaping] | None) -> None:
+        self._shaping = shaping
         self._shaping_stop = threading.Event()   # set by stop(): a waiting call gives up at once
         self._booked = threading.local()         # the booking this thread's next step carries
 
-    def _install_shaping(self, core: IoTHubCore, shaping: Shaping | Mapping[Operation, Shaping] | None) -> None:
-        if shaping is not None and core.throttles.tier is not None:
-            core.throttles = core.throttles.tier.throttles(shaping)
+    def _install_shaping(self, core: IoTHubCore) -> None:
+        if self._shaping is not None and core.throttles.tier is not None:
+            core.throttles = core.throttles.tier.throttles(self._shaping)
 
     def _is_running(self) -> bool:
         return bool(getattr(self, "running", False))
@@ -93,6 +94,14 @@ class ServiceShaping:
         return lambda: core.run_prebooked(booking, step)
 
     # --- public ----------------------------------------------------------------------------------
+
+    def set_device_enabled(self, device_id: str, enabled: bool, *, throttle: bool = True) -> Device:
+        """Enable or disable an identity (a registry update); disabling disconnects the device."""
+        self._shape_registry(device_id, "set_device_enabled", throttle and self._is_running())
+        dev = self.registry.set_enabled(device_id, enabled)
+        if not enabled and self._is_running():
+            self._act(self._running_core().device_disabled, device_id, False)
+        return dev
 
     def add_devices(self, device_ids: Iterable[str], *, throttle: bool = True) -> list[Device]:
         """Create several device identities in one bulk registry call (at most 100 devices, as IoT
