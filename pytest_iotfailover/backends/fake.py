@@ -45,8 +45,15 @@ class FakeBackend(Hub):
         wanted = set(device_ids)
         return [e for e in evs if e.device_id in wanted]
 
-    def send_c2d(self, device_id, body, properties=None):
-        return self.fakehub.send_c2d(device_id, body, properties)
+    def send_c2d(self, device_id, body, properties=None, *, ttl=None, expiry_time=None, ack=None):
+        return self.fakehub.send_c2d(device_id, body, properties, ttl=ttl, expiry_time=expiry_time, ack=ack)
+
+    def feedback(self, device_ids: Collection[str] | None = None) -> list[Any]:
+        records = self.fakehub.feedback()
+        if device_ids is None:
+            return records
+        wanted = set(device_ids)
+        return [r for r in records if r.device_id in wanted]
 
     def invoke_method(self, device_id, method_name, payload=None, timeout=30.0):
         return self.fakehub.invoke_method(device_id, method_name, payload, timeout)

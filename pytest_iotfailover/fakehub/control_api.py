@@ -16,7 +16,8 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, pl
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
     POST  /devices                {"device_id"}  -> 201 {"device_id", "connection_string"}
-    POST  /devices/{id}/c2d       {"body", "properties"}      -> {"message_id"}
+    POST  /devices/{id}/c2d       {"body", "properties", "ttl", "expiry_time", "ack"} -> {"message_id"}
+    GET   /feedback[?device_id=ID&message_id=M]  C2D feedback records (iothub-ack), oldest first
     POST  /devices/{id}/methods/{name}  {"payload", "timeout"} -> {"status", "payload"}
     GET   /devices/{id}/twin
     PATCH /devices/{id}/twin/desired    {patch}  -> {"version"}
@@ -147,6 +148,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 409
     if code == 503001:  # ServiceUnavailable: the hub is failing over
         return 503
+    if code == 403009:  # InvalidMessageExpiryTime: the code's own HTTP status (D-ERR)
+        return 403
     if isinstance(code, int) and code // 1000 in (403, 429):  # 403010 not in this tier, 429xxx throttled
         return code // 1000
     return 400
@@ -399,7 +402,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, result, headers = exc.status, {"error": exc.message}, exc.headers
         except HubOperationError as exc:
             # IoT Hub's six-digit code too: 429 alone does not say 429001 from 429003
-            status, result, headers = _hub_error_status(exc), {"error": str(exc), "error_code": exc.error_code}, {}
+            status, headers = _hub_error_status(exc), {}
+            result = {"error": str(exc), "error_code": exc.error_code}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
         except Exception as exc:
@@ -511,6 +515,10 @@ class _Handler(BaseHTTPRequestHandler):
             _allow(m, "GET")
             params = _params(query, "device_id")
             return 200, api.telemetry(params.get("device_id")), None
+        if segments == ["feedback"]:
+            _allow(m, "GET")
+            params = _params(query, "device_id", "message_id")
+            return 200, api.feedback(params.get("device_id"), params.get("message_id")), None
         if segments == ["events"]:
             _allow(m, "GET")
             params = _params(query, "kind", "device_id")
@@ -833,7 +841,7 @@ class ControlServer:
         return {"device_id": dev.device_id, "connection_string": dev.connection_string}
 
     def send_c2d(self, device_id: str, obj: dict[str, Any]) -> dict[str, Any]:
-        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id")
+        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id", "ttl", "expiry_time", "ack")
         if ("body" in obj) == ("body_base64" in obj):
             raise ApiError(400, "give exactly one of 'body' (a string) and 'body_base64'")
         if "body" in obj:
@@ -848,8 +856,18 @@ class ControlServer:
             if not isinstance(value, str):
                 raise ApiError(400, f"property {key!r} must be a string, not {type(value).__name__}")
         message_id = _field(obj, "message_id", str, "a string", required=False)
+        terms = {"ttl": _field(obj, "ttl", (int, float), "a number of seconds", required=False),
+                 "expiry_time": _field(obj, "expiry_time", (int, float), "epoch seconds", required=False),
+                 "ack": _field(obj, "ack", str, "none, positive, negative or full", required=False)}
         self._known_device(device_id)
-        return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id)}
+        try:
+            return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id, **terms)}
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def feedback(self, device_id: str | None, message_id: str | None) -> list[dict[str, Any]]:
+        return [dict(r.as_json(), enqueued_at=r.enqueued_at)
+                for r in self.hub.feedback(device_id, message_id=message_id)]
 
     def invoke_method(self, device_id: str, method_name: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "payload", "timeout")

@@ -21,6 +21,7 @@ from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
+from .hub_limits import LimitsFace
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 from .shaping import ServiceShaping
 
@@ -149,7 +150,7 @@ class _EngineFace:
         self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
-class FakeHub(ServiceShaping):
+class FakeHub(LimitsFace, ServiceShaping):
     """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
 
     Runs its own event loop in a background thread. Every public method may be called from any
@@ -253,6 +254,7 @@ class FakeHub(ServiceShaping):
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
                               max_unauthenticated=self._max_unauthenticated, tier=self.tier)
+            core.policies, core.feedback = self._limits_face_state.policies, self._limits_face_state.feedback  # hub_limits.py
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             self._install_shaping(core)
             assert self._loop is not None
@@ -394,11 +396,11 @@ class FakeHub(ServiceShaping):
 
     # --- service-side operations -------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
-                 *, message_id: str | None = None) -> str:
-        """Queue a cloud-to-device message; returns its message id (shaped by the tier: shaping.py)."""
-        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True)
-        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
+    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None, *,
+                 message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None, ack: str | None = None) -> str:
+        """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
+        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True)  # the tier: shaping.py
+        return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:
