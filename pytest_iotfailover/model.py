@@ -456,6 +456,9 @@ class RecoveryReport:
     time_to_recover: float | None = None
     # device id -> why its client counts as wedged (it died silently while claiming to be connected)
     wedged: dict[str, str] = field(default_factory=dict)
+    # seconds service calls (C2D sends, registry operations) waited in the tier's shaping queues
+    # from the fault's start, summed over calls
+    service_throttled: float = 0.0
 
     @property
     def recovered(self) -> bool:
@@ -500,6 +503,7 @@ class RecoveryReport:
                 f"{self.messages_before} before / {self.messages_during} during / "
                 f"{self.messages_after} after, {self.duplicates} duplicates"
                 + (f", throttled up to {self.throttled:.2f}s" if self.throttled else "")
+                + (f", service calls throttled {self.service_throttled:.2f}s" if self.service_throttled else "")
                 + (f"; wedged: {'; '.join(self.wedged.values())}" if self.wedged else ""))
 
 

@@ -297,7 +297,7 @@ def _serve(args: argparse.Namespace, hub: FakeHub, stop: "_StopSignal", run: _Ru
         hub.start()
     except OSError as exc:
         return _fail(exc.strerror or str(exc), EXIT_USAGE)
-    devices = {d: hub.add_device(d).connection_string for d in args.devices}
+    devices = {d: hub.add_device(d, throttle=False).connection_string for d in args.devices}  # set-up
     try:
         run.control = control = ControlServer(hub, str(hub.gateway_host), args.control_port,
                                               request_timeout=args.control_request_timeout).start()

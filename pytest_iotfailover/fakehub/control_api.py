@@ -10,7 +10,8 @@ dependency to every install of a pytest plugin and buy nothing. The trade-offs o
 (no TLS, modest throughput) are acceptable because the API only ever binds a loopback address and
 every request must carry the bearer token the hub prints into its 0600 info file.
 
-Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
+Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, plus IoT Hub's
+`"error_code"` when the hub refused the call):
 
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
@@ -26,6 +27,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
     GET   /faults/{id}                           {fault, "report"}
     DELETE /faults/{id}                          -> {fault}: cancel it (a no-op once it is over)
     POST  /faults/{id}/wait       {"timeout"}    -> {fault, "report"} once it is over; 504 if not in time
+
+`POST /devices` and `POST /devices/{id}/c2d` go through the tier's throttles (fakehub/shaping.py): a
+request beyond the rate is answered later, one past the shaping queue gets 429 with the hub's 429001.
 
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
@@ -148,6 +152,8 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 503
     if code == 403009:  # InvalidMessageExpiryTime: the code's own HTTP status (D-ERR)
         return 403
+    if isinstance(code, int) and code // 1000 in (403, 429):  # 403010 not in this tier, 429xxx throttled
+        return code // 1000
     return 400
 
 
@@ -413,6 +419,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             status, result, headers = exc.status, {"error": exc.message}, exc.headers
         except HubOperationError as exc:
+            # IoT Hub's six-digit code too: 429 alone does not say 429001 from 429003
             status, headers = _hub_error_status(exc), {}
             result = {"error": str(exc), "error_code": exc.error_code}
         except (TimeoutError, concurrent.futures.TimeoutError):

@@ -125,6 +125,8 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.throttled = float(e.detail.get("throttled", 0.0))
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
+    rep.service_throttled = sum(float(e.detail.get("seconds", 0.0)) for e in hub.event_log.list("throttle_delay")
+                                if e.at >= start)
     from ..wedge_findings import findings  # the clients' side: which of these devices' clients died silently
     for w in findings(fault.affected, since=start):
         rep.wedged.setdefault(w.device_id, w.text)

@@ -5,7 +5,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Self
 
 from .. import checks
@@ -15,7 +15,7 @@ from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
 from ..iothub.faults import Fault
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
-from ..iothub.tiers import Tier
+from ..iothub.tiers import Operation, Shaping, Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
 from .descriptors import ACCEPT_ERRNOS, AcceptGuard, raise_fd_limit
@@ -23,6 +23,7 @@ from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .hub_limits import LimitsFace
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
+from .shaping import ServiceShaping
 
 __all__ = [
     "Device",
@@ -125,7 +126,7 @@ class _EngineFace:
         self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
-class FakeHub(LimitsFace):
+class FakeHub(LimitsFace, ServiceShaping):
     """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
 
     Runs its own event loop in a background thread. Every public method may be called from any
@@ -140,7 +141,8 @@ class FakeHub(LimitsFace):
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False):
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False,
+                 shaping: Shaping | Mapping[Operation, Shaping] | None = None):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
@@ -150,6 +152,7 @@ class FakeHub(LimitsFace):
         self._max_unauthenticated = max_unauthenticated
         # IoT Hub's per-tier throttles (iothub/tiers.py); None: unthrottled (benchmarks)
         self.tier: Tier | None = None if tier is None else Tier.lookup(tier, units)
+        self._init_shaping(shaping)  # None: iothub/tiers.py's defaults; one Shaping for all, or per operation
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -229,6 +232,7 @@ class FakeHub(LimitsFace):
                               max_unauthenticated=self._max_unauthenticated, tier=self.tier)
             core.policies, core.feedback = self._limits_face_state.policies, self._limits_face_state.feedback  # hub_limits.py
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
+            self._install_shaping(core)
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
@@ -255,6 +259,7 @@ class FakeHub(LimitsFace):
         if self._thread is None or self._stopping:
             return
         self._stopping = True
+        self._shaping_stop.set()
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
@@ -318,14 +323,15 @@ class FakeHub(LimitsFace):
 
     def _act(self, fn: Callable[..., Any], *args: Any) -> Any:
         """One step of the core on the hub thread (HubServer.run); its value, if it has one."""
-        return self._call(lambda: self._server.run(fn, *args) if self._server else None)
+        return self._call(self._carry_booking(lambda: self._server.run(fn, *args) if self._server else None))
 
     # --- devices -----------------------------------------------------------------------------
 
     def add_device(self, device_id: str, primary_key: str | None = None, *,
-                   secondary_key: str | None = None, enabled: bool = True) -> Device:
+                   secondary_key: str | None = None, enabled: bool = True, throttle: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
+        self._shape_registry(device_id, "add_device", throttle)
         # through the core: refused during a failover, and remembered for its rollback (rpo=)
         return self._act(self._running_core().add_device, device_id, primary_key, secondary_key, enabled)
 
@@ -339,17 +345,12 @@ class FakeHub(LimitsFace):
     def devices(self) -> list[Device]:
         return self.registry.all()
 
-    def remove_device(self, device_id: str) -> None:
+    def remove_device(self, device_id: str, *, throttle: bool = True) -> None:
         """Delete the identity; a connected device is disconnected (reason `device_removed`)."""
+        self._shape_registry(device_id, "remove_device", throttle and self.running)
         self.registry.remove(device_id)
         if self.running:
             self._act(self._running_core().device_disabled, device_id, True)
-
-    def set_device_enabled(self, device_id: str, enabled: bool) -> Device:
-        dev = self.registry.set_enabled(device_id, enabled)
-        if not enabled and self.running:
-            self._act(self._running_core().device_disabled, device_id, False)
-        return dev
 
     def connected_devices(self) -> list[str]:
         return self._call(lambda: sorted(self._running_core().connections))
@@ -358,12 +359,6 @@ class FakeHub(LimitsFace):
         return self._call(lambda: device_id in self._running_core().connections)
 
     # --- telemetry ---------------------------------------------------------------------------
-
-    def throttled_time(self, device_id: str | None = None) -> float:
-        """Seconds `device_id` (None: calls made without a device) waited in the tier's shaping
-        queues, over all operations; 0 on an unthrottled hub."""
-        core = self._core
-        return 0.0 if core is None or not self.running else self._call(core.throttled_time, device_id)
 
     def telemetry(self, device_id: str | None = None, *, include_lost: bool = False,
                   device_ids: Collection[str] | None = None) -> list[Telemetry]:
@@ -381,6 +376,7 @@ class FakeHub(LimitsFace):
     def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None, *,
                  message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None, ack: str | None = None) -> str:
         """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
+        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True)  # the tier: shaping.py
         return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
