@@ -45,6 +45,7 @@ import base64
 import binascii
 import concurrent.futures
 import dataclasses
+import errno
 import hmac
 import io
 import ipaddress
@@ -67,6 +68,7 @@ from ..iothub.auth import redact
 from ..iothub.core import HubOperationError
 from ..iothub.registry import check_device_id
 from ..model import SPECS, FaultKind, FaultSpec, spec_for
+from .descriptors import Reserve
 from .faults import FaultHandle
 
 __all__ = [
@@ -221,7 +223,9 @@ class _Server(ThreadingHTTPServer):
         self.sockets_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.reserve = Reserve()
         super().__init__(address, _Handler)
+        self.reserve.take()
 
     def process_request(self, request, client_address):
         with self.sockets_lock:
@@ -256,6 +260,20 @@ class _Server(ThreadingHTTPServer):
         with self.sockets_lock:
             self.open_sockets.discard(request)
         super().shutdown_request(request)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            # out of descriptors the waiting connection stays ready, and serve_forever would spin
+            # on it (a core's worth of CPU beside the hub): refuse it with the reserve instead
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.reserve.refuse(self.socket, at_most=1)
+            raise
+
+    def server_close(self):
+        super().server_close()
+        self.reserve.close()
 
     def close_open_connections(self) -> None:
         with self.sockets_lock:

@@ -1,7 +1,6 @@
 """The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
 import asyncio
 import concurrent.futures
-import errno
 import os
 import re
 import threading
@@ -19,6 +18,7 @@ from ..iothub.registry import Device, Registry
 from ..iothub.tiers import Operation, Shaping, Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
+from .descriptors import ACCEPT_ERRNOS, AcceptGuard, raise_fd_limit
 from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .hub_limits import LimitsFace
@@ -68,10 +68,6 @@ def select_loop(loop: str | None = None) -> tuple[str, Callable[[], asyncio.Abst
                              "(pip install 'pytest-iotfailover[fast]'; it has no Windows build)") from None
         return "asyncio", asyncio.new_event_loop
     return "uvloop", uvloop.new_event_loop
-# asyncio retries a failed accept() itself (after a second) and tells the loop's exception
-# handler each time: one warning per this many seconds is enough to see a descriptor shortage
-_ACCEPT_WARNING_EVERY = 10.0
-_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _set_result_once(fut: concurrent.futures.Future, result) -> None:
@@ -105,26 +101,6 @@ def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, tok
             send_buffer_limit < send_buffer_pause + 256 * 1024:
         raise ValueError(f"send_buffer_limit must be an integer at least 256 KiB over send_buffer_pause "
                          f"({send_buffer_pause}), got {send_buffer_limit!r}")
-
-
-class _AcceptWarnings:
-    """Out of file descriptors (or buffers) in accept(): a resource limit of the machine, not a
-    hub bug, so a warning event (`accept_failed`), at most one per _ACCEPT_WARNING_EVERY s."""
-
-    def __init__(self, log: WaitingEventLog):
-        self._log = log
-        self._warned_at: float | None = None
-        self._failures = 0
-
-    def __call__(self, exc: OSError) -> None:
-        self._failures += 1
-        now = time.monotonic()
-        if self._warned_at is not None and now - self._warned_at < _ACCEPT_WARNING_EVERY:
-            return
-        self._warned_at = now
-        self._log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}", failures=self._failures,
-                      errno=errno.errorcode.get(exc.errno or 0, exc.errno))
-        self._failures = 0
 
 
 class _EngineFace:
@@ -191,7 +167,7 @@ class FakeHub(LimitsFace, ServiceShaping):
         pulse = Pulse()
         self.ledger = WaitingLedger(pulse)
         self.event_log = WaitingEventLog(max_events, pulse=pulse)
-        self._accept_failed = _AcceptWarnings(self.event_log)
+        self._accept_failed = AcceptGuard(self.event_log)
         self.registry = Registry(self.hostname)
         self._core: IoTHubCore | None = None
         self._server: HubServer | None = None
@@ -211,8 +187,7 @@ class FakeHub(LimitsFace, ServiceShaping):
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
         # the usual soft limit of 1,024 descriptors stops a hub at about a thousand connections
-        from .cli import _raise_fd_limit
-        _raise_fd_limit()
+        raise_fd_limit()
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
         self._thread.start()
         if not self._started.wait(60):
@@ -239,6 +214,7 @@ class FakeHub(LimitsFace, ServiceShaping):
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            self._accept_failed.close()
             if self.dns is not None:
                 self.dns.stop()  # socket.getaddrinfo is the original again once no such hub runs
 
@@ -263,6 +239,7 @@ class FakeHub(LimitsFace, ServiceShaping):
             if self.dns is not None:
                 self.dns.attach(self._server, host, self.event_log)
             await self._server.serve(sock)
+            self._accept_failed.arm(sock, self._loop)
         except BaseException:
             sock.close()
             raise
@@ -270,7 +247,7 @@ class FakeHub(LimitsFace, ServiceShaping):
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
+        if isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS and "accept" in str(context.get("message")):
             self._accept_failed(exc)
         elif exc is not None and self._core is not None and self._server is not None:
             self._server.execute(self._core.internal_error(None, exc, time.time()))
