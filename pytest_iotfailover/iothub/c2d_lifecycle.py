@@ -40,7 +40,7 @@ from .events import EventLog
 from .session import C2DMessage, C2DQueue, Session
 
 __all__ = ["C2D_TIMER_KINDS", "FEEDBACK_STATUSES", "C2DLifecycle", "FeedbackLog", "FeedbackRecord",
-           "expiry_seconds"]
+           "c2d_properties", "expiry_seconds"]
 
 C2D_TIMER_KINDS = frozenset({"c2d_expiry"})
 FEEDBACK_STATUSES = ("Success", "Expired", "DeliveryCountExceeded", "Rejected", "Purged")  # D-C2D
@@ -104,6 +104,11 @@ def expiry_seconds(expiry_time: object) -> float:
     return float(expiry_time)  # type: ignore[arg-type]
 
 
+def c2d_properties(properties: dict[str, Any] | None) -> dict[str, str | None]:
+    """A sender's application properties as the message carries them: names and values as text."""
+    return {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+
+
 def _refuse(error: limits.IotHubError | None) -> None:
     if error is not None:
         raise HubOperationError(f"send_c2d refused: {error.message}", error.code)
@@ -145,6 +150,11 @@ class C2DLifecycle:
         if ack != "none" or given is not None:
             properties["iothub-ack"] = ack
         return expiry, ack
+
+    def c2d_check(self, properties: dict[str, Any] | None, ttl: Any, expiry_time: Any, ack: Any) -> None:
+        """Raise what `send_c2d` would for these terms, changing nothing: the check a throttled
+        send runs before it is booked (tier_gate.py), so a bad `ttl` is refused at once."""
+        self._c2d_terms(c2d_properties(properties), ttl, expiry_time, ack)
 
     def _c2d_enqueued(self, device_id: str, msg: C2DMessage) -> None:
         """A message joined the queue: an expiry timer when its sender waits for negative feedback

@@ -23,7 +23,7 @@ from . import limits
 from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, verify_sas_token
-from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle
+from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle, c2d_properties
 from .events import EventLog
 from .faults import FaultEngine
 from .ledger import Ledger
@@ -375,7 +375,7 @@ class _CloudToDevice(C2DLifecycle, _Failover):
                   message_id: str | None, ttl: Any = None, expiry_time: Any = None, ack: Any = None) -> str:
         self._service_available(device_id, "send_c2d")
         self._registered(device_id)
-        props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+        props = c2d_properties(properties)
         expiry, ack = self._c2d_terms(props, ttl, expiry_time, ack)
         self._c2d_sweep(device_id)  # expired messages no longer count towards the limit
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
