@@ -23,7 +23,7 @@ from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, parse_username, verify_sas_token
 from .events import EventLog
-from .faults import FaultEngine
+from .faults import FAULT_PROPERTY, PROCEED, FaultEngine
 from .ledger import Ledger
 from .mqtt import codec
 from .mqtt import packets as p
@@ -497,9 +497,14 @@ class _DeviceToCloud(_TwinsAndMethods):
                 raise ProtocolViolation(f"{error.name} {error.code}: {error.message}")
         if pkt.retain:
             props[self.retain_property] = "true"
-        verdict = self.faults.publish_verdict(conn, pkt, props)
-        if verdict.consume:
-            return
+        faults = self.faults
+        # no fault in force, none requested in this message: nothing for the engine to decide
+        if faults.active or conn.doomed or FAULT_PROPERTY in props:
+            verdict = faults.publish_verdict(conn, pkt, props)
+            if verdict.consume:
+                return
+        else:
+            verdict = PROCEED
         tier_delay = self._d2c_tier_delay(conn)
         if tier_delay is None:
             return
@@ -532,7 +537,8 @@ class _DeviceToCloud(_TwinsAndMethods):
         # straight into the ledger's compact record: no Telemetry object per message
         self.ledger.record_message(conn.device_id, sysprops.get("message_id"), body, props, sysprops,
                                    self.now, dup, qos)
-        self.faults.on_accepted(conn)
+        if self.faults.waiting_for_messages:
+            self.faults.on_accepted(conn)
 
 
 class IoTHubCore(_DeviceToCloud, _CloudToDevice):
