@@ -489,7 +489,7 @@ class _DeviceToCloud(_TwinsAndMethods):
         if size > MAX_D2C_SIZE:
             raise ProtocolViolation(f"message of {size} bytes exceeds IoT Hub's 256 KB limit")
         mid = sysprops.get("message_id")
-        if mid is not None:
+        if mid is not None and len(mid) > limits.MESSAGE_ID_MAX_CHARS:
             # what the hub does with a too-long $.mid over MQTT is not documented: closed, as for
             # other messages it refuses (limits.validate_d2c_message, assumption)
             error = limits.validate_message_id(mid)
@@ -520,6 +520,8 @@ class _DeviceToCloud(_TwinsAndMethods):
     def _d2c_tier_delay(self, conn: Connection) -> float | None:
         """How long this message's PUBACK waits its turn, or None: over the tier's limit, the message
         is not acknowledged and the hub closes the connection (tiers.py, azure-iot-sdk-c #1766)."""
+        if self.throttles.tier is None:
+            return 0.0  # unthrottled: no bucket to book
         verdict = self._tier_verdict(Operation.D2C_SEND, conn.device_id)
         if isinstance(verdict, Reject):
             self.events.add("throttled", conn.device_id, operation="d2c_send", error_code=verdict.error.code)
@@ -671,12 +673,15 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         conn.last_rx = self.now
         try:
             kind = packet.type
-            name = p.PACKET_NAMES.get(kind, str(kind))
-            conn.advance(ConnEvent.CONNECT if kind == p.CONNECT else ConnEvent.PACKET, name)
-            if kind == p.CONNECT:
-                self._on_connect(conn, packet)
-            elif kind == p.PUBLISH:
+            # after CONNECT, every packet but another CONNECT leaves the state as it is: the
+            # table lookup (two enum hashes) is only needed before and for a second CONNECT
+            if kind == p.CONNECT or conn.state is not ConnState.CONNECTED:
+                conn.advance(ConnEvent.CONNECT if kind == p.CONNECT else ConnEvent.PACKET,
+                             p.PACKET_NAMES.get(kind) or str(kind))
+            if kind == p.PUBLISH:
                 self._on_publish(conn, packet)
+            elif kind == p.CONNECT:
+                self._on_connect(conn, packet)
             elif kind == p.PUBACK:
                 self._on_puback(conn, packet.packet_id)
             elif kind == p.PINGREQ:
@@ -691,7 +696,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                 conn.graceful = True
                 self.close_conn(conn, "client")
             else:
-                raise ProtocolViolation(f"{name} is not accepted from a device")
+                raise ProtocolViolation(f"{p.PACKET_NAMES.get(kind) or kind} is not accepted from a device")
         except ProtocolViolation as exc:
             self._violation(conn, str(exc))
         except Exception as exc:
