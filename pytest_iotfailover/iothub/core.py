@@ -505,23 +505,23 @@ class _DeviceToCloud(_TwinsAndMethods):
                 return
         else:
             verdict = PROCEED
-        tier_delay = self._d2c_tier_delay(conn)
+        tier_delay = 0.0 if self.throttles.tier is None else self._d2c_tier_delay(conn)
         if tier_delay is None:
             return
-        self._accept_d2c(conn, pkt.payload, props, sysprops, pkt.dup, pkt.qos)
-        ack_delay = max(verdict.ack_delay, tier_delay)
+        qos = pkt.qos
+        self._accept_d2c(conn, pkt.payload, props, sysprops, pkt.dup, qos)
+        ack_delay = verdict.ack_delay if verdict.ack_delay > tier_delay else tier_delay
         if verdict.close_after_accept:
-            self.close_conn(conn, verdict.reason, abort=True, message_id=sysprops.get("message_id"))
-        elif pkt.qos and ack_delay > 0:
+            self.close_conn(conn, verdict.reason, abort=True, message_id=mid)
+        elif qos and ack_delay > 0:
             self._timer(("ack", conn, pkt.packet_id), self.now + ack_delay)
-        elif pkt.qos:
-            self._ack(conn, pkt.packet_id)
+        elif qos and conn.state is ConnState.CONNECTED and not conn.paused:
+            # _ack inlined; a telemetry PUBLISH always carries a packet id when qos is 1
+            self._out.append(Send(conn, codec.encode_puback(pkt.packet_id)))
 
     def _d2c_tier_delay(self, conn: Connection) -> float | None:
         """How long this message's PUBACK waits its turn, or None: over the tier's limit, the message
         is not acknowledged and the hub closes the connection (tiers.py, azure-iot-sdk-c #1766)."""
-        if self.throttles.tier is None:
-            return 0.0  # unthrottled: no bucket to book
         verdict = self._tier_verdict(Operation.D2C_SEND, conn.device_id)
         if isinstance(verdict, Reject):
             self.events.add("throttled", conn.device_id, operation="d2c_send", error_code=verdict.error.code)
@@ -576,7 +576,18 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         return self._step(now, self._open, peer)
 
     def receive(self, conn: Connection, packet: Any, now: float) -> list[Action]:
-        return self._step(now, self._receive, conn, packet)[1]
+        if self._depth:
+            return self._step(now, self._receive, conn, packet)[1]
+        # _step by hand: this runs once per packet, and the generic call's packing is a
+        # measurable part of a telemetry message's cost
+        self.now = now
+        self._depth = 1
+        try:
+            self._receive(conn, packet)
+        finally:
+            self._depth = 0
+        out, self._out = self._out, []
+        return out
 
     def violation(self, conn: Connection, message: str, now: float) -> list[Action]:
         """The driver could not decode what the peer sent."""
