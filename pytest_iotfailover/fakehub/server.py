@@ -68,6 +68,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._write_paused = False   # the transport's unsent output is over send_buffer_pause
         self._reading_paused = False
         self._backlog: deque[Any] = deque()  # packets decoded but not yet handled (handling was paused)
+        self._bad_stream = False  # the decoder hit garbage after the packets it returned
         self._pause_logged = False
 
     # --- asyncio side ----------------------------------------------------------------------
@@ -99,7 +100,12 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         view = self.server.read_view
         assert view is not None  # get_buffer made it
-        self.data_received(bytes(view[:nbytes]))
+        if self._handshaken and not (self.closing or self.blackholed):
+            # straight from the read buffer into the TLS layer, without a bytes copy per read
+            self._in.write(view[:nbytes])
+            self._process()
+        else:
+            self.data_received(bytes(view[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -132,12 +138,12 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             return  # resume_writing() can fire from inside a flush of this very loop
         self._processing = True
         self._in_batch = True
+        backlog = self._backlog
         try:
-            while not self.closing and not self.blackholed and not self._write_paused:
-                if self._backlog:
-                    self._handle(self._backlog.popleft())
-                    continue
-                if not self._read_packets():
+            while not (self.closing or self.blackholed or self._write_paused):
+                if backlog:
+                    self._handle(backlog.popleft())
+                elif not self._read_packets():
                     break
         finally:
             self._in_batch = False
@@ -154,7 +160,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
     def _read_packets(self) -> bool:
         """Decode what TLS has; False when there is nothing more to do for now."""
         server, conn = self.server, self.conn
-        if self._decoder.error is not None:
+        if self._bad_stream:
             server.execute(server.core.violation(conn, f"malformed MQTT: {self._decoder.error}", time.time()))
             return False
         # Read only while the TLS layer has bytes: once a wake-up's records are consumed, one
@@ -176,14 +182,17 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         if not chunk:
             self.close()
             return False
+        decoder = self._decoder
         try:
-            self._backlog.extend(self._decoder.feed(chunk))
+            self._backlog.extend(decoder.feed(chunk))
         except PacketTooLarge as exc:
             server.execute(server.core.violation(conn, f"packet too large: {exc}", time.time()))
             return False
         except ProtocolError as exc:
             server.execute(server.core.violation(conn, f"malformed MQTT: {exc}", time.time()))
             return False
+        # packets before garbage come back with the error set: handle them, then report it
+        self._bad_stream = decoder.error is not None
         return True
 
     def pause_writing(self) -> None:
