@@ -510,14 +510,13 @@ class _DeviceToCloud(_TwinsAndMethods):
             return
         qos = pkt.qos
         self._accept_d2c(conn, pkt.payload, props, sysprops, pkt.dup, qos)
-        ack_delay = verdict.ack_delay if verdict.ack_delay > tier_delay else tier_delay
+        ack_delay = max(verdict.ack_delay, tier_delay)
         if verdict.close_after_accept:
             self.close_conn(conn, verdict.reason, abort=True, message_id=mid)
         elif qos and ack_delay > 0:
             self._timer(("ack", conn, pkt.packet_id), self.now + ack_delay)
-        elif qos and conn.state is ConnState.CONNECTED and not conn.paused:
-            # _ack inlined; a telemetry PUBLISH always carries a packet id when qos is 1
-            self._out.append(Send(conn, codec.encode_puback(pkt.packet_id)))
+        elif qos and pkt.packet_id is not None and conn.state is ConnState.CONNECTED and not conn.paused:
+            self._out.append(Send(conn, codec.encode_puback(pkt.packet_id)))  # _ack, inlined
 
     def _d2c_tier_delay(self, conn: Connection) -> float | None:
         """How long this message's PUBACK waits its turn, or None: over the tier's limit, the message

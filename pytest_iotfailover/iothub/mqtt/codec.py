@@ -332,7 +332,7 @@ class Decoder:
     def feed(self, data) -> list[object]:
         if self._error is not None:
             raise self._error
-        buf = self._buf
+        buf: bytes | bytearray = self._buf
         if buf or not isinstance(data, bytes):
             buf += data
         else:
