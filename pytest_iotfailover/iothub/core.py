@@ -58,6 +58,8 @@ MAX_METHOD_PAYLOAD = 128 * 1024  # direct method request and response (failover-
 AUTH_METHOD = '{"scope":"device","type":"sas","issuer":"iothub"}'
 _RECHECK = 0.05  # a keep-alive check that fires a hair early looks again this much later
 
+_CONNECTED = ConnState.CONNECTED  # a module constant: an enum member's class lookup costs ~90 ns
+
 _METHOD_STATUS = re.compile(r"-?[0-9]{1,9}")
 
 
@@ -515,7 +517,7 @@ class _DeviceToCloud(_TwinsAndMethods):
             self.close_conn(conn, verdict.reason, abort=True, message_id=mid)
         elif qos and ack_delay > 0:
             self._timer(("ack", conn, pkt.packet_id), self.now + ack_delay)
-        elif qos and pkt.packet_id is not None and conn.state is ConnState.CONNECTED and not conn.paused:
+        elif qos and pkt.packet_id is not None and conn.state is _CONNECTED and not conn.paused:
             self._out.append(Send(conn, codec.encode_puback(pkt.packet_id)))  # _ack, inlined
 
     def _d2c_tier_delay(self, conn: Connection) -> float | None:
@@ -685,7 +687,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
             kind = packet.type
             # after CONNECT, every packet but another CONNECT leaves the state as it is: the
             # table lookup (two enum hashes) is only needed before and for a second CONNECT
-            if kind == p.CONNECT or conn.state is not ConnState.CONNECTED:
+            if kind == p.CONNECT or conn.state is not _CONNECTED:
                 conn.advance(ConnEvent.CONNECT if kind == p.CONNECT else ConnEvent.PACKET,
                              p.PACKET_NAMES.get(kind) or str(kind))
             if kind == p.PUBLISH:
