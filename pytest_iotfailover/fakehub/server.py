@@ -149,7 +149,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self._in_batch = False
             self._processing = False
             self._flush()
-            self._update_reading()
+            if (self._write_paused or self._held_over) != self._reading_paused:
+                self._update_reading()
 
     def _handle(self, packet: Any) -> None:
         server = self.server
@@ -297,9 +298,10 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _flush(self, force: bool = False) -> None:
-        if self._pending and (force or not self.closing):
-            data = b"".join(self._pending)
-            self._pending.clear()
+        pending = self._pending
+        if pending and (force or not self.closing):
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
             self._pending_size = 0
             try:
                 self._tls.write(data)
@@ -347,7 +349,11 @@ class HubServer:
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
             kind = type(action)
-            if kind is Timer:
+            if kind is Send:  # nearly every action is one (a PUBACK)
+                proto = self.links.get(action.conn)
+                if proto is not None:
+                    proto.send(action.data)
+            elif kind is Timer:
                 self._arm(action.key, action.deadline)
             elif kind is Reply:
                 action.notify(action.response)
@@ -355,9 +361,7 @@ class HubServer:
                 proto = self.links.get(action.conn)
                 if proto is None:
                     continue  # its socket is gone already
-                if kind is Send:
-                    proto.send(action.data)
-                elif kind is Close:
+                if kind is Close:
                     proto.close()
                 elif kind is Reset:
                     proto.close(abort=True)
