@@ -80,6 +80,9 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
+        # ssl.SSLObject's read/write/pending are one-line Python wrappers around this C object;
+        # called directly they cost three Python frames less per message (same exceptions)
+        self._tlsc = getattr(self._tls, "_sslobj", self._tls)
         self._decoder = Decoder(MAX_PACKET_SIZE, first_packet_max=server.max_connect_size)
         self.conn, actions = server.core.open(f"{peer[0]}:{peer[1]}", time.time())
         server.links[self.conn] = self
@@ -139,11 +142,17 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._processing = True
         self._in_batch = True
         backlog = self._backlog
+        server = self.server
+        execute, receive = server.execute, server.core.receive
         try:
             while not (self.closing or self.blackholed or self._write_paused):
                 if backlog:
-                    self._handle(backlog.popleft())
-                elif not self._read_packets():
+                    # one packet: the per-message path, kept in this frame
+                    execute(receive(self.conn, backlog.popleft(), time.time()))
+                    if self._pending_size >= _FLUSH_AT:
+                        self._flush()
+                elif not (self._bad_stream or self._in.pending or self._tlsc.pending()) \
+                        or not self._read_packets():
                     break
         finally:
             self._in_batch = False
@@ -151,12 +160,6 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self._flush()
             if (self._write_paused or self._held_over) != self._reading_paused:
                 self._update_reading()
-
-    def _handle(self, packet: Any) -> None:
-        server = self.server
-        server.execute(server.core.receive(self.conn, packet, time.time()))
-        if self._pending_size >= _FLUSH_AT:
-            self._flush()
 
     def _read_packets(self) -> bool:
         """Decode what TLS has; False when there is nothing more to do for now."""
@@ -168,10 +171,10 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         # more read would only raise SSLWantReadError, an exception per wake-up for nothing.
         # Without read-ahead (Python never enables it) OpenSSL takes no more from the BIO than
         # the record it is decrypting, so nothing complete can hide behind these two counts.
-        if not (self._in.pending or self._tls.pending()):
+        if not (self._in.pending or self._tlsc.pending()):
             return False
         try:
-            chunk = self._tls.read(_TLS_READ)
+            chunk = self._tlsc.read(_TLS_READ)
         except ssl.SSLWantReadError:
             return False
         except ssl.SSLZeroReturnError:
@@ -304,7 +307,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             pending.clear()
             self._pending_size = 0
             try:
-                self._tls.write(data)
+                self._tlsc.write(data)
             except ssl.SSLError:
                 return
         self._write_tls()
