@@ -14,7 +14,9 @@ script waits until every client has seen its connection come back and prints, pe
   as a share of one core, from /proc; the clients' figure is the sum over the worker processes,
   with the busiest one beside it;
 * wedged clients (network thread dead while the SDK says connected) that were replaced;
-* whether every acknowledged message id is in the hub's ledger (read through the control API).
+* whether every acknowledged message id is in the hub's ledger (read through the control API);
+* with a tier (`--tiers S1`, one unit by default; `unthrottled` is `--tier none`): how often its
+  throttles acted (`throttled` events) and the longest a reconnect waited in the shaping queue.
 
 Run `python bench/bench_fleet.py --help`; bench/README.md ("Fleet benchmark") explains the
 figures. A script, not a test: exit 0 when every run completed with every client back and no
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # a source checkout works without ins
 
 from pytest_iotfailover.devices.fleet import DEFAULT_PER_PROCESS, FleetRunner, fleet_device_ids, percentile
 from pytest_iotfailover.fakehub.process import StandaloneHub, hub_supports_option
+from pytest_iotfailover.iothub.tiers import Tier
 
 # The retry interval's floor in the SDK is 1 s (bench/README.md "Recovery benchmark").
 CLIENT_KWARGS = {"keep_alive": 5, "connection_retry_interval": 1}
@@ -82,6 +85,7 @@ def run_once(count: int, args: argparse.Namespace, hub_args: list[str]) -> dict[
         finally:
             final = fleet.stop(timeout=30)
         missing = hub.missing_from_ledger(sorted(final.acknowledged_ids())) if final else ["no report"]
+        throttled = throttling(hub, done)
     recovery = report.recovery(done["started_at"], done["ended_at"])
     times = [t for t in recovery.values() if t is not None]
     return {"count": count, "processes": len(fleet.pids), "outage": done["ended_at"] - done["started_at"],
@@ -89,7 +93,16 @@ def run_once(count: int, args: argparse.Namespace, hub_args: list[str]) -> dict[
             "back": len(times), "wedged": final.wedged if final else None,
             "acked": len(final.acknowledged_ids()) if final else 0, "missing": len(missing),
             "cpu": cpu_shares(before, after), "load_before": load_before, "load_after": loadavg(),
-            "deaths": thread_deaths(final.workers if final else [])}
+            "deaths": thread_deaths(final.workers if final else []), **throttled}
+
+
+def throttling(hub: StandaloneHub, done: dict[str, Any]) -> dict[str, Any]:
+    """What the tier's throttles did: `throttled` events (refused connects, sends closed unacknowledged,
+    429s) over the whole run, and the longest a reconnect waited in the shaping queue."""
+    events = hub.request("GET", "/events?kind=throttled", timeout=120)
+    devices = (done.get("report") or {}).get("devices") or {}
+    waits = [float(d.get("throttled") or 0.0) for d in devices.values()]
+    return {"throttle_events": len(events), "throttle_wait": max(waits, default=0.0)}
 
 
 def thread_deaths(workers: list) -> str:
@@ -109,7 +122,7 @@ def fmt(value: float | None, unit: str = " s") -> str:
 
 HEADER = (f"{'tier':<11} {'clients':>7} {'procs':>5} {'outage':>7} {'p50':>7} {'p99':>7} {'last':>7} "
           f"{'back':>9} {'wedged':>6} {'hub CPU':>7} {'clients CPU':>11} {'busiest':>7} {'ratio':>5} "
-          f"{'acked':>7} {'missing':>7}  load before/after")
+          f"{'acked':>7} {'missing':>7} {'throttled':>9} {'queued':>6}  load before/after")
 
 
 def row(tier: str, r: dict[str, Any]) -> str:
@@ -118,14 +131,18 @@ def row(tier: str, r: dict[str, Any]) -> str:
     return (f"{tier:<11} {r['count']:>7} {r['processes']:>5} {fmt(r['outage']):>7} {fmt(r['p50']):>7} "
             f"{fmt(r['p99']):>7} {fmt(r['last']):>7} {r['back']:>4}/{r['count']:<4} {r['wedged']:>6} "
             f"{cpu['hub'] * 100:>6.0f}% {cpu['clients'] * 100:>10.0f}% {cpu['busiest'] * 100:>6.0f}% "
-            f"{ratio:>5.1f} {r['acked']:>7} {r['missing']:>7}  {r['load_before']} / {r['load_after']}")
+            f"{ratio:>5.1f} {r['acked']:>7} {r['missing']:>7} {r['throttle_events']:>9} "
+            f"{fmt(r['throttle_wait']):>6}  {r['load_before']} / {r['load_after']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="100,500,1000", help="comma-separated client counts (default: %(default)s)")
     p.add_argument("--tiers", default="unthrottled,S1",
-                   help="unthrottled and/or an IoT Hub tier name the hub's --tier takes (default: %(default)s)")
+                   help="comma-separated: unthrottled (the hub's --tier none) and/or IoT Hub tier names "
+                        "(Free, B1-B3, S1-S3) whose throttles the hub enforces (default: %(default)s)")
+    p.add_argument("--tier-units", type=int, default=1, metavar="UNITS",
+                   help="units of each named tier (default: %(default)s)")
     p.add_argument("--outage", type=float, default=2.0, help="region failover outage, s (default: %(default)g)")
     p.add_argument("--rate", type=float, default=1.0, help="messages per second per client (default: %(default)g)")
     p.add_argument("--per-process", type=int, default=DEFAULT_PER_PROCESS,
@@ -139,29 +156,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.counts = [int(c) for c in args.clients.split(",")]
     except ValueError:
         p.error(f"--clients {args.clients!r} is not a comma-separated list of whole numbers")
+    check_tiers(p, args)
     return args
 
 
-def tier_args(tiers: list[str]) -> list[tuple]:
-    """(tier, hub command-line arguments) for each tier that can run; prints why others cannot."""
+def tier_args(tiers: list[str], units: int) -> list[tuple[str, list[str]]]:
+    """(label, hub command-line arguments) for each tier.
+
+    The hub enforces S1's throttles unless told otherwise, so `unthrottled` must say `--tier none`;
+    a hub older than `--tier` ran unthrottled, and gets no option."""
+    has_tier = hub_supports_option("--tier")
     out = []
-    has_tier = None
     for tier in tiers:
         if tier == "unthrottled":
-            out.append((tier, []))
-            continue
-        if has_tier is None:
-            has_tier = hub_supports_option("--tier")
-        if has_tier:
-            out.append((tier, ["--tier", tier]))
+            out.append((tier, ["--tier", "none"] if has_tier else []))
+        elif has_tier:
+            out.append((f"{tier} x{units}", ["--tier", tier, "--tier-units", str(units)]))
         else:
-            print(f"{tier}: not available yet (iotfailover-hub has no --tier option)", flush=True)
+            print(f"{tier}: skipped: this iotfailover-hub has no --tier option", flush=True)
     return out
+
+
+def check_tiers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`args.tier_list`: the --tiers names, tier names as the hub spells them; a usage error for
+    a name or unit count the hub would refuse, before any hub starts."""
+    args.tier_list = []
+    for tier in (t.strip() for t in args.tiers.split(",")):
+        if not tier:
+            continue
+        if tier.lower() == "unthrottled":
+            args.tier_list.append("unthrottled")
+            continue
+        try:
+            args.tier_list.append(Tier.lookup(tier, args.tier_units).name)
+        except ValueError as exc:
+            p.error(f"--tiers: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = tier_args([t.strip() for t in args.tiers.split(",") if t.strip()])
+    runs = tier_args(args.tier_list, args.tier_units)
     print(f"{os.cpu_count()} CPUs; load average {loadavg()}; outage {args.outage:g} s; rate {args.rate:g} msg/s "
           f"per client; {args.per_process} clients per process; client options {CLIENT_KWARGS}", flush=True)
     print(HEADER, flush=True)

@@ -235,7 +235,7 @@ def run_count(n: int, outage: float, timeout: float, workers: int, results: list
     clients: dict[str, IoTHubDeviceClient] = {}
     hub = FakeHub("benchhub", raise_errors=False, tier=tier).start()
     try:
-        devices = [hub.add_device(f"bench-{i:03d}") for i in range(n)]
+        devices = [hub.add_device(f"bench-{i:03d}", throttle=False) for i in range(n)]  # set-up
         for dev in devices:
             clients[dev.device_id] = IoTHubDeviceClient.create_from_connection_string(
                 dev.connection_string, server_verification_cert=hub.ca_pem, **CLIENT_KWARGS)

@@ -172,6 +172,15 @@ class RegionFailover(FaultSpec):
     hub's telemetry view (the ledger keeps them, marked `lost_in_failover`); `keep_c2d=False` drops
     queued and un-acknowledged C2D (a manual failover recovers none); `rpo` s (0..300) of twin and
     registry changes are rolled back.
+
+    `dns=True` (C# SDK issue azure-iot-sdk-csharp #1312: after a failover a fresh DNS lookup could
+    still return the old region's address): the hub's host name moves to another loopback address,
+    the secondary region, and the old address goes dark: every connection made to it is reset as
+    soon as it is accepted (an assumption: no document says what the old address does). During
+    the outage the name resolves to the old address; `dns_stale` s (default 0) after it ends it
+    still does, then it resolves to the new one, where the hub stays. Whole hub only; needs a hub
+    whose devices dial it by name (`FakeHub(dns=True)`, fakehub/dns.py), so `connect=` (how the
+    hub meets connections it hears of) does not apply.
     """
     kind: ClassVar[FaultKind] = FaultKind.REGION_FAILOVER
     outage: float = 2.0
@@ -182,11 +191,14 @@ class RegionFailover(FaultSpec):
     unread: float = DEFAULT_UNREAD
     keep_c2d: bool = False
     rpo: float = 0.0
+    dns: bool = False
+    dns_stale: float = 0.0
 
     def check(self) -> None:
         self._set("outage", checks.required_seconds("outage", self.outage))
         checks.boolean("keep_sessions", self.keep_sessions)
         self._check_data_loss()
+        self._check_dns()
         if self.refuse is not None:
             checks.choice("refuse", self.refuse, ("tcp", "connack"))
         checks.choice("existing", self.existing, EXISTING_MODES)
@@ -215,6 +227,21 @@ class RegionFailover(FaultSpec):
         self._set("rpo", checks.required_seconds("rpo", self.rpo, maximum=MAX_RPO))
         if self.rpo and self.device_id is not None:
             raise ValueError("rpo= needs the whole hub: the registry and twins fail over with the hub, not per device")
+
+    def _check_dns(self) -> None:
+        checks.boolean("dns", self.dns)
+        self._set("dns_stale", checks.required_seconds("dns_stale", self.dns_stale))
+        if not self.dns:
+            if self.dns_stale:
+                raise ValueError("dns_stale= needs dns=True: it is how long the name keeps resolving to the "
+                                 "old address after a dns failover")
+            return
+        if self.device_id is not None:
+            raise ValueError("dns=True needs the whole hub: the host name moves for every device at once")
+        given = "refuse=" if self.refuse is not None else "connect=" if self.connect is not None else None
+        if given is not None:
+            raise ValueError(f"{given} cannot be combined with dns=True: devices dialing the name meet the old "
+                             "address, which is dark (every connection reset), for the whole outage")
 
     @property
     def refusal(self) -> str:
@@ -429,6 +456,9 @@ class RecoveryReport:
     time_to_recover: float | None = None
     # device id -> why its client counts as wedged (it died silently while claiming to be connected)
     wedged: dict[str, str] = field(default_factory=dict)
+    # seconds service calls (C2D sends, registry operations) waited in the tier's shaping queues
+    # from the fault's start, summed over calls
+    service_throttled: float = 0.0
 
     @property
     def recovered(self) -> bool:
@@ -473,6 +503,7 @@ class RecoveryReport:
                 f"{self.messages_before} before / {self.messages_during} during / "
                 f"{self.messages_after} after, {self.duplicates} duplicates"
                 + (f", throttled up to {self.throttled:.2f}s" if self.throttled else "")
+                + (f", service calls throttled {self.service_throttled:.2f}s" if self.service_throttled else "")
                 + (f"; wedged: {'; '.join(self.wedged.values())}" if self.wedged else ""))
 
 

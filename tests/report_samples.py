@@ -164,3 +164,34 @@ def make_report(devices: int = 20, messages: int = 1000, seed: int = 1,
 
 def clone(report):
     return copy.deepcopy(report)
+
+
+def outboxed(report, seed: int = 2, pending_tail: int = 3):
+    """`report` as the plugin writes it when every message went through an Outbox: each has the time
+    the application submitted it (a little before the hub saw it) and the Outbox's state; a re-sent
+    message's first attempt is a failure, not an arrival; the device that never came back holds its
+    messages unacknowledged: given up when its Outbox closed, except the last `pending_tail`, still
+    pending in an open Outbox when the test ended."""
+    doc = clone(report)
+    rnd = random.Random(seed)
+    for test in doc["tests"]:
+        for lane in test["devices"]:
+            never = [m for m in lane["messages"] if m["fate"] == "lost"]
+            still = {id(m) for m in never[-pending_tail:]} if pending_tail else set()
+            for m in lane["messages"]:
+                first = m["sent"][0]
+                m["submitted"] = first - rnd.uniform(0.0, 0.02)
+                m["outbox"] = "outbox-1"
+                m["failures"] = []
+                if len(m["sent"]) > 1 and not m["duplicates"]:  # retried after the outage: one arrival
+                    m["failures"] = [first + 0.05 * k for k in range(1, 3)]
+                    m["sent"] = m["sent"][1:]
+                if m["fate"] == "lost":
+                    m["outbox_state"] = "pending"
+                    m["sent"] = [m["submitted"]]
+                    m["failures"] = [m["submitted"] + 0.1]
+                    if id(m) in still:
+                        m["fate"] = "in_flight"
+                else:
+                    m["outbox_state"] = "acknowledged"
+    return doc

@@ -203,3 +203,62 @@ def test_a_report_round_trips_through_a_file(tmp_path):
 def test_max_regression_must_be_a_fraction(allowed):
     with pytest.raises(BaselineError, match="max_regression must be a fraction of 0 or more"):
         compare(one([]), one([]), allowed)
+
+
+def schema_fault(kind="region_failover", recover=1.2, p99=2.0):
+    """A fault as report_schema.json (and --iothub-report) spells it: its kind under `kind`."""
+    f = fault(kind, recover, p99)
+    f["kind"] = f.pop("fault")
+    return f
+
+
+def test_a_report_in_the_schema_shape_is_read_by_kind(tmp_path):
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(one([schema_fault(), schema_fault("drop", recover=0.5)])))
+    base = load_report(path)
+    found = compare(one([fault(recover=2.0), fault("drop", recover=0.5)]), base, 0.2)
+    assert [(type(f).__name__, f.fault, f.occurrence, f.figure) for f in found] == \
+        [("Regression", "region_failover", 1, "recover")]
+
+
+def test_the_old_spelling_fault_is_still_read(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(one([fault()])))
+    assert compare(one([schema_fault(recover=1.25)]), load_report(path), 0.2) == []
+
+
+def test_kind_wins_over_fault_and_a_fault_with_neither_is_named(tmp_path):
+    both = dict(schema_fault("drop"), fault="region_failover")
+    found = compare(one([fault("drop", recover=9.0)]), one([both]), 0.2)
+    assert [f.fault for f in found] == ["drop"]
+    path = tmp_path / "neither.json"
+    path.write_text(json.dumps(one([{"figures": {}}])))
+    with pytest.raises(BaselineError, match=r"faults\[0\] has no fault kind"):
+        load_report(path)
+
+
+def test_a_schema_report_is_labelled_by_its_run_start():
+    doc = one([schema_fault()], created=None)
+    doc["run"] = {"started_at": 1_780_000_000.0}
+    assert run_label(doc) == "2026-05-28"
+
+
+@pytest.mark.parametrize("spelling", ["kind", "fault"])
+def test_the_gate_reads_baselines_with_the_shared_loader(tmp_path, spelling):
+    from types import SimpleNamespace
+
+    from pytest_iotfailover.plugin import gate
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(one([schema_fault() if spelling == "kind" else fault()])))
+    settings = SimpleNamespace(baseline=str(path), max_regression=0.2)
+    base = gate.load_baseline(settings)
+    assert base == load_report(path)
+    entry = {"nodeid": NODE, "outcome": "passed", "delivery": None, "faults": [
+        {"kind": "region_failover", "target": None, "started_at": 1.0, "ended_at": 2.0,
+         "figures": dict(schema_fault(recover=2.0)["figures"], throttled_time=0.0, outage=1.0),
+         "recovery": []}]}
+    regressions, missing = gate.compare_baseline(entry, base, str(path), 0.2)
+    assert len(regressions) == 1 and "recover 1.20s" in regressions[0] and missing == []
+    path.write_text(json.dumps(one([{"figures": {}}])))
+    with pytest.raises(pytest.UsageError, match=rf"--iothub-baseline: {path}: .*faults\[0\] has no fault kind"):
+        gate.load_baseline(settings)

@@ -26,7 +26,8 @@ def test_defaults_and_canonical_values():
     spec = spec_for("region_failover", {"outage": 3})
     assert spec == RegionFailover(outage=3.0)
     assert spec.params() == {"outage": 3.0, "keep_sessions": False, "refuse": None,
-                             "existing": "reset", "connect": None, "unread": 1.0, "keep_c2d": False, "rpo": 0.0}
+                             "existing": "reset", "connect": None, "unread": 1.0, "keep_c2d": False, "rpo": 0.0,
+                             "dns": False, "dns_stale": 0.0}
     assert spec.lasts == 3.0 and spec.refusal == "tcp"
     assert RegionFailover(device_id="d").refusal == "connack"
 

@@ -4,7 +4,7 @@ from importlib import resources
 
 import jsonschema
 import pytest
-from report_samples import clone, make_report
+from report_samples import clone, make_report, outboxed
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,24 @@ def test_synthetic_report_is_valid(validator, report):
 
 def test_large_report_is_valid(validator):
     validator.validate(make_report(devices=200, messages=10_000))
+
+
+def test_the_outboxes_view_is_valid_and_an_older_reader_still_finds_its_fields(validator, report):
+    doc = outboxed(report)
+    validator.validate(doc)
+    msgs = [m for d in doc["tests"][1]["devices"] for m in d["messages"]]
+    assert {m["outbox_state"] for m in msgs} == {"acknowledged", "pending"}
+    # the fields version 1 always had are all still there, `sent` never empty
+    assert all(m["sent"] and {"id", "sent", "acked", "delivered", "fate"} <= set(m) for m in msgs)
+
+
+@pytest.mark.parametrize("field, value", [("outbox_state", "given_up"), ("submitted", -1.0),
+                                          ("failures", [None]), ("outbox", 3)])
+def test_bad_outbox_fields_are_refused(validator, report, field, value):
+    doc = outboxed(report)
+    doc["tests"][1]["devices"][0]["messages"][0][field] = value
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(doc)
 
 
 def test_report_survives_a_json_round_trip(validator, report):

@@ -460,7 +460,7 @@ def test_region_failover_through_the_api_and_wait_for_its_end(info):
         # a failover of one device can only refuse at CONNACK: TCP cannot tell who is knocking
         assert fault["params"] == {"outage": 1.0, "keep_sessions": False, "refuse": "connack",
                                    "existing": "reset", "connect": "connack3", "unread": 1.0,
-                                   "keep_c2d": False, "rpo": 0.0}
+                                   "keep_c2d": False, "rpo": 0.0, "dns": False, "dns_stale": 0.0}
 
         done = ok(info, "POST", f"/faults/{fault['id']}/wait", {"timeout": 10})
         assert done["state"] == "ended"

@@ -176,11 +176,24 @@ def test_s1_method_calls_per_second_match_the_documented_examples(payload, per_s
     assert isinstance(verdicts[-1], Delay)
 
 
-def test_c2d_sends_are_shaped_at_100_per_minute():
+@pytest.mark.parametrize("operation", [OP.C2D_SEND, OP.REGISTRY_OPERATION])
+def test_per_minute_rows_take_a_minute_of_the_rate_at_once_then_100_per_minute(operation):
     throttles = Tier.lookup("S1").throttles()
+    assert all(throttles.acquire(operation, 0.0) is ADMIT for _ in range(100))
+    next_one = throttles.acquire(operation, 0.0)
+    assert isinstance(next_one, Delay) and next_one.seconds == pytest.approx(0.6)
+    # a bulk call of 10 devices books 10 operations at once
+    bulk = throttles.acquire(operation, 0.0, count=10)
+    assert isinstance(bulk, Delay) and bulk.seconds == pytest.approx(11 * 0.6)
+
+
+def test_one_shaping_for_every_operation_replaces_the_per_minute_defaults():
+    throttles = Tier.lookup("S1").throttles(Shaping(burst_seconds=1.0, max_queue_delay=0.5))
     assert throttles.acquire(OP.C2D_SEND, 0.0) is ADMIT
     second = throttles.acquire(OP.C2D_SEND, 0.0)
     assert isinstance(second, Delay) and second.seconds == pytest.approx(2 * 0.6 - 1.0)
+    assert isinstance(throttles.acquire(OP.C2D_SEND, 0.0), Reject)
+    assert throttles.totals()[OP.C2D_SEND].rejected == 1
 
 
 # --- accounting for the recovery report -------------------------------------------------------------

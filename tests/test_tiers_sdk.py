@@ -7,6 +7,7 @@ since it can finish every TLS handshake first and then send all CONNECTs at once
 shows what an unmodified client sees.
 """
 import asyncio
+import threading
 
 import pytest
 from azure.iot.device import Message
@@ -17,6 +18,7 @@ from pytest_iotfailover import FakeHub
 from pytest_iotfailover.errors import HubOperationError
 from pytest_iotfailover.iothub.mqtt import encode
 from pytest_iotfailover.iothub.mqtt import packets as p
+from pytest_iotfailover.iothub.tiers import Operation, Shaping
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +32,8 @@ def _close(clients):
 
 
 def _connect_all(hub, n):
-    devices = [hub.add_device(f"d{i:03}") for i in range(n)]
+    # set-up, outside the registry throttle (100/min on S1; tests/test_tier_registry.py covers it)
+    devices = [hub.add_device(f"d{i:03}", throttle=False) for i in range(n)]
     clients = [MqttClient.open(hub) for _ in devices]
     try:
         for client, dev in zip(clients, devices):
@@ -137,13 +140,29 @@ def test_d2c_over_the_shaping_queue_closes_the_connection_without_puback(hub):
         client.close()
 
 
-def test_c2d_sends_beyond_the_s1_queue_fail_with_429001(hub):
-    devices = [hub.add_device(f"c{i}") for i in range(4)]
-    with pytest.raises(HubOperationError) as caught:
-        for i in range(200):  # 1.67/s: a 60 s queue holds about 100
+def test_c2d_sends_beyond_the_s1_queue_fail_with_429001():
+    # 100 at once (a minute of 100/min), then a 1 s queue at 1.67/s. A lone caller waits its turn and
+    # is never refused, so the sends beyond the burst arrive together (tests/test_tier_registry.py)
+    with FakeHub("tierhub", shaping={Operation.C2D_SEND: Shaping(burst_seconds=60, max_queue_delay=1.0)}) as hub:
+        devices = [hub.add_device(f"c{i}") for i in range(4)]
+        for i in range(100):
             hub.send_c2d(devices[i % 4].device_id, b"hello")
-    assert caught.value.error_code == 429001
-    assert "c2d_send throttled" in str(caught.value)
+        barrier, errors = threading.Barrier(8), []
+
+        def send(device_id):
+            barrier.wait(10)
+            try:
+                hub.send_c2d(device_id, b"late")
+            except HubOperationError as exc:
+                errors.append(exc)
+        threads = [threading.Thread(target=send, args=(devices[i % 4].device_id,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors and all(e.error_code == 429001 for e in errors)
+        assert "c2d_send throttled" in str(errors[0])
+        assert hub.throttle_stats()["c2d_send"].admitted == 100
 
 
 def test_sdk_client_sends_a_burst_through_s1_shaping(hub):

@@ -60,8 +60,8 @@ def test_lanes_become_bands_beyond_fifty_devices(devices, lanes, banded):
 def test_ten_thousand_messages_are_a_bounded_number_of_elements():
     frag = timeline.render_fragment(make_report(devices=200, messages=10_000)["tests"][1])
     lanes = frag.count('class="iotf-lane"')
-    # per lane: at most one path per tick kind and one per connection state
-    assert frag.count("<path") <= lanes * (len(timeline.TICKS) + len(timeline.STATES))
+    # per lane: at most one path per tick kind, never-acknowledged mark kind and connection state
+    assert frag.count("<path") <= lanes * (len(timeline.TICKS) + len(timeline.MARKS) + len(timeline.STATES))
 
 
 def test_never_disconnected_is_not_shown_as_not_recovered():

@@ -9,7 +9,7 @@ import sys
 
 import browser_support as chromium
 import pytest
-from report_samples import make_report
+from report_samples import make_report, outboxed
 
 from pytest_iotfailover.plugin import timeline
 
@@ -49,23 +49,31 @@ def _drawn(driver, selector):
         "var r=e.getBoundingClientRect();return (r.width>0||r.height>0)&&getComputedStyle(e).visibility!=='hidden'}).length", selector)
 
 
-def _hover_first_message(driver, lane_index=0):
-    """Move the real pointer onto the first message of a lane; return the tooltip's text."""
+def _hover_first_message(driver, lane_index=0, row=0):
+    """Move the real pointer onto a message of a lane (its row in the lane's hover data, by
+    position); return its id and the tooltip's text."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import WebDriverWait
 
     x, y, mid = driver.execute_script(
         "var g=document.querySelectorAll('g.iotf-lane')[arguments[0]],s=g.ownerSVGElement,"
-        "m=JSON.parse(g.getAttribute('data-m'))[0],p=s.createSVGPoint();"
+        "m=JSON.parse(g.getAttribute('data-m'))[arguments[1]],p=s.createSVGPoint();"
         "p.x=m[0];p.y=+g.getAttribute('data-y')+(+g.getAttribute('data-h'))/2;"
         "g.scrollIntoView({block:'center'});"
-        "var q=p.matrixTransform(s.getScreenCTM());return [q.x,q.y,m[1]]", lane_index)
+        "var q=p.matrixTransform(s.getScreenCTM());return [q.x,q.y,m[1]]", lane_index, row)
     actions = ActionChains(driver)
     actions.w3c_actions.pointer_action.move_to_location(round(x), round(y))
     actions.perform()
     tip = driver.find_element("css selector", ".iotf-tip")
     WebDriverWait(driver, 10).until(lambda d: tip.is_displayed())
     return mid, tip.text
+
+
+def _count(driver, selector):
+    """The messages the paths matching selector stand for (their data-count)."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".reduce(function(a,p){return a+(+p.getAttribute('data-count'))},0)", selector)
 
 
 def _screenshot(driver, path):
@@ -80,11 +88,17 @@ def _check_page(driver, report, lanes):
     assert _drawn(driver, "g.iotf-lane") == lanes
     assert _drawn(driver, "rect.iotf-fault-window") == len(test["faults"])
     assert _drawn(driver, "rect.iotf-state, path.iotf-state") >= lanes
-    # every send attempt is in a send path, whatever the pixel merging did
-    sends = driver.execute_script(
-        "return Array.from(document.querySelectorAll('path.iotf-send'))"
-        ".reduce(function(a,p){return a+(+p.getAttribute('data-count'))},0)")
-    assert sends == sum(len(m["sent"]) for d in test["devices"] for m in d["messages"])
+    # every send is in a send path, whatever the pixel merging did: an Outbox's message once, at its
+    # submit time, any other at each arrival the hub saw
+    sends = _count(driver, "path.iotf-send")
+    assert sends == sum(1 if "submitted" in m else len(m["sent"]) for d in test["devices"] for m in d["messages"])
+    never = [timeline.never_acked(m) for d in test["devices"] for m in d["messages"]]
+    assert _count(driver, "path.iotf-never-acked-lost") == never.count("lost")
+    assert _count(driver, "path.iotf-never-acked-pending") == never.count("pending")
+    if any(never):
+        assert _drawn(driver, "path.iotf-never-acked") >= 1
+        assert driver.find_element("css selector", 'td[data-messages="never_acknowledged"]').text == \
+            str(len([n for n in never if n]))
     for kind in ("ack", "delivery", "duplicate", "lost_in_failover"):
         assert _drawn(driver, f"path.iotf-{kind}") >= 1, kind
     fig = test["faults"][0]["figures"]
@@ -116,6 +130,36 @@ def test_twenty_devices_region_failover(browser, tmp_path):
     assert tip.splitlines()[0] == mid
     assert tip.splitlines()[1] == "device-002"
     _screenshot(browser, tmp_path / "timeline-20-devices.png")
+    assert chromium.console_errors(browser) == []
+
+
+def test_outbox_view_marks_messages_never_acknowledged(browser, tmp_path):
+    report = outboxed(make_report(devices=20, messages=1000))
+    test = report["tests"][1]
+    page = tmp_path / "report.html"
+    page.write_text(timeline.render_html(report), encoding="utf-8")
+    _load(browser, page)
+    _check_page(browser, report, lanes=20)
+    stuck = len(test["devices"]) - 1  # the device that never came back: its Outbox gave up on its messages
+    assert browser.execute_script(
+        "return document.querySelectorAll('g.iotf-lane')[arguments[0]]"
+        ".querySelectorAll('path.iotf-never-acked-lost').length", stuck) == 1
+    assert _drawn(browser, "path.iotf-never-acked-pending") == 1
+    assert _drawn(browser, "path.iotf-failed_attempt") >= 1
+    # the marks sit at the submit times: the first never-acknowledged mark of the stuck lane
+    first = next(m for m in test["devices"][stuck]["messages"] if timeline.never_acked(m))
+    rows = browser.execute_script(
+        "return JSON.parse(document.querySelectorAll('g.iotf-lane')[arguments[0]].getAttribute('data-m'))", stuck)
+    row = next(i for i, r in enumerate(rows) if r[1] == first["id"])
+    mid, tip = _hover_first_message(browser, lane_index=stuck, row=row)
+    assert mid == first["id"] and tip.splitlines()[0] == mid
+    assert "never acknowledged; given up" in tip and "submitted +" in tip and "attempts" in tip
+    pending = [m for m in test["devices"][stuck]["messages"] if timeline.never_acked(m) == "pending"][-1]
+    row = next(i for i, r in enumerate(rows) if r[1] == pending["id"])
+    _, tip = _hover_first_message(browser, lane_index=stuck, row=row)
+    assert "still pending when the test ended" in tip
+    assert "never acknowledged, given up" in browser.find_element("css selector", ".iotf-legend").text
+    _screenshot(browser, tmp_path / "timeline-outbox.png")
     assert chromium.console_errors(browser) == []
 
 

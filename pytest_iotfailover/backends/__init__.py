@@ -32,7 +32,8 @@ def open_backend(settings: Any, state_store: Any = None, progress: Any = None) -
     if settings.backend == "fake":
         from .fake import FakeBackend
         return FakeBackend(settings.hub_name, tier=getattr(settings, "tier", "S1"),
-                           units=getattr(settings, "tier_units", 1))
+                           units=getattr(settings, "tier_units", 1), dns=getattr(settings, "dns", False),
+                           throttle_setup=getattr(settings, "throttle_setup", False))
     try:
         from .real.arm import ArmFailover
         from .real.backend import RealBackend

@@ -65,7 +65,14 @@ class Hub(abc.ABC):
     def events(self, device_ids: Collection[str] | None = None) -> list[HubEvent]: ...
 
     @abc.abstractmethod
-    def send_c2d(self, device_id: str, body: Any, properties: Any = None) -> str: ...
+    def send_c2d(self, device_id: str, body: Any, properties: Any = None, *, ttl: float | None = None,
+                 expiry_time: Any = None, ack: str | None = None) -> str:
+        """Queue a C2D message. `ttl` (seconds) or `expiry_time` (epoch seconds or an aware
+        datetime; default one hour, at most two days: 403009 beyond), `ack` for feedback."""
+
+    def feedback(self, device_ids: Collection[str] | None = None) -> list[Any]:
+        """C2D feedback records (iothub/c2d_lifecycle.FeedbackRecord) of `device_ids` (None: all)."""
+        raise NotImplementedError(f"the {self.kind} hub cannot read C2D feedback (iothub-ack)")
 
     @abc.abstractmethod
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,

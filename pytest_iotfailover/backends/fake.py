@@ -16,17 +16,20 @@ SUPPORT = {kind: Support.everything(kind) for kind in FaultKind}
 class FakeBackend(Hub):
     kind = "fake"
 
-    def __init__(self, hub_name: str = "testhub", **fakehub_kwargs: Any):
+    def __init__(self, hub_name: str = "testhub", *, throttle_setup: bool = False, **fakehub_kwargs: Any):
+        # the test's devices are set-up, an import job outside the registry throttle, unless
+        # --iothub-throttle-setup counts them as registry operations (fakehub/shaping.py)
+        self.throttle_setup = throttle_setup
         self.fakehub = FakeHub(hub_name, **fakehub_kwargs).start()
         self.hostname = self.fakehub.hostname
         self.ca_pem = self.fakehub.ca_pem
 
     def create_device(self, device_id):
-        return self.fakehub.add_device(device_id)
+        return self.fakehub.add_device(device_id, throttle=self.throttle_setup)
 
     def delete_device(self, device_id):
         if self.fakehub.registry.get(device_id) is not None:
-            self.fakehub.remove_device(device_id)
+            self.fakehub.remove_device(device_id, throttle=self.throttle_setup)
 
     def telemetry(self, device_ids: Collection[str] | None = None, *, include_lost: bool = False) -> list[Telemetry]:
         # by the ledger's device index: a test's query costs its own devices' messages only
@@ -42,8 +45,15 @@ class FakeBackend(Hub):
         wanted = set(device_ids)
         return [e for e in evs if e.device_id in wanted]
 
-    def send_c2d(self, device_id, body, properties=None):
-        return self.fakehub.send_c2d(device_id, body, properties)
+    def send_c2d(self, device_id, body, properties=None, *, ttl=None, expiry_time=None, ack=None):
+        return self.fakehub.send_c2d(device_id, body, properties, ttl=ttl, expiry_time=expiry_time, ack=ack)
+
+    def feedback(self, device_ids: Collection[str] | None = None) -> list[Any]:
+        records = self.fakehub.feedback()
+        if device_ids is None:
+            return records
+        wanted = set(device_ids)
+        return [r for r in records if r.device_id in wanted]
 
     def invoke_method(self, device_id, method_name, payload=None, timeout=30.0):
         return self.fakehub.invoke_method(device_id, method_name, payload, timeout)

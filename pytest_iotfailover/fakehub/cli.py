@@ -16,17 +16,11 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Any
-
-resource: Any
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None
 
 from ..iothub.auth import redact
 from ..iothub.registry import check_device_id
 from .control_api import REQUEST_TIMEOUT, ControlServer
+from .descriptors import raise_fd_limit as _raise_fd_limit
 from .hub import LOOP_CHOICES, LOOP_ENV, FakeHub, HubInternalError
 
 PROG = "iotfailover-hub"
@@ -180,34 +174,6 @@ def _output_paths(info_file: str | None) -> tuple[str | None, str | None]:
     return info_path, os.path.splitext(info_path)[0] + "-ca.pem"
 
 
-def _raise_fd_limit() -> int | None:
-    """Raise the soft limit on open descriptors to the hard one; the soft limit now, or None.
-
-    The usual soft limit of 1,024 stops a hub at about a thousand connections, far below what the
-    hard limit allows. Where the hard limit is "unlimited" (macOS), the kernel still refuses more
-    than its own per-process maximum, so smaller figures are tried in turn.
-    """
-    if resource is None:
-        return None
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ValueError, OSError):
-        return None
-    if soft == resource.RLIM_INFINITY:
-        return soft
-    targets = [hard] if hard != resource.RLIM_INFINITY else []
-    targets += [n for n in (1_048_576, 65_536, 10_240) if hard == resource.RLIM_INFINITY or n < hard]
-    for target in targets:
-        if target <= soft:
-            break
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            break
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def _check_args(args) -> None:
     seen = set()
     for device_id in args.devices:
@@ -331,7 +297,7 @@ def _serve(args: argparse.Namespace, hub: FakeHub, stop: "_StopSignal", run: _Ru
         hub.start()
     except OSError as exc:
         return _fail(exc.strerror or str(exc), EXIT_USAGE)
-    devices = {d: hub.add_device(d).connection_string for d in args.devices}
+    devices = {d: hub.add_device(d, throttle=False).connection_string for d in args.devices}  # set-up
     try:
         run.control = control = ControlServer(hub, str(hub.gateway_host), args.control_port,
                                               request_timeout=args.control_request_timeout).start()

@@ -10,12 +10,14 @@ dependency to every install of a pytest plugin and buy nothing. The trade-offs o
 (no TLS, modest throughput) are acceptable because the API only ever binds a loopback address and
 every request must carry the bearer token the hub prints into its 0600 info file.
 
-Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
+Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, plus IoT Hub's
+`"error_code"` when the hub refused the call):
 
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
     POST  /devices                {"device_id"}  -> 201 {"device_id", "connection_string"}
-    POST  /devices/{id}/c2d       {"body", "properties"}      -> {"message_id"}
+    POST  /devices/{id}/c2d       {"body", "properties", "ttl", "expiry_time", "ack"} -> {"message_id"}
+    GET   /feedback[?device_id=ID&message_id=M]  C2D feedback records (iothub-ack), oldest first
     POST  /devices/{id}/methods/{name}  {"payload", "timeout"} -> {"status", "payload"}
     GET   /devices/{id}/twin
     PATCH /devices/{id}/twin/desired    {patch}  -> {"version"}
@@ -25,6 +27,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status):
     GET   /faults/{id}                           {fault, "report"}
     DELETE /faults/{id}                          -> {fault}: cancel it (a no-op once it is over)
     POST  /faults/{id}/wait       {"timeout"}    -> {fault, "report"} once it is over; 504 if not in time
+
+`POST /devices` and `POST /devices/{id}/c2d` go through the tier's throttles (fakehub/shaping.py): a
+request beyond the rate is answered later, one past the shaping queue gets 429 with the hub's 429001.
 
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
@@ -40,6 +45,7 @@ import base64
 import binascii
 import concurrent.futures
 import dataclasses
+import errno
 import hmac
 import io
 import ipaddress
@@ -62,6 +68,7 @@ from ..iothub.auth import redact
 from ..iothub.core import HubOperationError
 from ..iothub.registry import check_device_id
 from ..model import SPECS, FaultKind, FaultSpec, spec_for
+from .descriptors import Reserve
 from .faults import FaultHandle
 
 __all__ = [
@@ -143,6 +150,10 @@ def _hub_error_status(exc: HubOperationError) -> int:
         return 409
     if code == 503001:  # ServiceUnavailable: the hub is failing over
         return 503
+    if code == 403009:  # InvalidMessageExpiryTime: the code's own HTTP status (D-ERR)
+        return 403
+    if isinstance(code, int) and code // 1000 in (403, 429):  # 403010 not in this tier, 429xxx throttled
+        return code // 1000
     return 400
 
 
@@ -212,7 +223,9 @@ class _Server(ThreadingHTTPServer):
         self.sockets_lock = threading.Lock()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.reserve = Reserve()
         super().__init__(address, _Handler)
+        self.reserve.take()
 
     def process_request(self, request, client_address):
         with self.sockets_lock:
@@ -247,6 +260,20 @@ class _Server(ThreadingHTTPServer):
         with self.sockets_lock:
             self.open_sockets.discard(request)
         super().shutdown_request(request)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            # out of descriptors the waiting connection stays ready, and serve_forever would spin
+            # on it (a core's worth of CPU beside the hub): refuse it with the reserve instead
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.reserve.refuse(self.socket, at_most=1)
+            raise
+
+    def server_close(self):
+        super().server_close()
+        self.reserve.close()
 
     def close_open_connections(self) -> None:
         with self.sockets_lock:
@@ -392,7 +419,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             status, result, headers = exc.status, {"error": exc.message}, exc.headers
         except HubOperationError as exc:
-            status, result, headers = _hub_error_status(exc), {"error": str(exc)}, {}
+            # IoT Hub's six-digit code too: 429 alone does not say 429001 from 429003
+            status, headers = _hub_error_status(exc), {}
+            result = {"error": str(exc), "error_code": exc.error_code}
         except (TimeoutError, concurrent.futures.TimeoutError):
             status, result, headers = 504, {"error": "the hub did not answer in time"}, {}
         except Exception as exc:
@@ -504,6 +533,10 @@ class _Handler(BaseHTTPRequestHandler):
             _allow(m, "GET")
             params = _params(query, "device_id")
             return 200, api.telemetry(params.get("device_id")), None
+        if segments == ["feedback"]:
+            _allow(m, "GET")
+            params = _params(query, "device_id", "message_id")
+            return 200, api.feedback(params.get("device_id"), params.get("message_id")), None
         if segments == ["events"]:
             _allow(m, "GET")
             params = _params(query, "kind", "device_id")
@@ -826,7 +859,7 @@ class ControlServer:
         return {"device_id": dev.device_id, "connection_string": dev.connection_string}
 
     def send_c2d(self, device_id: str, obj: dict[str, Any]) -> dict[str, Any]:
-        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id")
+        _no_extra_fields(obj, "body", "body_base64", "properties", "message_id", "ttl", "expiry_time", "ack")
         if ("body" in obj) == ("body_base64" in obj):
             raise ApiError(400, "give exactly one of 'body' (a string) and 'body_base64'")
         if "body" in obj:
@@ -841,8 +874,18 @@ class ControlServer:
             if not isinstance(value, str):
                 raise ApiError(400, f"property {key!r} must be a string, not {type(value).__name__}")
         message_id = _field(obj, "message_id", str, "a string", required=False)
+        terms = {"ttl": _field(obj, "ttl", (int, float), "a number of seconds", required=False),
+                 "expiry_time": _field(obj, "expiry_time", (int, float), "epoch seconds", required=False),
+                 "ack": _field(obj, "ack", str, "none, positive, negative or full", required=False)}
         self._known_device(device_id)
-        return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id)}
+        try:
+            return {"message_id": self.hub.send_c2d(device_id, body, properties, message_id=message_id, **terms)}
+        except (TypeError, ValueError) as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def feedback(self, device_id: str | None, message_id: str | None) -> list[dict[str, Any]]:
+        return [dict(r.as_json(), enqueued_at=r.enqueued_at)
+                for r in self.hub.feedback(device_id, message_id=message_id)]
 
     def invoke_method(self, device_id: str, method_name: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "payload", "timeout")
@@ -872,6 +915,10 @@ class ControlServer:
     def start_fault(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
         self.check_fault_kind(kind)
         spec = _fault_spec(kind, obj)
+        if getattr(spec, "dns", False):
+            raise ApiError(400, f"POST /faults/{kind}: dns=true cannot be offered by the standalone hub: a dns "
+                                "failover moves the hub's host name by patching name resolution inside the process "
+                                "that runs the devices (FakeHub(dns=True)), and this hub runs in a process of its own")
 
         def run():
             # history only grows, and only on this thread: the new fault lands at its current length

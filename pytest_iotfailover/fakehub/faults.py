@@ -125,6 +125,8 @@ def build_report(hub, fault: Fault, spec: FaultSpec | None = None) -> RecoveryRe
                 d.throttled = float(e.detail.get("throttled", 0.0))
                 break
     tally_messages(rep, [t for t in hub.ledger.items() if fault.targets(t.device_id)])
+    rep.service_throttled = sum(float(e.detail.get("seconds", 0.0)) for e in hub.event_log.list("throttle_delay")
+                                if e.at >= start)
     from ..wedge_findings import findings  # the clients' side: which of these devices' clients died silently
     for w in findings(fault.affected, since=start):
         rep.wedged.setdefault(w.device_id, w.text)
@@ -168,6 +170,9 @@ class Faults:
             # a fault on a device the hub does not know would affect nothing and pass silently
             raise ValueError(f"device_id={spec.device_id!r}: no such device on this hub")
         fault = engine_fault(spec)
+        if getattr(spec, "dns", False):
+            from .dns import prepare_move
+            prepare_move(self._hub, fault, spec.dns_stale)  # type: ignore[attr-defined]
         with self._lock:
             self._specs[fault] = spec
         engine = self._hub._faults_engine
@@ -180,6 +185,7 @@ class Faults:
     def region_failover(self, outage: float = 2.0, *, keep_sessions: bool = False, refuse: str | None = None,
                         existing: str = "reset", connect: str | None = None,
                         unread: float = DEFAULT_UNREAD, keep_c2d: bool = False, rpo: float = 0.0,
+                        dns: bool = False, dns_stale: float = 0.0,
                         device_id=None, at=None, after_messages=None) -> FaultHandle:
         """Drop every connection, refuse new ones for `outage` s, then answer as the other region:
         MQTT sessions (subscriptions) gone unless keep_sessions (an assumption: no document says).
@@ -187,11 +193,13 @@ class Faults:
         the whole hub), "connack3" (default for one device) or "silent" (never answered); `refuse`
         ("tcp"/"connack") is the older spelling of connect. Data loss: `unread` s of telemetry lost
         unread, C2D dropped unless keep_c2d, `rpo` s of twin and registry changes rolled back.
-        Sources: model.RegionFailover."""
+        `dns=True` (a hub started with FakeHub(dns=True)): the host name moves to a new loopback
+        address and the old one goes dark; it still resolves to the old one for `dns_stale` s
+        after the outage. Sources: model.RegionFailover."""
         return self._start(FaultKind.REGION_FAILOVER, {
             "outage": outage, "keep_sessions": keep_sessions, "refuse": refuse, "existing": existing,
-            "connect": connect, "unread": unread, "keep_c2d": keep_c2d, "rpo": rpo, "device_id": device_id,
-            "at": at, "after_messages": after_messages})
+            "connect": connect, "unread": unread, "keep_c2d": keep_c2d, "rpo": rpo, "dns": dns,
+            "dns_stale": dns_stale, "device_id": device_id, "at": at, "after_messages": after_messages})
 
     def drop(self, *, device_id=None, at=None, after_messages=None, graceful: bool = False) -> FaultHandle:
         """TCP reset now (the real hub's KillTcp); `graceful=True` closes with FIN instead."""

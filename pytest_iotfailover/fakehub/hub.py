@@ -1,25 +1,29 @@
 """The embedded fake IoT Hub: `FakeHub`, a thread-safe façade over an asyncio hub thread."""
 import asyncio
 import concurrent.futures
-import errno
 import os
 import re
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Self
 
+from .. import checks
 from ..errors import HubInternalError
 from ..iothub.core import HubOperationError, IoTHubCore, MethodResponse, c2d_body
 from ..iothub.events import DEFAULT_MAX_EVENTS, HubEvent
 from ..iothub.faults import Fault
 from ..iothub.ledger import Telemetry
 from ..iothub.registry import Device, Registry
-from ..iothub.tiers import Tier
+from ..iothub.tiers import Operation, Shaping, Tier
 from ..waiting import Pulse, WaitingEventLog, WaitingLedger
 from .certs import HubCertificates
+from .descriptors import ACCEPT_ERRNOS, AcceptGuard, raise_fd_limit
+from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
+from .hub_limits import LimitsFace
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
+from .shaping import ServiceShaping
 
 __all__ = [
     "Device",
@@ -64,10 +68,6 @@ def select_loop(loop: str | None = None) -> tuple[str, Callable[[], asyncio.Abst
                              "(pip install 'pytest-iotfailover[fast]'; it has no Windows build)") from None
         return "asyncio", asyncio.new_event_loop
     return "uvloop", uvloop.new_event_loop
-# asyncio retries a failed accept() itself (after a second) and tells the loop's exception
-# handler each time: one warning per this many seconds is enough to see a descriptor shortage
-_ACCEPT_WARNING_EVERY = 10.0
-_ACCEPT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def _set_result_once(fut: concurrent.futures.Future, result) -> None:
@@ -103,26 +103,6 @@ def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, tok
                          f"({send_buffer_pause}), got {send_buffer_limit!r}")
 
 
-class _AcceptWarnings:
-    """Out of file descriptors (or buffers) in accept(): a resource limit of the machine, not a
-    hub bug, so a warning event (`accept_failed`), at most one per _ACCEPT_WARNING_EVERY s."""
-
-    def __init__(self, log: WaitingEventLog):
-        self._log = log
-        self._warned_at: float | None = None
-        self._failures = 0
-
-    def __call__(self, exc: OSError) -> None:
-        self._failures += 1
-        now = time.monotonic()
-        if self._warned_at is not None and now - self._warned_at < _ACCEPT_WARNING_EVERY:
-            return
-        self._warned_at = now
-        self._log.add("accept_failed", None, message=f"{type(exc).__name__}: {exc}", failures=self._failures,
-                      errno=errno.errorcode.get(exc.errno or 0, exc.errno))
-        self._failures = 0
-
-
 class _EngineFace:
     """`hub._faults_engine` for the Faults face: runs the engine's calls as steps of the core,
     on the hub thread, and executes what they return."""
@@ -146,13 +126,13 @@ class _EngineFace:
         self._hub._act(self._hub._running_core().end_fault, fault, cancelled)
 
 
-class FakeHub:
+class FakeHub(LimitsFace, ServiceShaping):
     """An IoT Hub impersonation on `<loopback address>:8883` for unmodified device SDKs.
 
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
-    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs.
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -161,7 +141,8 @@ class FakeHub:
                  max_events: int = DEFAULT_MAX_EVENTS, max_connect_size: int = MAX_CONNECT_SIZE,
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
-                 loop: str | None = None, tier: str | None = "S1", units: int = 1):
+                 loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False,
+                 shaping: Shaping | Mapping[Operation, Shaping] | None = None):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
@@ -171,6 +152,7 @@ class FakeHub:
         self._max_unauthenticated = max_unauthenticated
         # IoT Hub's per-tier throttles (iothub/tiers.py); None: unthrottled (benchmarks)
         self.tier: Tier | None = None if tier is None else Tier.lookup(tier, units)
+        self._init_shaping(shaping)  # None: iothub/tiers.py's defaults; one Shaping for all, or per operation
         self.hub_name = hub_name
         self.hostname = f"{hub_name}.azure-devices.net"
         self._host = host
@@ -185,7 +167,7 @@ class FakeHub:
         pulse = Pulse()
         self.ledger = WaitingLedger(pulse)
         self.event_log = WaitingEventLog(max_events, pulse=pulse)
-        self._accept_failed = _AcceptWarnings(self.event_log)
+        self._accept_failed = AcceptGuard(self.event_log)
         self.registry = Registry(self.hostname)
         self._core: IoTHubCore | None = None
         self._server: HubServer | None = None
@@ -197,6 +179,7 @@ class FakeHub:
         self._faults_engine = _EngineFace(self)
         self._method_futures: set = set()  # invoke_method calls waiting for an answer
         self.faults = Faults(self)
+        self.dns: HubName | None = HubName(new_name(hub_name)) if checks.boolean("dns", dns) else None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -204,8 +187,7 @@ class FakeHub:
         if self._thread is not None:
             raise RuntimeError("this FakeHub was already started")
         # the usual soft limit of 1,024 descriptors stops a hub at about a thousand connections
-        from .cli import _raise_fd_limit
-        _raise_fd_limit()
+        raise_fd_limit()
         self._thread = threading.Thread(target=self._run, name=f"FakeHub[{self.hub_name}]", daemon=True)
         self._thread.start()
         if not self._started.wait(60):
@@ -232,24 +214,32 @@ class FakeHub:
         finally:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+            self._accept_failed.close()
+            if self.dns is not None:
+                self.dns.stop()  # socket.getaddrinfo is the original again once no such hub runs
 
     async def _startup(self) -> None:
         sock = HubServer.bind(self._host, self._port)
         try:
             host, port = sock.getsockname()[:2]
             self.gateway_host, self.port = host, port
-            self.registry.gateway_host = host
-            names = [self.hostname, "localhost", host]
+            self.registry.gateway_host = host if self.dns is None else self.dns.name
+            names = [self.hostname, "localhost", host] + ([self.dns.name] if self.dns else [])
             self.certificates = HubCertificates(names)
             self.ca_pem = self.certificates.ca_pem
             core = IoTHubCore(self.hostname, self.registry, self.ledger, self.event_log,
                               token_grace=self._token_grace, connect_timeout=self._connect_timeout,
                               max_unauthenticated=self._max_unauthenticated, tier=self.tier)
+            core.policies, core.feedback = self._limits_face_state.policies, self._limits_face_state.feedback  # hub_limits.py
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
+            self._install_shaping(core)
             assert self._loop is not None
             self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
+            if self.dns is not None:
+                self.dns.attach(self._server, host, self.event_log)
             await self._server.serve(sock)
+            self._accept_failed.arm(sock, self._loop)
         except BaseException:
             sock.close()
             raise
@@ -257,7 +247,7 @@ class FakeHub:
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message")):
+        if isinstance(exc, OSError) and exc.errno in ACCEPT_ERRNOS and "accept" in str(context.get("message")):
             self._accept_failed(exc)
         elif exc is not None and self._core is not None and self._server is not None:
             self._server.execute(self._core.internal_error(None, exc, time.time()))
@@ -269,6 +259,7 @@ class FakeHub:
         if self._thread is None or self._stopping:
             return
         self._stopping = True
+        self._shaping_stop.set()
         if self._loop is not None and self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
@@ -332,14 +323,15 @@ class FakeHub:
 
     def _act(self, fn: Callable[..., Any], *args: Any) -> Any:
         """One step of the core on the hub thread (HubServer.run); its value, if it has one."""
-        return self._call(lambda: self._server.run(fn, *args) if self._server else None)
+        return self._call(self._carry_booking(lambda: self._server.run(fn, *args) if self._server else None))
 
     # --- devices -----------------------------------------------------------------------------
 
     def add_device(self, device_id: str, primary_key: str | None = None, *,
-                   secondary_key: str | None = None, enabled: bool = True) -> Device:
+                   secondary_key: str | None = None, enabled: bool = True, throttle: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
+        self._shape_registry(device_id, "add_device", throttle)
         # through the core: refused during a failover, and remembered for its rollback (rpo=)
         return self._act(self._running_core().add_device, device_id, primary_key, secondary_key, enabled)
 
@@ -353,17 +345,12 @@ class FakeHub:
     def devices(self) -> list[Device]:
         return self.registry.all()
 
-    def remove_device(self, device_id: str) -> None:
+    def remove_device(self, device_id: str, *, throttle: bool = True) -> None:
         """Delete the identity; a connected device is disconnected (reason `device_removed`)."""
+        self._shape_registry(device_id, "remove_device", throttle and self.running)
         self.registry.remove(device_id)
         if self.running:
             self._act(self._running_core().device_disabled, device_id, True)
-
-    def set_device_enabled(self, device_id: str, enabled: bool) -> Device:
-        dev = self.registry.set_enabled(device_id, enabled)
-        if not enabled and self.running:
-            self._act(self._running_core().device_disabled, device_id, False)
-        return dev
 
     def connected_devices(self) -> list[str]:
         return self._call(lambda: sorted(self._running_core().connections))
@@ -372,12 +359,6 @@ class FakeHub:
         return self._call(lambda: device_id in self._running_core().connections)
 
     # --- telemetry ---------------------------------------------------------------------------
-
-    def throttled_time(self, device_id: str | None = None) -> float:
-        """Seconds `device_id` (None: calls made without a device) waited in the tier's shaping
-        queues, over all operations; 0 on an unthrottled hub."""
-        core = self._core
-        return 0.0 if core is None or not self.running else self._call(core.throttled_time, device_id)
 
     def telemetry(self, device_id: str | None = None, *, include_lost: bool = False,
                   device_ids: Collection[str] | None = None) -> list[Telemetry]:
@@ -392,10 +373,11 @@ class FakeHub:
 
     # --- service-side operations -------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None,
-                 *, message_id: str | None = None) -> str:
-        """Queue a cloud-to-device message; returns its message id."""
-        return self._act(self._running_core().send_c2d, device_id, c2d_body(body), properties, message_id)
+    def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None, *,
+                 message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None, ack: str | None = None) -> str:
+        """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
+        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True)  # the tier: shaping.py
+        return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, c2d_body(body), properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -77,6 +77,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self.transport = transport
         server = self.server
         peer = transport.get_extra_info("peername") or ("?", 0)
+        if server.dark is not None and server.refuse_if_dark(self, peer):
+            return
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = server.ssl_context.wrap_bio(self._in, self._out, server_side=True)
@@ -221,6 +223,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closing = True
+        if self.conn is None:
+            return  # refused at a dark address: the core never saw it
         self._backlog.clear()
         server = self.server
         server.protocols.discard(self)
@@ -337,7 +341,11 @@ class HubServer:
         self.protocols: set[MqttTlsProtocol] = set()
         self.links: dict[Connection, MqttTlsProtocol] = {}
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []  # one listener per address (dns failovers add some)
+        # region_failover(dns=True): addresses where nothing answers any more (fakehub/dns.py),
+        # and who hears of each connection refused there
+        self.dark: Callable[[str], bool] | None = None
+        self.on_dark: Callable[[str, str], None] | None = None
 
     # --- executing the core's actions ------------------------------------------------------------
 
@@ -406,19 +414,32 @@ class HubServer:
                       f"no free loopback address for port {port} (tried 127.0.0.1 to 127.0.0.254): {last}")
 
     async def serve(self, sock: socket.socket) -> None:
-        self._server = await self.loop.create_server(lambda: MqttTlsProtocol(self), sock=sock)
+        """Listen on `sock` too: the hub answers on every address it serves."""
+        self._servers.append(await self.loop.create_server(lambda: MqttTlsProtocol(self), sock=sock))
+
+    def refuse_if_dark(self, proto: MqttTlsProtocol, peer: Any) -> bool:
+        """Reset a connection made to a dark address before TLS: to the client the same as a
+        refused connection. The listener stays, so no other hub on the machine takes the address
+        while devices still dial it (they would meet a stranger's certificate instead)."""
+        local = proto.transport.get_extra_info("sockname")
+        if not local or self.dark is None or not self.dark(local[0]):
+            return False
+        proto.close(abort=True)
+        if self.on_dark is not None:
+            self.on_dark(local[0], f"{peer[0]}:{peer[1]}")
+        return True
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for listener in self._servers:
+            listener.close()
         for proto in list(self.protocols):
             self.execute(self.core.close(proto.conn, "hub_stopped", time.time()))
             if proto.transport.get_write_buffer_size():
                 # a graceful close waits for unsent output to drain, which a peer that never
                 # reads would make last for ever
                 proto.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in self._servers:
+            await listener.wait_closed()
         # let connection_lost callbacks run so every disconnect is logged
         for _ in range(3):
             if not self.protocols:

@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, unquote
 
 from ..connstr import parse_connection_string  # noqa: F401  (re-exported: older code imports it here)
@@ -94,23 +96,35 @@ def audience_covers(audience: str, target: str) -> bool:
     return t == a or t.startswith(a + "/")
 
 
-def verify_sas_token(token: str, *, hostname: str, device_id: str, keys,
-                     now: float, clock_skew: float = DEFAULT_CLOCK_SKEW) -> SasToken:
-    """Check a device SAS token; return it parsed or raise AuthError saying why (no secrets)."""
+def verify_sas_token(token: str, *, hostname: str, device_id: str, keys: Sequence[str],
+                     now: float, clock_skew: float = DEFAULT_CLOCK_SKEW,
+                     policies: Mapping[str, Any] | None = None) -> SasToken:
+    """Check a device SAS token; return it parsed or raise AuthError saying why (no secrets).
+
+    `keys` are the device's own; a token with `skn={policy}` is checked against that policy's keys
+    instead, and is valid device credentials when the policy grants DeviceConnect (D-SAS "Use a
+    shared access policy to access on behalf of a device"; limits.sas_keys_to_try). `policies` maps
+    names to limits.AccessPolicy; an unknown name or one without DeviceConnect is an AuthError,
+    which the hub answers with CONNACK 5 as it does for a bad signature (iothub-mqtt.md §1.7).
+    """
+    # limits.py imports Username from this module, so it cannot be imported at the top
+    from .limits import IotHubError, sas_keys_to_try
     t = parse_sas_token(token)
     if now > t.expiry + clock_skew:
         raise AuthError(f"SAS token expired at {t.expiry}")
-    if t.key_name is not None:
-        raise AuthError(f"SAS token signed with policy {t.key_name!r}, which this hub does not grant DeviceConnect")
+    candidates = sas_keys_to_try(t.key_name, identity_keys=keys, policies=policies or {})
+    if isinstance(candidates, IotHubError):
+        raise AuthError(candidates.message)
     target = f"{hostname}/devices/{device_id}"
     if not audience_covers(t.audience, target):
         raise AuthError(f"SAS token audience {t.audience!r} does not cover {target!r}")
     # compare_digest refuses str with non-ASCII characters, and a peer chooses the signature
     presented = t.signature.encode("utf-8", "replace")
-    for key in keys:
-        if key and hmac.compare_digest(_sign(key, t.sr_raw, str(t.expiry)).encode("ascii"), presented):
+    for key in candidates:
+        if hmac.compare_digest(_sign(key, t.sr_raw, str(t.expiry)).encode("ascii"), presented):
             return t
-    raise AuthError("SAS token signature does not match the device key")
+    whose = "the device key" if t.key_name is None else f"a key of shared access policy {t.key_name[:40]!r}"
+    raise AuthError(f"SAS token signature does not match {whose}")
 
 
 @dataclass

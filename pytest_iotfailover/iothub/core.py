@@ -14,14 +14,16 @@ import json
 import re
 import time
 import traceback
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import HubOperationError, ProtocolViolation
 from . import limits
 from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
-from .auth import AuthError, parse_username, verify_sas_token
+from .auth import AuthError, verify_sas_token
+from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle
 from .events import EventLog
 from .faults import FAULT_PROPERTY, PROCEED, FaultEngine
 from .ledger import Ledger
@@ -94,12 +96,16 @@ def _check_method_call(name: str, body: bytes, timeout: float) -> None:
         raise HubOperationError(f"{what}: {error.message}", error.code)
 
 
-def authenticate(pkt: p.Connect, hostname: str, registry: Registry, now: float, grace: float) -> tuple[Any, Any]:
-    """(user name, SAS token) of a CONNECT, or AuthError naming what is wrong."""
+def authenticate(pkt: p.Connect, hostname: str, registry: Registry, now: float, grace: float,
+                 policies: Any = None) -> tuple[Any, Any]:
+    """(user name, SAS token) of a CONNECT, or AuthError naming what is wrong. `policies`: the
+    hub's shared access policies (limits.AccessPolicy by name), for tokens with `skn=`."""
     client_id = pkt.client_id
     if "/" in client_id:
         raise AuthError(f"client id {client_id!r} names a module; this hub knows devices only")
-    user = parse_username(pkt.username or "")
+    user = limits.parse_device_username(pkt.username or "")  # api-version may be missing (D-MQTT)
+    if isinstance(user, limits.IotHubError):
+        raise AuthError(user.message)
     if user.hostname.lower() != hostname.lower():
         raise AuthError(f"user name names hub {user.hostname!r}, not {hostname!r}")
     if user.device_id != client_id or user.module_id is not None:
@@ -117,7 +123,7 @@ def authenticate(pkt: p.Connect, hostname: str, registry: Registry, now: float, 
         raise AuthError("password is not UTF-8") from None
     token = verify_sas_token(password, hostname=hostname, device_id=client_id,
                              keys=(device.primary_key, device.secondary_key),
-                             now=now, clock_skew=grace)
+                             now=now, clock_skew=grace, policies=policies or {})
     return user, token
 
 
@@ -134,6 +140,8 @@ class _Steps(TierGate):
     faults: FaultEngine
     history: ChangeHistory
     retain_property: str
+    # the hub's shared access policies (limits.AccessPolicy by name); the driver replaces it whole
+    policies: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -225,6 +233,12 @@ class _TwinsAndMethods(_Failover):
 
     def _twin_patch(self, conn: Connection, rid: str | None, payload: bytes) -> None:
         assert conn.device_id is not None
+        if conn.api_version is None:
+            # reported: without api-version in the user name, reported-property updates are answered
+            # 400 (andriyadi/AzureIoTHubMQTTClient PR #5); 400001 InvalidProtocolVersion is CS-ERR's
+            # name for a missing or unknown api-version (that the hub uses it here is an assumption)
+            return self._twin_reply(conn, 400, rid, _error_body(
+                400001, "the CONNECT user name has no api-version; twin updates need one", self.now))
         try:
             patch = load_json(payload)
         except ValueError as exc:
@@ -355,14 +369,17 @@ class _TwinsAndMethods(_Failover):
         return self._emit(Reply(notify, MethodResponse(int(status_text), result)))
 
 
-class _CloudToDevice(_Failover):
-    """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7)."""
-    _c2d_ids: Iterator[int]
+class _CloudToDevice(C2DLifecycle, _Failover):
+    """Cloud-to-device queues, delivery and subscriptions (§1.3, §4, §7); expiry and feedback
+    in c2d_lifecycle.py."""
 
     def _send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
-                  message_id: str | None) -> str:
+                  message_id: str | None, ttl: Any = None, expiry_time: Any = None, ack: Any = None) -> str:
         self._service_available(device_id, "send_c2d")
         self._registered(device_id)
+        props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+        expiry, ack = self._c2d_terms(props, ttl, expiry_time, ack)
+        self._c2d_sweep(device_id)  # expired messages no longer count towards the limit
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
         session = self.sessions.get(device_id)
         inflight = len(session.inflight) if session else 0
@@ -370,9 +387,9 @@ class _CloudToDevice(_Failover):
             raise HubOperationError(
                 f"device {device_id!r} already has {C2D_QUEUE_LIMIT} cloud-to-device messages pending", 403004)
         self._service_call_allowed(Operation.C2D_SEND, device_id)
-        props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
-        msg = C2DMessage(body, props, message_id or f"c2d-{next(self._c2d_ids)}")
+        msg = C2DMessage(body, props, message_id or f"c2d-{next(self._c2d_ids)}", expiry=expiry, ack=ack)
         queue.append(msg)
+        self._c2d_enqueued(device_id, msg)
         self._pump_c2d(device_id)
         return msg.message_id
 
@@ -390,17 +407,21 @@ class _CloudToDevice(_Failover):
             return
         if redeliver:
             for pid, msg in sorted(session.inflight.items()):
+                if self._c2d_dead(device_id, msg):
+                    del session.inflight[pid]
+                    continue
                 msg.delivery_count += 1
                 self._send(conn, self._c2d_publish(device_id, msg, 1, pid, True))
         queue = self.c2d_queues.get(device_id)
         while queue:
             msg = queue.popleft()
+            if self._c2d_dead(device_id, msg):
+                continue
             msg.delivery_count += 1
             if qos == 0:
                 # §4.2: delivery QoS is the granted QoS; at QoS 0 a message is complete once sent
                 self._send(conn, self._c2d_publish(device_id, msg, 0, None, False))
-                self.events.add("c2d_completed", device_id, message_id=msg.message_id,
-                                delivery_count=msg.delivery_count)
+                self._c2d_completed(device_id, msg)
                 continue
             pid = conn.next_packet_id()
             session.inflight[pid] = msg
@@ -408,9 +429,8 @@ class _CloudToDevice(_Failover):
 
     def _on_puback(self, conn: Connection, packet_id: int) -> None:
         msg = conn.session.inflight.pop(packet_id, None)
-        if msg is not None:
-            self.events.add("c2d_completed", conn.device_id, message_id=msg.message_id,
-                            delivery_count=msg.delivery_count)
+        if msg is not None and conn.device_id is not None:
+            self._c2d_completed(conn.device_id, msg)
 
     def _on_subscribe(self, conn: Connection, pkt: p.Subscribe) -> None:
         assert conn.device_id is not None
@@ -449,7 +469,8 @@ class _DeviceToCloud(_TwinsAndMethods):
             t.parse_d2c_topic(conn.events_prefix, will.topic)
         except ProtocolViolation as exc:
             return f"will topic: {exc}"
-        return None
+        problem = limits.property_bag_problem(will.topic)
+        return None if problem is None else f"will topic: {problem}"
 
     def _record_will(self, conn: Connection, will: p.Will) -> None:
         props, sysprops = t.parse_d2c_topic(conn.events_prefix, will.topic)  # checked at CONNECT
@@ -497,6 +518,9 @@ class _DeviceToCloud(_TwinsAndMethods):
             error = limits.validate_message_id(mid)
             if error is not None:
                 raise ProtocolViolation(f"{error.name} {error.code}: {error.message}")
+        problem = limits.property_bag_problem(pkt.topic)
+        if problem is not None:  # reported: the hub closes the connection (limits.property_bag_problem)
+            raise ProtocolViolation(problem)
         if pkt.retain:
             props[self.retain_property] = "true"
         faults = self.faults
@@ -569,7 +593,6 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         self.faults = FaultEngine(self)
         self._method_calls: dict[str, tuple[str, Callable[[MethodResponse], None], float]] = {}
         self._rids = itertools.count(1)
-        self._c2d_ids = itertools.count(1)
 
     # --- driver entry points -------------------------------------------------------------------
 
@@ -620,8 +643,8 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
     # --- service entry points ------------------------------------------------------------------
 
     def send_c2d(self, device_id: str, body: bytes, properties: dict[str, Any] | None,
-                 message_id: str | None, now: float) -> tuple[str, list[Action]]:
-        return self._step(now, self._send_c2d, device_id, body, properties, message_id)
+                 message_id: str | None, now: float, **terms: Any) -> tuple[str, list[Action]]:
+        return self._step(now, self._send_c2d, device_id, body, properties, message_id, **terms)
 
     def update_desired(self, device_id: str, patch: dict[str, Any], now: float) -> tuple[int, list[Action]]:
         return self._step(now, self._update_desired, device_id, patch)
@@ -739,7 +762,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                 return None
             return self._refuse(conn, code, pkt.client_id, f"{fault.kind} fault", fault_id=fault.id)
         try:
-            user, token = authenticate(pkt, self.hostname, self.registry, self.now, self.token_grace)
+            user, token = authenticate(pkt, self.hostname, self.registry, self.now, self.token_grace, self.policies)
         except AuthError as exc:
             known = self.registry.get(pkt.client_id) is not None
             return self._refuse(conn, p.CONNACK_NOT_AUTHORIZED, pkt.client_id if known else None, str(exc))
@@ -765,7 +788,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         conn.advance(ConnEvent.ACCEPT)
         self.unauthenticated.discard(conn)
         conn.device_id, conn.will, conn.token_expiry = device_id, pkt.will, token.expiry
-        conn.model_id = user.params.get("model-id")
+        conn.model_id, conn.api_version = user.params.get("model-id"), user.api_version
         conn.events_prefix = t.events_prefix(device_id)
         self.connections[device_id] = conn
         conn.keep_alive = min(1.5 * pkt.keep_alive, MAX_SERVER_KEEPALIVE) if pkt.keep_alive else MAX_SERVER_KEEPALIVE
@@ -789,8 +812,8 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
     def _attach_session(self, conn: Connection, device_id: str, clean: bool) -> bool:
         session_present = False
         if clean:
+            self._c2d_purge(device_id)
             self.sessions.pop(device_id, None)
-            self.c2d_queues.pop(device_id, None)
             session = Session(clean=True)
         else:
             found = self.sessions.get(device_id)
@@ -829,6 +852,8 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
             self.faults.timer_fired(key)
         elif kind in TIER_TIMER_KINDS:
             self._tier_fired(key)
+        elif kind in C2D_TIMER_KINDS:
+            self._c2d_fired(key)
         elif kind == "method":
             self._method_timeout(subject)
         elif not isinstance(subject, Connection) or not subject.live:

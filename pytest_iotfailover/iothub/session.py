@@ -7,6 +7,7 @@ CONNECT cannot slip through a forgotten branch.
 """
 import enum
 import json
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,9 @@ class C2DMessage:
     properties: dict[str, str | None]
     message_id: str
     delivery_count: int = 0
+    expiry: float = math.inf    # absolute, epoch seconds (c2d_lifecycle.py)
+    ack: str = "none"           # iothub-ack: which outcomes produce feedback
+    expiry_timer: Any = None    # the key of its expiry timer, while one is armed
 
 
 C2DQueue = deque[C2DMessage]
@@ -123,6 +127,7 @@ class Connection:
         self.will: p.Will | None = None
         self.session: Session = Session(clean=True)
         self.model_id: str | None = None
+        self.api_version: str | None = None
         self.token_expiry: int | None = None
         self.events_prefix = ""
         self.keep_alive: float | None = None

@@ -36,8 +36,13 @@ ThrottlingException only after the limit is violated for too long a period."
 - once that wait would exceed `max_queue_delay` the queue is full and the request is refused:
   `Reject`, with 429001 ThrottlingException. A refused request takes no capacity.
 
-Parameters, all assumptions (no document gives numbers): `burst_seconds` = 1.0, i.e. the bucket
-holds one second of the rate (S1 x 1 takes 100 simultaneous connects at once); `max_queue_delay` =
+Parameters, all assumptions (no document gives numbers): `burst_seconds` = 1.0 for the rows D-QT
+states per second, i.e. the bucket holds one second of the rate (S1 x 1 takes 100 simultaneous
+connects at once); 60.0 for the rows it states per minute - identity registry operations and C2D
+sends, "100/min/unit" - so S1 x 1 takes 100 of those at once and 1.67/s after that
+(`DEFAULT_SHAPING`). That per-minute reading is backed by a report: bulk creation of 200 device
+identities went through at once before the hub answered ThrottlingBacklogTimeout, "Operation type:
+CRUD" (Azure-Samples/Iot-Telemetry-Simulator #39, calls of 50 devices each); `max_queue_delay` =
 60 s, the order of the service-side CONNECT timeout the C# SDK aligned its CONNACK timeout to
 (azure-iot-sdk-csharp #2043, iothub-mqtt.md §8.2). D-QT's own example (200 D2C/s against an S1 hub:
 "for the first minute or two, the messages are processed immediately") suggests a far larger
@@ -52,7 +57,8 @@ What a refusal looks like to the device (`MqttAction`):
 - D2C send: the connection is closed without PUBACK - "For MQTT the connection is closed by the
   hub" (azure-iot-sdk-c #1766; azure-docs #107838; iothub-mqtt.md §8.2).
 - twin read / update: status 429 on `$iothub/twin/res/429/?$rid=...` (iothub-mqtt.md §8.2, from the MQTT doc).
-- service-side calls (C2D send, direct method, registry): the HTTP call fails with 429.
+- service-side calls (C2D send, direct method, registry): the HTTP call fails with 429 (a delayed one
+  returns later: the fake hub's façade waits in the caller's thread, fakehub/shaping.py).
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ from .limits import IotHubError, iothub_error
 __all__ = [
     "ADMIT",
     "CONNACK_SERVER_UNAVAILABLE",
+    "DEFAULT_SHAPING",
     "METHOD_METER_BYTES",
     "TIER_NAMES",
     "Admit",
@@ -279,6 +286,14 @@ class Shaping:
         return cls(burst_seconds=60.0, max_queue_delay=max_queue_delay)
 
 
+# The rows D-QT gives per minute ("100/min/unit") take a minute of the rate at once (module docstring);
+# a `Shaping` passed for every operation replaces these too.
+DEFAULT_SHAPING: Mapping[Operation, Shaping] = {
+    Operation.REGISTRY_OPERATION: Shaping.minute_window(),
+    Operation.C2D_SEND: Shaping.minute_window(),
+}
+
+
 @dataclass
 class ThrottleStats:
     """Per device (or hub-wide) counts for the recovery report."""
@@ -388,8 +403,8 @@ class Throttle:
 class HubThrottles:
     """All of one hub's throttles. `HubThrottles(None)` admits everything (an unthrottled hub).
 
-    `shaping` is one `Shaping` for every operation or a mapping per operation (missing ones use the
-    default). `acquire` refuses an operation the tier does not offer with 403010
+    `shaping` is one `Shaping` for every operation or a mapping per operation (missing ones, and
+    every one when `shaping` is None, use `DEFAULT_SHAPING`, else `Shaping()`). `acquire` refuses an operation the tier does not offer with 403010
     OperationNotAvailableInCurrentTier (D-ERR); that the hub answers a Basic-tier device's twin
     request that way is an assumption.
     """
@@ -401,18 +416,21 @@ class HubThrottles:
         if tier is None:
             return
         for operation, rate in tier.rates.items():
-            if isinstance(shaping, Mapping):
-                op_shaping = shaping.get(operation)
+            if isinstance(shaping, Shaping):
+                op_shaping: Shaping | None = shaping
             else:
-                op_shaping = shaping
+                op_shaping = (shaping or {}).get(operation) or DEFAULT_SHAPING.get(operation)
             self._throttles[operation] = Throttle(operation, rate, shaping=op_shaping)
 
     def throttle(self, operation: Operation) -> Throttle | None:
         return self._throttles.get(operation)
 
     def acquire(self, operation: Operation, now: float, *, device: str | None = None,
-                payload_bytes: int | None = None) -> Verdict:
-        """Book one `operation` at `now`; `payload_bytes` is the request payload of a direct method."""
+                payload_bytes: int | None = None, count: int = 1) -> Verdict:
+        """Book `count` x `operation` at `now` as one request (a bulk registry call of `count`
+        devices); `payload_bytes` is the request payload of a direct method."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive integer, not {count!r}")
         if self.tier is None:
             _check_now(now)
             return ADMIT
@@ -420,7 +438,7 @@ class HubThrottles:
         if throttle is None:
             return Reject(iothub_error(403010, f"{operation.value} is not available in the {self.tier.name} tier"),
                           _MQTT_ACTION[operation])
-        return throttle.acquire(now, device=device, cost=operation_cost(operation, payload_bytes))
+        return throttle.acquire(now, device=device, cost=operation_cost(operation, payload_bytes) * count)
 
     def throttled_time(self, device: str | None) -> float:
         """Seconds `device` spent in shaping queues, over all operations."""
@@ -434,6 +452,15 @@ class HubThrottles:
         for throttle in chosen:
             for device, stats in throttle.report().items():
                 out.setdefault(device, ThrottleStats()).add(stats)
+        return out
+
+    def totals(self) -> dict[Operation, ThrottleStats]:
+        """Counts per operation over every device: what the hub shaped and refused, for its users."""
+        out: dict[Operation, ThrottleStats] = {}
+        for operation, throttle in self._throttles.items():
+            total = out[operation] = ThrottleStats()
+            for stats in throttle.report().values():
+                total.add(stats)
         return out
 
     def forget(self, device: str | None) -> None:

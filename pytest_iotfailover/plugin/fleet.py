@@ -27,6 +27,9 @@ def iothub_fleet(iothub: Any) -> Iterator[Callable[..., Any]]:
         if iothub.fake is None:
             raise pytest.UsageError("iothub_fleet runs on the embedded hub only: a real hub's registry and "
                                     "throttles are not for load tests from a CI job")
+        if iothub.fake.dns is not None:
+            raise pytest.UsageError("iothub_fleet cannot run with --iothub-dns: its clients run in worker processes, "
+                                    "which cannot resolve the host name the embedded hub resolves in this one")
         # distinct prefixes keep two fleets of one test, and tests running side by side, apart
         prefix = f"{id_prefix}{len(fleets)}-" if fleets else id_prefix
         devices = {d: iothub.add_device(d).connection_string for d in fleet_device_ids(count, prefix)}

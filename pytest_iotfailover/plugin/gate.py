@@ -106,10 +106,13 @@ def delivery_entry(deliveries: Iterable[Any]) -> dict[str, Any] | None:
 
 
 def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any], start: float,
-                 faults: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per device: connection state intervals from the hub's event log, and the messages the hub
-    accepted. The hub sees a message arrive, not the client's attempts: `sent` holds the first
-    arrival (an assumption of the embedded hub's view, not the client's)."""
+                 faults: list[dict[str, Any]], outboxes: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    """Per device: connection state intervals from the hub's event log, and its messages.
+
+    The hub sees a message arrive, not the client's attempts: `sent` holds the first arrival. What
+    the test's Outboxes (`outboxes`: devices.observers snapshots) know is added: when the application
+    submitted each message, its failed attempts and the Outbox's last word on it, and the messages
+    that never reached the hub, which the hub cannot know of."""
     lanes = []
     for device_id in device_ids:
         states: list[dict[str, Any]] = []
@@ -122,23 +125,83 @@ def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any],
                 _move(states, "reconnecting", e.at, start, e.reason)
             elif e.kind in ("connect_refused", "auth_failure"):
                 _move(states, "refused", e.at, start, e.reason or e.kind)
-        copies: dict[str, dict[str, Any]] = {}
-        for t in telemetry:
-            if t.device_id != device_id or t.message_id is None:
-                continue
-            m = copies.get(t.message_id)
-            lost = bool(getattr(t, "lost_in_failover", False))
-            if m is None:
-                # acknowledged, then lost in a failover: the backend never read it
-                copies[t.message_id] = {"id": str(t.message_id), "sent": [t.enqueued_at], "acked": t.enqueued_at,
-                                        "delivered": None if lost else t.enqueued_at, "duplicates": [],
-                                        "fate": "lost_in_failover" if lost else "delivered"}
-            else:
-                m["duplicates"].append(t.enqueued_at)
-                if m["fate"] == "lost_in_failover" and not lost:  # a copy sent again after the failover
-                    m["fate"], m["delivered"] = "delivered", t.enqueued_at
-        lanes.append({"device_id": device_id, "states": states, "messages": list(copies.values())})
+        lanes.append({"device_id": device_id, "states": states, "messages": _hub_messages(device_id, telemetry)})
+    _add_outboxes(lanes, list(outboxes), start)
     return lanes
+
+
+def _hub_messages(device_id: str, telemetry: list[Any]) -> list[dict[str, Any]]:
+    copies: dict[str, dict[str, Any]] = {}
+    for t in telemetry:
+        if t.device_id != device_id or t.message_id is None:
+            continue
+        m = copies.get(t.message_id)
+        lost = bool(getattr(t, "lost_in_failover", False))
+        if m is None:
+            # acknowledged, then lost in a failover: the backend never read it
+            copies[t.message_id] = {"id": str(t.message_id), "sent": [t.enqueued_at], "acked": t.enqueued_at,
+                                    "delivered": None if lost else t.enqueued_at, "duplicates": [],
+                                    "fate": "lost_in_failover" if lost else "delivered"}
+        else:
+            m["duplicates"].append(t.enqueued_at)
+            if m["fate"] == "lost_in_failover" and not lost:  # a copy sent again after the failover
+                m["fate"], m["delivered"] = "delivered", t.enqueued_at
+    return list(copies.values())
+
+
+def _add_outboxes(lanes: list[dict[str, Any]], outboxes: list[Any], start: float) -> None:
+    """Merge the Outboxes' view into the hub's lanes (in place)."""
+    if not outboxes:
+        return
+    by_device = {lane["device_id"]: lane for lane in lanes}
+    by_id = {(lane["device_id"], m["id"]): m for lane in lanes for m in lane["messages"]}
+    hub_ids: dict[str, list[dict[str, Any]]] = {}
+    for (_device, mid), m in by_id.items():
+        hub_ids.setdefault(mid, []).append(m)
+    for snap in outboxes:
+        for rec in snap.messages:
+            if rec.device_id is not None:
+                seen = by_id.get((rec.device_id, rec.message_id))
+            else:  # a pool's acknowledged message: the hub knows its device
+                copies = hub_ids.get(rec.message_id, [])
+                if len(copies) > 1:
+                    continue  # several devices sent this id; which copy is this outbox's cannot be told
+                seen = copies[0] if copies else None
+            if seen is not None:
+                _outbox_fields(seen, rec, snap.name)
+                if rec.state != "acknowledged":
+                    seen["acked"] = None  # the hub has it; the device never heard so (the PUBACK was lost)
+                continue
+            device = rec.device_id if rec.device_id is not None else f"{snap.name} (device not known)"
+            lane = by_device.get(device)
+            if lane is None:
+                lane = by_device[device] = {"device_id": device, "states": [], "messages": []}
+                lanes.append(lane)
+            lane["messages"].append(_never_seen(rec, snap, start))
+    for lane in lanes:
+        lane["messages"].sort(key=lambda m: m.get("submitted") or m["sent"][0])
+
+
+def _outbox_fields(m: dict[str, Any], rec: Any, outbox: str) -> None:
+    if rec.submitted_at is not None:
+        m["submitted"] = rec.submitted_at
+    m["outbox"] = outbox
+    m["outbox_state"] = rec.state
+    m["failures"] = [float(t) for t in rec.failures]
+
+
+def _never_seen(rec: Any, snap: Any, start: float) -> dict[str, Any]:
+    """A message the test's Outbox holds (or held) that the hub has no record of."""
+    if rec.state == "dropped" or (rec.state == "pending" and snap.closed):
+        fate = "lost"          # no longer being sent: evicted, or left behind when its Outbox closed
+    else:
+        fate = "in_flight"     # still being retried, or acknowledged but not yet in the hub's view
+    submitted = rec.submitted_at if rec.submitted_at is not None else start
+    # `sent` holds at least one time (schema 1): the submit time, the one attempt time known
+    m: dict[str, Any] = {"id": str(rec.message_id), "sent": [submitted], "acked": None, "delivered": None,
+                         "duplicates": [], "fate": fate}
+    _outbox_fields(m, rec, snap.name)
+    return m
 
 
 def _move(states: list[dict[str, Any]], state: str, at: float, start: float, reason: str | None = None) -> None:
@@ -153,10 +216,19 @@ def _move(states: list[dict[str, Any]], state: str, at: float, start: float, rea
     states.append(entry)
 
 
+def lane_losses(lanes: list[dict[str, Any]]) -> dict[str, int]:
+    """`lost` (lost_in_failover included) and `lost_in_failover` counted over the lanes' messages."""
+    fates = [m.get("fate") for lane in lanes for m in lane.get("messages") or []]
+    in_failover = fates.count("lost_in_failover")
+    return {"lost": fates.count("lost") + in_failover, "lost_in_failover": in_failover}
+
+
 def build_entry(nodeid: str, started_at: float, record: Any, lanes: list[dict[str, Any]],
                 throttled: Mapping[int, float] | None = None) -> dict[str, Any]:
     delivery = delivery_entry(record.deliveries)
-    faults = [fault_entry(i, rep, delivery, (throttled or {}).get(i, float(getattr(rep, "throttled", 0.0) or 0.0)))
+    # without a delivery assertion the fault's loss figures are what the lanes saw, not a silent 0
+    counted = delivery if delivery is not None else lane_losses(lanes)
+    faults = [fault_entry(i, rep, counted, (throttled or {}).get(i, float(getattr(rep, "throttled", 0.0) or 0.0)))
               for i, rep in enumerate(record.faults) if rep.started_at is not None]
     return {"nodeid": nodeid, "outcome": "passed", "started_at": started_at, "ended_at": time.time(),
             "worker": os.environ.get("PYTEST_XDIST_WORKER"), "faults": faults, "devices": lanes,
@@ -166,8 +238,8 @@ def build_entry(nodeid: str, started_at: float, record: Any, lanes: list[dict[st
 # --- verdicts ---------------------------------------------------------------------------------
 
 def _for_slo(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """The entry in the shape testing.slo and testing.baseline read (`fault` for the kind,
-    `throttled` for throttled_time, devices = the ones the fault disconnected)."""
+    """The entry in the shape testing.slo reads (`fault` for the kind, `throttled` for
+    throttled_time, devices = the ones the fault disconnected); testing.baseline reads it too."""
     faults = []
     for f in entry["faults"]:
         figures = dict(f["figures"], throttled=f["figures"].get("throttled_time"))
@@ -209,17 +281,6 @@ def compare_baseline(entry: dict[str, Any], base: Mapping[str, Any] | None, sour
                 "tolerance": r.allowed, "regressed": True} for r in regressions]
     entry["baseline"] = {"source": source, "results": results}
     return [str(r) for r in regressions], [str(m) for m in missing]
-
-
-def baseline_as_slo_input(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """A run report (schema shape, `kind`) in the shape testing.baseline reads (`fault`)."""
-    tests = []
-    for t in doc.get("tests") or []:
-        if isinstance(t, Mapping) and isinstance(t.get("faults"), list) and all(
-                isinstance(f, Mapping) and "kind" in f and "fault" not in f for f in t["faults"]):
-            t = dict(t, faults=[dict(f, fault=f["kind"]) for f in t["faults"]])
-        tests.append(t)
-    return dict(doc, tests=tests)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -280,20 +341,10 @@ def needed(item: pytest.Item, settings: Any) -> bool:
 def load_baseline(settings: Any) -> dict[str, Any] | None:
     if not settings.baseline:
         return None
-    try:
-        with open(settings.baseline, encoding="utf-8") as f:
-            doc = json.load(f)
-    except OSError as exc:
-        raise pytest.UsageError(f"--iothub-baseline: cannot read {settings.baseline}: "
-                                f"{exc.strerror or exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise pytest.UsageError(f"--iothub-baseline: {settings.baseline} is not a JSON report: {exc}") from None
-    doc = baseline_as_slo_input(doc) if isinstance(doc, Mapping) else doc
-    try:
-        baseline_mod.compare({"tests": []}, doc, settings.max_regression)
+    try:  # the one reader of reports: a fault's kind as `kind`, or as `fault` in older ones
+        return baseline_mod.load_report(settings.baseline, "--iothub-baseline")
     except baseline_mod.BaselineError as exc:
-        raise pytest.UsageError(f"--iothub-baseline: {exc}") from None
-    return dict(doc)
+        raise pytest.UsageError(str(exc)) from None
 
 
 def at_teardown(item: pytest.Item, record: Any, lanes: list[dict[str, Any]], settings: Any,

@@ -208,7 +208,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             telemetry = view.telemetry(include_lost=True)
         except TypeError:
             telemetry = view.telemetry()
-        lanes = gate.device_lanes(view.device_ids, view.events, telemetry, record.started_at, [])
+        lanes = gate.device_lanes(view.device_ids, view.events, telemetry, record.started_at, [],
+                                  outboxes=record.outbox_snapshots())
     try:
         result = yield
     except BaseException:

@@ -197,6 +197,14 @@ OPTIONS = (
     Option("iothub_tier_units", "--iothub-tier-units", "IOTFAILOVER_TIER_UNITS",
            "embedded hub: number of units of --iothub-tier; default: 1", _int_between(1, 200), 1,
            metavar="UNITS"),
+    Option("iothub_throttle_setup", "--iothub-throttle-setup", "IOTFAILOVER_THROTTLE_SETUP",
+           "embedded hub: count the devices fixtures create and delete against the tier's registry "
+           "operations throttle (100/min on S1 x 1); default: not counted, as an import job",
+           _boolean, False, flag_only=True),
+    Option("iothub_dns", "--iothub-dns", "IOTFAILOVER_DNS",
+           "embedded hub: devices dial it by a host name resolved inside the test process, which "
+           "failover(dns=True) moves; clients in other processes (iothub_fleet) cannot resolve it",
+           _boolean, False, flag_only=True),
     Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
            "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
            "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
@@ -238,6 +246,8 @@ class Settings:
     outage: float = 2.0
     tier: str | None = "S1"
     tier_units: int = 1
+    throttle_setup: bool = False
+    dns: bool = False
     eventhub_connection_string: str | None = field(default=None, repr=False)
     allow_failover: str | None = None
     subscription: str | None = None
@@ -265,7 +275,8 @@ class Settings:
 _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_name",
            "iothub_keep_alive": "keep_alive", "iothub_retry_interval": "retry_interval",
            "iothub_timeout": "timeout", "iothub_outage": "outage",
-           "iothub_tier": "tier", "iothub_tier_units": "tier_units",
+           "iothub_tier": "tier", "iothub_tier_units": "tier_units", "iothub_throttle_setup": "throttle_setup",
+           "iothub_dns": "dns",
            "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
            "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
            "iothub_failback": "failback", "iothub_slo": "slo", "iothub_report": "report",

@@ -9,7 +9,9 @@ terminal summary.
 from __future__ import annotations
 
 import json
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,48 @@ __all__ = ["PROPERTY", "DeliveryFigures", "TestRecord", "begin", "end", "record_
 PROPERTY = "iothub_failover"
 
 
+class OutboxWatch:
+    """The Outboxes made while one test runs (devices.observers tells of each): a weak reference to
+    each while it lives, a snapshot taken when it closes, so one the test closed and dropped still
+    shows in the report and none is kept alive past the test by the watch."""
+
+    def __init__(self) -> None:
+        from ..devices import observers
+        self._lock = threading.Lock()
+        self._seen: list[tuple[weakref.ref[Any], list[Any]]] = []  # (outbox, [its snapshot at close])
+        self._listener: Any = observers.listen(self._created, self._closed)
+
+    def _created(self, outbox: Any) -> None:
+        with self._lock:
+            self._seen.append((weakref.ref(outbox), []))
+
+    def _closed(self, outbox: Any) -> None:
+        from ..devices import observers
+        snap = observers.snapshot(outbox)
+        with self._lock:
+            for ref, last in self._seen:
+                if ref() is outbox:
+                    last[:] = [snap]
+
+    def snapshots(self) -> list[Any]:
+        """Each Outbox's messages now (or as it was when closed, once it is gone)."""
+        from ..devices import observers
+        with self._lock:
+            seen = [(ref(), list(last)) for ref, last in self._seen]
+        out = []
+        for outbox, last in seen:
+            if outbox is not None and getattr(outbox, "_core", None) is not None:
+                out.append(observers.snapshot(outbox))
+            elif last:
+                out.append(last[0])
+        return out
+
+    def stop(self) -> None:
+        self._listener.close()
+        with self._lock:
+            self._seen.clear()
+
+
 @dataclass
 class TestRecord:
     __test__ = False  # not a test class, whatever its name
@@ -31,6 +75,10 @@ class TestRecord:
     faults: list[Any] = field(default_factory=list)          # their RecoveryReports, at teardown
     deliveries: list[DeliveryFigures] = field(default_factory=list)  # every delivery assertion's
     started_at: float = field(default_factory=time.time)
+    outboxes: OutboxWatch | None = None  # only when the test's entry is wanted (gate.needed)
+
+    def outbox_snapshots(self) -> list[Any]:
+        return self.outboxes.snapshots() if self.outboxes is not None else []
 
     def fault_windows(self) -> list[tuple[str, float, float | None]]:
         return [(h.kind, h.started_at, h.ended_at) for h in self.handles if h.started_at is not None]
@@ -91,7 +139,12 @@ def _downtimes(r: Any) -> dict[str, float | None]:
 
 
 def begin(item: pytest.Item) -> TestRecord:
+    from . import gate
+    from .keys import settings_of
     record = item.stash[RECORD] = TestRecord(item.nodeid)
+    if gate.needed(item, settings_of(item.config)):
+        # from setup on: the Outboxes the test's fixtures make belong to it too
+        record.outboxes = OutboxWatch()
     return record
 
 
@@ -105,6 +158,8 @@ def end(item: pytest.Item) -> TestRecord | None:
     record = item.stash.get(RECORD, None)
     if record is not None:
         del item.stash[RECORD]  # the item outlives the test; its fault handles need not
+        if record.outboxes is not None:
+            record.outboxes.stop()  # what the next test's Outboxes do is not this test's
     return record
 
 

@@ -8,6 +8,10 @@ elements, not tens of thousands. Beyond MAX_LANES devices, lanes become about BA
 top of a band stacks the share of its devices in each connection state over time, the bottom carries
 the band's message ticks.
 
+A message an Outbox sent has its send tick at the application's submit time (`submitted`); one that
+got no acknowledgement and never reached the backend is a hollow circle there, given up or still
+pending (see `never_acked`), and a "messages in the lanes" table counts them.
+
 Hovering a lane shows the nearest message's id; that small handler sits in an attribute of the <svg>
 (inline handlers still run where inserted <script> elements do not) and reads per-lane data attributes.
 
@@ -39,13 +43,20 @@ STATE_COLOURS = {"connected": "#cdeacb", "reconnecting": "#ffdf99", "refused": "
                  "throttled": "#cbb8ec", "disconnected": "#e4e4e4"}
 # (kind, colour, top and bottom of the tick as a share of the lane height, stroke width)
 TICKS = (("send", "#1f5fa8", 0.0, 0.34, 1),
+         ("failed_attempt", "#b36b00", 0.0, 0.2, 1),
          ("ack", "#1b6e3a", 0.34, 0.67, 1),
          ("delivery", "#333333", 0.67, 1.0, 1),
          ("duplicate", "#f07800", 0.0, 1.0, 2),
-         ("lost_in_failover", "#d0021b", 0.0, 1.0, 2),
-         ("lost", "#7a0010", 0.0, 1.0, 2))
+         ("lost_in_failover", "#d0021b", 0.0, 1.0, 2))
+# hollow circles at the submit time of a message that never reached the backend unacknowledged:
+# (kind, stroke colour, dash pattern or "")
+MARKS = (("never_acked_lost", "#7a0010", ""),       # given up: dropped, or its Outbox closed
+         ("never_acked_pending", "#6b6b6b", "2 1.5"))  # still being retried when the test ended
 FATES = ("delivered", "lost", "lost_in_failover", "in_flight")
-_FATE_TEXT = ["delivered", "lost (never acknowledged)", "acknowledged, then lost in the failover", "in flight"]
+# hover texts, by _fate_index: the report's fates, then two finer cases of the Outbox's view
+_FATE_TEXT = ["delivered", "never acknowledged; given up (lost)", "acknowledged, then lost in the failover",
+              "never acknowledged; still pending when the test ended", "acknowledged; not in the backend's view yet",
+              "delivered; the device never got the acknowledgement"]
 
 # !important on cell layout: a host page (pytest-html styles `#results-table td`) must not re-align the figures
 _CSS = """
@@ -81,8 +92,9 @@ _HOVER_JS = (
     "{d=Math.abs(m[k][0]-q.x);b=m[k]}});"
     "if(!b){t.style.display='none';return}"
     "var F=JSON.parse(s.getAttribute('data-fates')),D=g.iotfD||(g.iotfD=JSON.parse(g.getAttribute('data-d')));"
-    "t.textContent=b[1]+'\\n'+D[b[7]]+'\\n'+(F[b[2]]||'?')+'; sent +'+(b[3]/1000).toFixed(3)+'s'"
-    "+(b[4]>1?' ('+b[4]+' attempts)':'')+(b[5]>=0?', acked +'+(b[5]/1000).toFixed(3)+'s':'')"
+    "t.textContent=b[1]+'\\n'+D[b[7]]+'\\n'+(F[b[2]]||'?')+'; '+(b[9]?'submitted':'sent')+' +'"
+    "+(b[3]/1000).toFixed(3)+'s'+(b[4]>1?' ('+b[4]+' attempts)':'')"
+    "+(b[8]>=0?', at the hub +'+(b[8]/1000).toFixed(3)+'s':'')+(b[5]>=0?', acked +'+(b[5]/1000).toFixed(3)+'s':'')"
     "+(b[6]?', '+b[6]+' duplicate(s)':'');"
     # placed below-right of the pointer, or above / left of it where it would leave the plot (and scroll it)
     "t.style.display='block';var c=s.parentNode,r=c.getBoundingClientRect(),"
@@ -125,7 +137,9 @@ def _time_range(test: dict[str, Any]) -> tuple[float, float]:
         for iv in d.get("states") or []:
             points += [v for v in (iv.get("from"), iv.get("to")) if v is not None]
         for m in d.get("messages") or []:
-            points += list(m.get("sent") or [])
+            points += list(m.get("sent") or []) + list(m.get("failures") or [])
+            if m.get("submitted") is not None:
+                points.append(m["submitted"])
             points += [v for v in (m.get("acked"), m.get("delivered"), m.get("lost_at")) if v is not None]
             points += list(m.get("duplicates") or [])
     if not points:
@@ -141,20 +155,40 @@ def _nice_step(span: float) -> float:
     return 3600 * math.ceil(raw / 3600)
 
 
+def _send_time(m: dict[str, Any]) -> float | None:
+    """The application's submit time when an Outbox sent it, else the hub's first arrival."""
+    if m.get("submitted") is not None:
+        return float(m["submitted"])
+    sent = m.get("sent") or []
+    return float(sent[0]) if sent else None
+
+
+def never_acked(m: dict[str, Any]) -> str | None:
+    """"lost" or "pending" for a message that neither got an acknowledgement nor reached the backend."""
+    if m.get("acked") is not None or m.get("outbox_state") == "acknowledged":
+        return None
+    fate = m.get("fate")
+    return "lost" if fate == "lost" else "pending" if fate == "in_flight" else None
+
+
 def _ticks_of(messages: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k, *_ in TICKS}
+    out.update({k: [] for k, *_ in MARKS})
     for m in messages:
-        out["send"] += m.get("sent") or []
+        # an Outbox's message: one send mark at its submit time; else every arrival the hub saw
+        out["send"] += [m["submitted"]] if m.get("submitted") is not None else (m.get("sent") or [])
+        out["failed_attempt"] += m.get("failures") or []
         if m.get("acked") is not None and m.get("fate") != "lost_in_failover":
             out["ack"].append(m["acked"])
         if m.get("delivered") is not None:
             out["delivery"].append(m["delivered"])
         out["duplicate"] += m.get("duplicates") or []
-        fate = m.get("fate")
-        if fate == "lost_in_failover":
+        if m.get("fate") == "lost_in_failover":
             out["lost_in_failover"].append(m.get("acked") or m.get("lost_at") or (m.get("sent") or [0])[-1])
-        elif fate == "lost":
-            out["lost"].append((m.get("sent") or [0])[-1])
+        never = never_acked(m)
+        at = _send_time(m)
+        if never is not None and at is not None:
+            out[f"never_acked_{never}"].append(at)
     return out
 
 
@@ -171,6 +205,18 @@ def _tick_paths(ticks: dict[str, list[float]], sc: _Scale, y: float, h: float,
         d = "".join(f"M{x:g} {y0:g}v{dy:g}" for x in xs)
         parts.append(f'<path class="iotf-tick iotf-{kind}" data-count="{len(ticks[kind])}" stroke="{colour}" '
                      f'stroke-width="{width}" d="{d}"/>')
+    # the never-acknowledged circles sit on the lane's middle, drawn last so no tick covers them
+    r = round(min(4.5, lane_h * 0.28), 1)
+    cy = round(lane_y + lane_h / 2, 1)
+    for kind, colour, dash in MARKS:
+        xs = sorted({round(sc.x(t), 1) for t in ticks[kind]})
+        if not xs:
+            continue
+        d = "".join(f"M{x - r:g} {cy:g}a{r:g} {r:g} 0 1 0 {2 * r:g} 0a{r:g} {r:g} 0 1 0 {-2 * r:g} 0" for x in xs)
+        dashes = f' stroke-dasharray="{dash}"' if dash else ""
+        parts.append(f'<path class="iotf-mark iotf-never-acked iotf-{kind.replace("_", "-")}" '
+                     f'data-count="{len(ticks[kind])}" fill="#fff" fill-opacity="0.85" stroke="{colour}" '
+                     f'stroke-width="1.3"{dashes} d="{d}"/>')
     return parts
 
 
@@ -178,17 +224,34 @@ def _attr_json(value: Any) -> str:
     return html.escape(json.dumps(value, separators=(",", ":"), ensure_ascii=False), quote=True)
 
 
+def _fate_index(m: dict[str, Any]) -> int:
+    """Index into _FATE_TEXT."""
+    fate = m.get("fate")
+    if fate == "in_flight" and m.get("outbox_state") == "acknowledged":
+        return 4
+    if fate == "delivered" and m.get("acked") is None and m.get("outbox_state") in ("pending", "dropped"):
+        return 5
+    return FATES.index(fate) if fate in FATES else -1
+
+
 def _hover_data(group: Sequence[dict[str, Any]], sc: _Scale) -> str:
-    """Per message, compactly: [x, id, fate, sent ms, attempts, acked ms or -1, duplicates, device index]."""
+    """Per message, compactly: [x, id, fate text index, send ms, attempts, acked ms or -1, duplicates,
+    device index, first arrival at the hub ms or -1, 1 if the send time is the application's submit]."""
     rows = []
     for di, d in enumerate(group):
         for m in d.get("messages") or []:
             sent = m.get("sent") or [sc.t0]
+            at = _send_time(m)
+            at = sc.t0 if at is None else at
             acked = m.get("acked")
-            fate = FATES.index(m["fate"]) if m.get("fate") in FATES else -1
-            rows.append([round(sc.x(sent[0]), 1), redact(str(m.get("id", ""))), fate,
-                         round((sent[0] - sc.t0) * 1000), len(sent),
-                         -1 if acked is None else round((acked - sc.t0) * 1000), len(m.get("duplicates") or []), di])
+            outboxed = m.get("submitted") is not None
+            arrived = -1 if (not outboxed or m.get("fate") in ("lost", "in_flight")) else \
+                round((sent[0] - sc.t0) * 1000)
+            attempts = 1 + len(m.get("failures") or []) if outboxed else len(sent)
+            rows.append([round(sc.x(at), 1), redact(str(m.get("id", ""))), _fate_index(m),
+                         round((at - sc.t0) * 1000), attempts,
+                         -1 if acked is None else round((acked - sc.t0) * 1000), len(m.get("duplicates") or []), di,
+                         arrived, int(outboxed)])
     rows.sort(key=lambda r: r[0])
     return _attr_json(rows)
 
@@ -298,8 +361,10 @@ def _svg_lane(label: str, group: list[dict[str, Any]], sc: "_Scale", y: float, l
               end: float) -> str:
     msgs = [m for d in group for m in d.get("messages") or []]
     ticks = _ticks_of(msgs)
-    tip = (f"{label}: {len(msgs)} messages, {len(ticks['duplicate'])} duplicates, "
-           f"{len(ticks['lost_in_failover'])} lost in failover, {len(ticks['lost'])} lost")
+    never = len(ticks["never_acked_lost"]) + len(ticks["never_acked_pending"])
+    tip = (f"{label}: {len(msgs)} messages, {never} never acknowledged "
+           f"({len(ticks['never_acked_pending'])} still pending), {len(ticks['duplicate'])} duplicates, "
+           f"{len(ticks['lost_in_failover'])} lost in failover")
     attrs = (f'class="iotf-lane" data-y="{y}" data-h="{lane_h}" '
              + (f'data-band="{len(group)}"' if banded else f'data-device="{_s(label)}"'))
     devs = _attr_json([redact(str(d.get("device_id", ""))) for d in group])
@@ -350,9 +415,12 @@ def _svg_fault(n: int, f: dict[str, Any], sc: "_Scale", t0: float, t1: float, he
 
 def _legend() -> str:
     items = [f'<span><i style="background:{c}"></i>{s}</span>' for s, c in STATE_COLOURS.items()]
-    names = {"send": "send", "ack": "acknowledged", "delivery": "delivered", "duplicate": "duplicate",
-             "lost_in_failover": "lost in failover", "lost": "lost"}
+    names = {"send": "send (submitted)", "failed_attempt": "failed attempt", "ack": "acknowledged",
+             "delivery": "delivered", "duplicate": "duplicate", "lost_in_failover": "lost in failover",
+             "never_acked_lost": "never acknowledged, given up", "never_acked_pending": "never acknowledged, pending"}
     items += [f'<span><i style="background:{c};width:3px"></i>{names[k]}</span>' for k, c, *_ in TICKS]
+    items += [f'<span><i style="border:1.5px {"dashed" if dash else "solid"} {c};border-radius:50%;width:7px;'
+              f'height:7px;background:#fff"></i>{names[k]}</span>' for k, c, dash in MARKS]
     items.append('<span><i style="background:#d0021b;opacity:.25"></i>fault window</span>')
     return '<div class="iotf-legend">' + "".join(items) + "</div>"
 
@@ -419,6 +487,36 @@ def _delivery_table(d: dict[str, Any] | None) -> str:
     return f'<table class="iotf-delivery"><tr><th colspan="2">delivery</th></tr>{rows}</table>'
 
 
+def message_counts(test: dict[str, Any]) -> dict[str, int]:
+    """What the lanes hold, counted: every message, the Outboxes' included, once."""
+    msgs = [m for d in test.get("devices") or [] for m in d.get("messages") or []]
+    never = [never_acked(m) for m in msgs]
+    return {"messages": len(msgs), "submitted": sum(1 for m in msgs if m.get("submitted") is not None),
+            "reached_hub": sum(1 for m, n in zip(msgs, never) if n is None and m.get("fate") != "in_flight"),
+            "never_acknowledged": sum(1 for n in never if n is not None),
+            "given_up": never.count("lost"), "still_pending": never.count("pending"),
+            "failed_attempts": sum(len(m.get("failures") or []) for m in msgs),
+            "lost_in_failover": sum(1 for m in msgs if m.get("fate") == "lost_in_failover"),
+            "duplicates": sum(len(m.get("duplicates") or []) for m in msgs)}
+
+
+_COUNT_NAMES = (("messages", "messages drawn"), ("submitted", "through an Outbox"),
+                ("reached_hub", "reached the hub"), ("never_acknowledged", "never acknowledged"),
+                ("given_up", "… given up"), ("still_pending", "… still pending at the end"),
+                ("failed_attempts", "failed attempts"), ("lost_in_failover", "lost in failover"),
+                ("duplicates", "duplicates"))
+
+
+def _messages_table(test: dict[str, Any]) -> str:
+    c = message_counts(test)
+    if not c["messages"]:
+        return ""
+    rows = "".join(f'<tr><td>{name}</td><td class="num{" bad" if key == "never_acknowledged" and c[key] else ""}" '
+                   f'data-messages="{key}">{c[key]}</td></tr>'
+                   for key, name in _COUNT_NAMES if key in ("messages", "never_acknowledged") or c[key])
+    return f'<table class="iotf-messages"><tr><th colspan="2">messages in the lanes</th></tr>{rows}</table>'
+
+
 def _slo_table(slos: list[dict[str, Any]]) -> str:
     if not slos:
         return ""
@@ -464,6 +562,7 @@ def _section(test: dict[str, Any]) -> str:
 def _draw_section(test: dict[str, Any]) -> str:
     faults = [f for f in test.get("faults") or [] if f.get("started_at") is not None]
     side = ("".join(_fault_table(f) for f in faults) + _delivery_table(test.get("delivery"))
+            + _messages_table(test)
             + _slo_table(test.get("slos") or []) + _baseline_table(test.get("baseline")))
     outcome = str(test.get("outcome", ""))
     return (f'<section class="iotf-test" data-nodeid="{_s(test.get("nodeid", ""))}">'

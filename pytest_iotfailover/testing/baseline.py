@@ -29,7 +29,7 @@ from typing import Any
 from .slo import FIGURES
 
 __all__ = ["COMPARED", "DEFAULT_MAX_REGRESSION", "FLOOR", "BaselineError", "Missing", "Regression",
-           "compare", "load_report", "parse_regression", "run_label"]
+           "compare", "fault_kind", "load_report", "parse_regression", "run_label"]
 
 # grammar names (slo.FIGURES) of the figures compared; their report keys come from that table
 COMPARED = ("recover", "downtime_p99")
@@ -77,7 +77,7 @@ def _check(doc: Any, where: str) -> None:
         if faults is not None and not isinstance(faults, list):
             raise BaselineError(f"{where}: tests[{i}] ({t['nodeid']}): 'faults' is not a list")
         for j, f in enumerate(faults or []):
-            if not isinstance(f, Mapping) or not isinstance(f.get("fault"), str):
+            if not isinstance(f, Mapping) or not isinstance(fault_kind(f), str):
                 raise BaselineError(f"{where}: tests[{i}] ({t['nodeid']}): faults[{j}] has no fault kind")
             figures = f.get("figures")
             if figures is None:
@@ -92,9 +92,20 @@ def _check(doc: Any, where: str) -> None:
                                         f"{FIGURES[name].key} is {v!r}, not a time in seconds")
 
 
+def fault_kind(fault: Mapping[str, Any]) -> Any:
+    """A fault's kind: `kind` in report_schema.json; `fault` in the shape testing.slo reads and in
+    reports written before the schema settled on `kind` (both accepted, `kind` first)."""
+    kind = fault.get("kind")
+    return kind if isinstance(kind, str) else fault.get("fault")
+
+
 def run_label(report: Mapping[str, Any]) -> str | None:
-    """The date a report was made, from its ``created`` field (ISO 8601 text or epoch seconds)."""
+    """The date a report was made, from its ``created`` field (ISO 8601 text or epoch seconds), else
+    from ``run.started_at`` (report_schema.json)."""
     created = report.get("created")
+    run = report.get("run")
+    if created is None and isinstance(run, Mapping):
+        created = run.get("started_at")
     if isinstance(created, str) and created:
         try:
             return _dt.datetime.fromisoformat(created).date().isoformat()
@@ -136,7 +147,7 @@ def _faults_by_occurrence(test: Mapping[str, Any]) -> dict[tuple[str, int], Mapp
     out: dict[tuple[str, int], Mapping[str, Any]] = {}
     seen: dict[str, int] = {}
     for f in test.get("faults") or []:
-        kind = f["fault"]
+        kind = str(fault_kind(f))
         seen[kind] = seen.get(kind, 0) + 1
         out[(kind, seen[kind])] = f
     return out

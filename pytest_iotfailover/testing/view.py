@@ -146,8 +146,13 @@ class HubView:
 
     # --- service operations ------------------------------------------------------------------
 
-    def send_c2d(self, device_id: str, body: Any, properties: Any = None) -> str:
-        return self.hub.send_c2d(device_id, body, properties)
+    def send_c2d(self, device_id: str, body: Any, properties: Any = None, **terms: Any) -> str:
+        """`terms`: ttl, expiry_time, ack (FakeHub.send_c2d)."""
+        return self.hub.send_c2d(device_id, body, properties, **terms)
+
+    def feedback(self, device_id: str | None = None) -> list[Any]:
+        """C2D feedback (iothub-ack) of this test's devices, or of `device_id`."""
+        return self.hub.feedback(self._scope(device_id))
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -228,8 +228,11 @@ class RealBackend(Hub):
 
     # --- service operations and faults -----------------------------------------------
 
-    def send_c2d(self, device_id: str, body: Any, properties: Any = None) -> str:
-        return self._service.send_c2d(device_id, body, properties)
+    def send_c2d(self, device_id: str, body: Any, properties: Any = None, **terms: Any) -> str:
+        return self._service.send_c2d(device_id, body, properties, **terms)
+
+    def feedback(self, device_ids: Collection[str] | None = None) -> list[Any]:
+        return self._service.feedback(device_ids)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -80,7 +80,11 @@ SUPPORT: dict[FaultKind, Support] = {
         "unread": "what a real failover loses unread depends on your consumer's lag; use the embedded hub",
         "keep_c2d": "a manual failover recovers no cloud-to-device messages (reliability-iot-hub.md); "
                     "use the embedded hub",
-        "rpo": "the replication lag of twins and the registry cannot be chosen; use the embedded hub"}),
+        "rpo": "the replication lag of twins and the registry cannot be chosen; use the embedded hub",
+        "dns": "a real failover moves the hub's DNS record as Azure does; an old address that keeps being "
+               "returned cannot be ordered (azure-iot-sdk-csharp #1312); use the embedded hub with --iothub-dns",
+        "dns_stale": "how long resolvers keep the old address is up to their caches, not the test; use the "
+                     "embedded hub with --iothub-dns"}),
     FaultKind.DROP: Support(honours=frozenset({"device_id", "at", "graceful"}),
                             cannot={"after_messages": _NO_COUNTING}),
     FaultKind.THROTTLE: Support(honours=frozenset({"device_id", "at", "seconds"}), cannot={

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 import uuid
 from typing import Any
 
+from ...checks import seconds
+from ...iothub import limits
+from ...iothub.c2d_lifecycle import expiry_seconds
 from ...iothub.core import HubOperationError, MethodResponse, c2d_body
 from .errors import (
     RealBackendError,
@@ -43,6 +47,29 @@ def _method_seconds(timeout: Any) -> int:
     return max(low, math.ceil(timeout))
 
 
+def _c2d_terms(props: dict[str, Any], ttl: Any, expiry_time: Any, ack: Any) -> None:
+    """The fake hub's C2D expiry and ack rules (iothub/c2d_lifecycle.py), checked before
+    sending so both hubs refuse the same calls; then as azure-iot-hub sends them:
+    `expiryTimeUtc` becomes the AMQP absolute-expiry-time (milliseconds since 1970),
+    `iothub-ack` an application property."""
+    if ttl is not None and expiry_time is not None:
+        raise ValueError("give ttl (seconds from now) or expiry_time (absolute), not both")
+    now = time.time()
+    if ttl is not None:
+        expiry_time = now + (seconds("ttl", ttl) or 0.0)
+    if expiry_time is not None:
+        expiry = expiry_seconds(expiry_time)
+        error = limits.validate_c2d_expiry(now, expiry)
+        if error is not None:
+            raise HubOperationError(f"send_c2d refused: {error.message}", error.code)
+        props["expiryTimeUtc"] = int(expiry * 1000)
+    if ack is not None:
+        error = limits.validate_c2d_ack(ack)
+        if error is not None:
+            raise HubOperationError(f"send_c2d refused: {error.message}", error.code)
+        props["iothub-ack"] = ack
+
+
 def _without_metadata(section: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in section.items():
@@ -58,12 +85,15 @@ class ServiceCalls:
     def __init__(self, devices: RunDevices):
         self._devices = devices
 
-    def send_c2d(self, device_id: str, body: Any, properties: Any = None) -> str:
+    def send_c2d(self, device_id: str, body: Any, properties: Any = None, *,
+                 ttl: float | None = None, expiry_time: Any = None,
+                 ack: str | None = None) -> str:
         registry = self._devices.need_service("send_c2d")
         data = c2d_body(body)
         props = {str(k): ("" if v is None else str(v))
                  for k, v in (properties or {}).items()}
         props.setdefault("messageId", f"c2d-{uuid.uuid4()}")
+        _c2d_terms(props, ttl, expiry_time, ack)
         full_id = self._devices.resolve(device_id)
         outcome: list[Any] = []
 
@@ -84,6 +114,16 @@ class ServiceCalls:
             what = f"sending a C2D message to {full_id!r}"
             raise service_failure(what, outcome[0]) from None
         return props["messageId"]
+
+    def feedback(self, device_ids: Any = None) -> list[Any]:
+        """Not offered: azure-iot-hub reads the feedback endpoint only through
+        `IoTHubHttpRuntimeManager.receive_feedback_notification`, which returns None and
+        drops the records the hub sent."""
+        raise RealBackendError(
+            "reading C2D feedback (iothub-ack) is not supported against a real hub: "
+            "azure-iot-hub's IoTHubHttpRuntimeManager.receive_feedback_notification "
+            "returns None instead of the feedback records; read "
+            "/messages/servicebound/feedback with another service SDK")
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -1,0 +1,299 @@
+"""The Outboxes' view in the run report and the timeline: submit times, failed attempts, final state,
+and the messages that never reached the hub.
+
+In process: devices.observers and the plugin's per-test watch, with the real SDK client and the
+embedded hub. End to end: pytester runs a suite whose Outboxes (one made in the test body, one by a
+user fixture, one that drops) lose messages to a region failover; the report (checked against its
+schema, serially and under pytest-xdist) draws those messages as never acknowledged at their submit
+times.
+"""
+import asyncio
+import gc
+import json
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import jsonschema
+import pytest
+from azure.iot.device import Message
+
+from pytest_iotfailover import Outbox
+from pytest_iotfailover.devices import observers
+from pytest_iotfailover.plugin import gate, timeline
+from pytest_iotfailover.plugin.reporting import OutboxWatch
+
+pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.timeout(180)
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "pytest_iotfailover" / "plugin" / "report_schema.json")
+                    .read_text())
+
+
+def _blackholed(hub, device):
+    """A fault under which the device's publishes are never read: none can be acknowledged."""
+    return hub.faults.blackhole(300, device_id=device.device_id)
+
+
+def test_a_listener_hears_of_outboxes_made_and_closed_and_keeps_none_alive(hub, device, client):
+    made, shut = [], []
+    with observers.listen(made.append, shut.append):
+        ob = Outbox(client, name="heard")
+        assert made == [ob] and shut == []
+        ob.send(Message("m", message_id="m"))
+        ob.flush(timeout=20)
+        ob.close()
+        assert shut == [ob]
+    Outbox(client, name="after").close()  # the listener was closed: nothing more arrives
+    assert [o.name for o in made] == ["heard"] and len(shut) == 1
+
+
+def test_the_watch_snapshots_an_outbox_closed_and_dropped_before_teardown(hub, device, client):
+    watch = OutboxWatch()
+    try:
+        dark = _blackholed(hub, device)
+        ob = Outbox(client, name="gone", send_timeout=30)
+        ob.send(Message("acked?", message_id="a0"))
+        ob.send(Message("queued", message_id="a1"))
+        ob.close(timeout=10)
+        ref = _weak(ob)
+        del ob
+        # the abandoned call for a0 holds the outbox until the hub reads it again and it returns
+        dark.cancel()
+        _wait_until(lambda: gc.collect() >= 0 and ref() is None, 20, "the Outbox collected")
+        [snap] = watch.snapshots()
+        assert snap.name == "gone" and snap.closed
+        records = {r.message_id: r for r in snap.messages}
+        assert records["a1"].state == "pending" and records["a1"].device_id == device.device_id
+        assert records["a1"].submitted_at is not None and records["a1"].failures == ()
+    finally:
+        watch.stop()
+    assert not [x for x in observers._listeners if x is watch._listener]
+    assert watch.snapshots() == []
+
+
+def _weak(obj):
+    import weakref
+    return weakref.ref(obj)
+
+
+def _wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout:g} s")
+        time.sleep(0.02)  # polling a condition nothing signals
+
+
+def test_a_failing_listener_is_a_warning_and_the_outbox_still_sends(hub, device, client):
+    def broken(_outbox):
+        raise RuntimeError("collector bug")
+    with observers.listen(broken), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Outbox(client) as ob:
+            ob.send(Message("x", message_id="x"))
+            ob.flush(timeout=20)
+    assert any("collector bug" in str(w.message) for w in caught)
+    assert ob.sent_ids == ["x"]
+
+
+def test_outboxes_made_on_other_threads_during_the_test_count_too(hub, device, client):
+    watch = OutboxWatch()
+    try:
+        made = []
+        t = threading.Thread(target=lambda: made.append(Outbox(client, name="threaded")))
+        t.start()
+        t.join(10)
+        assert [s.name for s in watch.snapshots()] == ["threaded"]
+        made[0].close()
+    finally:
+        watch.stop()
+
+
+def test_an_async_outbox_is_watched_too(hub, device):
+    from sdk_support import make_client
+
+    from pytest_iotfailover import AsyncOutbox
+
+    async def scenario(watch):
+        c = make_client(hub, device, aio=True)
+        await asyncio.wait_for(c.connect(), 10)
+        try:
+            async with AsyncOutbox(c, name="aio") as ob:
+                ob.send(Message("x", message_id="x"))
+                await ob.flush(15)
+            return watch.snapshots()
+        finally:
+            await asyncio.wait_for(c.shutdown(), 10)
+    watch = OutboxWatch()
+    try:
+        [snap] = asyncio.run(asyncio.wait_for(scenario(watch), 30))
+    finally:
+        watch.stop()
+    assert snap.name == "aio" and snap.closed
+    assert [(r.message_id, r.state, r.device_id) for r in snap.messages] == [("x", "acknowledged", device.device_id)]
+
+
+def test_a_pools_pending_messages_are_placed_on_their_devices(hub):
+    from pytest_iotfailover import DevicePool
+    devices = [hub.add_device(f"pooled{i}") for i in range(2)]
+    pool = DevicePool(devices, keep_alive=5, connect_timeout=5.0, operation_timeout=10.0,
+                      server_verification_cert=hub.ca_pem)
+    watch = OutboxWatch()
+    try:
+        pool.connect(timeout=10)
+        dark = hub.faults.blackhole(300, device_id="pooled1")
+        with Outbox(pool, name="pooled", send_timeout=30) as ob:
+            ob.send(Message("a", message_id="a"), device_id="pooled0")
+            ob.send(Message("b", message_id="b"), device_id="pooled1")
+            ob.send(Message("c", message_id="c"), device_id="pooled1")
+            _wait_until(lambda: "a" in ob.sent_ids, 20, "a acknowledged")
+            [snap] = watch.snapshots()
+        dark.cancel()
+    finally:
+        watch.stop()
+        pool.close(timeout=10)
+    records = {r.message_id: (r.device_id, r.state) for r in snap.messages}
+    # an acknowledged message's device is left to the hub's ledger; the pending ones keep their lane
+    assert records == {"a": (None, "acknowledged"), "b": ("pooled1", "pending"), "c": ("pooled1", "pending")}
+
+
+class Snap:
+    def __init__(self, name, closed, *records):
+        self.name, self.closed, self.messages = name, closed, records
+
+
+def test_lanes_merge_the_outbox_view_into_the_hubs():
+    class T:  # a hub telemetry record
+        def __init__(self, device_id, message_id, at, lost=False):
+            self.device_id, self.message_id, self.enqueued_at, self.lost_in_failover = device_id, message_id, at, lost
+    rec = observers.MessageRecord
+    telemetry = [T("d1", "seen", 10.5), T("d1", "unacked", 11.5), T("d2", "never", 11.9)]
+    snaps = [Snap("ob", True, rec("seen", "d1", 10.0, "acknowledged", (10.2,)),
+                  rec("unacked", "d1", 11.0, "pending", ()),
+                  rec("never", "d1", 12.0, "pending", (12.5, 13.5)),
+                  rec("gave-up", "d1", 12.2, "dropped", ())),
+             Snap("pool", False, rec("pooled", "d9", 13.0, "pending", ()),
+                  rec("who", None, 13.1, "dropped", ()))]
+    # d2 sent an id of its own that d1's Outbox also used: the hub's copy is d2's, not d1's
+    lanes = gate.device_lanes(["d1", "d2"], [], telemetry, 9.0, [], outboxes=snaps)
+    by = {lane["device_id"]: {m["id"]: m for m in lane["messages"]} for lane in lanes}
+    d1 = by["d1"]
+    assert d1["seen"]["submitted"] == 10.0 and d1["seen"]["sent"] == [10.5] and d1["seen"]["acked"] == 10.5
+    assert d1["seen"]["failures"] == [10.2] and d1["seen"]["outbox_state"] == "acknowledged"
+    # the hub has it but the device never got the acknowledgement
+    assert d1["unacked"]["fate"] == "delivered" and d1["unacked"]["acked"] is None
+    assert d1["never"] == {"id": "never", "sent": [12.0], "acked": None, "delivered": None, "duplicates": [],
+                           "fate": "lost", "submitted": 12.0, "outbox": "ob", "outbox_state": "pending",
+                           "failures": [12.5, 13.5]}
+    assert d1["gave-up"]["fate"] == "lost"
+    assert by["d2"]["never"]["fate"] == "delivered" and "submitted" not in by["d2"]["never"]
+    assert by["d9"]["pooled"]["fate"] == "in_flight"   # its outbox is still open
+    assert by["pool (device not known)"]["who"]["fate"] == "lost"
+    test = {"nodeid": "t", "devices": lanes, "faults": [{"started_at": 11.0, "ended_at": 12.0}]}
+    counts = timeline.message_counts(test)
+    assert counts["never_acknowledged"] == 4 and counts["given_up"] == 3 and counts["still_pending"] == 1
+    assert counts["failed_attempts"] == 3 and counts["submitted"] == 6
+
+
+def test_the_timeline_draws_never_acknowledged_marks_at_submit_times():
+    from report_samples import make_report
+    report = make_report(devices=3, messages=30)
+    test = report["tests"][1]
+    msgs = test["devices"][0]["messages"]
+    msgs[0].update(submitted=msgs[0]["sent"][0] - 0.05, outbox="ob", outbox_state="pending", failures=[],
+                   fate="lost", acked=None, delivered=None)
+    msgs[1].update(submitted=msgs[1]["sent"][0], outbox="ob", outbox_state="pending", failures=[msgs[1]["sent"][0]],
+                   fate="in_flight", acked=None, delivered=None)
+    jsonschema.Draft202012Validator(SCHEMA).validate(report)
+    html = timeline.render_fragment(test)
+    assert 'class="iotf-mark iotf-never-acked iotf-never-acked-lost"' in html
+    assert 'class="iotf-mark iotf-never-acked iotf-never-acked-pending"' in html
+    assert 'data-messages="never_acknowledged"' in html
+
+
+SUITE = """
+    import pytest
+    from azure.iot.device import Message
+    from pytest_iotfailover import Outbox
+
+    FAST = dict(send_timeout=1.0, min_backoff=0.1, max_backoff=0.3)
+
+    def region_down(iothub, failover):
+        failover(outage=120, unread=0)   # ended by the plugin at teardown, long before 120 s
+        assert iothub.wait_until(lambda: any(e.kind == "disconnect" for e in iothub.events), 20)
+
+    @pytest.fixture
+    def fixture_outbox(device_client):
+        ob = Outbox(device_client, name="from-a-fixture", **FAST)
+        yield ob
+        ob.close()
+
+    def test_closed_while_pending(iothub, device_client, failover):
+        with Outbox(device_client, name="in-the-test", **FAST) as ob:
+            ob.send(Message("before", message_id="before"))
+            ob.flush(timeout=20)
+            region_down(iothub, failover)
+            for mid in ("x1", "x2", "x3"):
+                ob.send(Message(mid, message_id=mid))
+            assert iothub.wait_until(lambda: any(f[0] == "x1" for f in ob.failures), 20)
+
+    def test_ends_while_pending(iothub, fixture_outbox, failover):
+        region_down(iothub, failover)
+        fixture_outbox.send(Message("p1", message_id="p1"))
+        fixture_outbox.send(Message("p2", message_id="p2"))
+        assert iothub.wait_until(lambda: bool(fixture_outbox.failures), 20)
+
+    def test_drop_oldest_gives_up(iothub, device_client, failover):
+        region_down(iothub, failover)
+        with Outbox(device_client, name="small", capacity=2, on_overflow="drop_oldest", **FAST) as ob:
+            for mid in ("d1", "d2", "d3", "d4"):
+                ob.send(Message(mid, message_id=mid))
+            assert len(ob.dropped_ids) == 2
+"""
+
+
+def _messages(test):
+    return {m["id"]: m for d in test["devices"] for m in d["messages"]}
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_messages_a_failover_kept_from_the_hub_are_drawn_never_acknowledged(pytester, monkeypatch, workers):
+    for var in ("IOTHUB_CONNECTION_STRING", "IOTFAILOVER_SLO", "IOTFAILOVER_REPORT", "IOTFAILOVER_HTML",
+                "IOTFAILOVER_BASELINE", "IOTFAILOVER_OUTAGE", "IOTFAILOVER_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    pytester.makepyfile(SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--iothub-report", "out/report.json",
+                                           "--iothub-html", "out/timeline.html", *workers)
+    result.assert_outcomes(passed=3)
+    doc = json.loads((pytester.path / "out" / "report.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+    tests = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
+
+    closed = _messages(tests["test_closed_while_pending"])
+    before = closed["before"]
+    assert before["fate"] == "delivered" and before["outbox_state"] == "acknowledged"
+    assert before["outbox"] == "in-the-test" and before["submitted"] <= before["sent"][0]
+    assert closed["x1"]["failures"], "the failed attempts of the message the failover held up"
+    for mid in ("x2", "x3"):  # queued behind x1, never attempted: the hub cannot know them
+        m = closed[mid]
+        assert (m["fate"], m["outbox_state"], m["acked"], m["delivered"]) == ("lost", "pending", None, None)
+        assert m["sent"] == [m["submitted"]] and m["submitted"] >= before["submitted"]
+        assert timeline.never_acked(m) == "lost"
+    # no delivery assertion: the fault's loss figure is the lanes' count, not a silent 0
+    figures = tests["test_closed_while_pending"]["faults"][0]["figures"]
+    assert figures["lost"] == sum(m["fate"] == "lost" for m in closed.values()) >= 2
+
+    pending = _messages(tests["test_ends_while_pending"])
+    assert set(pending) == {"p1", "p2"}, "only this test's Outbox, none of another test's"
+    for m in pending.values():
+        assert m["outbox"] == "from-a-fixture" and m["outbox_state"] == "pending"
+        assert m["fate"] in ("in_flight", "delivered")  # p1's attempt may land once the fault ends
+    assert pending["p2"]["fate"] == "in_flight" and timeline.never_acked(pending["p2"]) == "pending"
+
+    dropped = [m for m in _messages(tests["test_drop_oldest_gives_up"]).values() if m["outbox_state"] == "dropped"]
+    assert len(dropped) == 2 and all(m["fate"] == "lost" for m in dropped)
+
+    html = (pytester.path / "out" / "timeline.html").read_text()
+    assert "iotf-never-acked-lost" in html and "iotf-never-acked-pending" in html
