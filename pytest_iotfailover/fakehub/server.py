@@ -385,9 +385,15 @@ class HubServer:
             old.cancel()
         if deadline is not None:
             # the core keeps wall-clock deadlines; the loop's clock only measures the wait
-            self._timers[key] = self.loop.call_later(max(deadline - time.time(), 0.0), self._fire, key)
+            self._timers[key] = self.loop.call_later(max(deadline - time.time(), 0.0), self._fire, key, deadline)
 
-    def _fire(self, key: Hashable) -> None:
+    def _fire(self, key: Hashable, deadline: float) -> None:
+        left = deadline - time.time()
+        if left > 0:
+            # uvloop keeps time in whole milliseconds and runs a timer up to about a millisecond
+            # early; a deadline is a promise on the wall clock (a fault starts no sooner than asked)
+            self._timers[key] = self.loop.call_later(left, self._fire, key, deadline)
+            return
         self._timers.pop(key, None)
         self.execute(self.core.timer_fired(key, time.time()))
 
