@@ -163,6 +163,21 @@ class _Steps(TierGate):
         out, self._out = self._out, []
         return result, out
 
+    def _step_packet(self, now: float, fn: Callable[[Connection, Any], None], conn: Connection,
+                     packet: Any) -> list[Action]:
+        """`_step` for the once-per-packet entry point, without the generic call's argument packing
+        and result tuple (a measurable part of a telemetry message's cost)."""
+        if self._depth:
+            return self._step(now, fn, conn, packet)[1]
+        self.now = now
+        self._depth = 1
+        try:
+            fn(conn, packet)
+        finally:
+            self._depth = 0
+        out, self._out = self._out, []
+        return out
+
     def _emit(self, action: Action) -> None:
         self._out.append(action)
 
@@ -600,18 +615,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         return self._step(now, self._open, peer)
 
     def receive(self, conn: Connection, packet: Any, now: float) -> list[Action]:
-        if self._depth:
-            return self._step(now, self._receive, conn, packet)[1]
-        # _step by hand: this runs once per packet, and the generic call's packing is a
-        # measurable part of a telemetry message's cost
-        self.now = now
-        self._depth = 1
-        try:
-            self._receive(conn, packet)
-        finally:
-            self._depth = 0
-        out, self._out = self._out, []
-        return out
+        return self._step_packet(now, self._receive, conn, packet)
 
     def violation(self, conn: Connection, message: str, now: float) -> list[Action]:
         """The driver could not decode what the peer sent."""
@@ -708,16 +712,10 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
         conn.last_rx = self.now
         try:
             kind = packet.type
-            # after CONNECT, every packet but another CONNECT leaves the state as it is: the
-            # table lookup (two enum hashes) is only needed before and for a second CONNECT
-            if kind == p.CONNECT or conn.state is not _CONNECTED:
-                conn.advance(ConnEvent.CONNECT if kind == p.CONNECT else ConnEvent.PACKET,
-                             p.PACKET_NAMES.get(kind) or str(kind))
+            if kind == p.CONNECT or conn.state is not _CONNECTED:  # connected: no change, no table lookup
+                conn.advance(ConnEvent.CONNECT if kind == p.CONNECT else ConnEvent.PACKET, p.PACKET_NAMES.get(kind, ""))
             if kind == p.PUBLISH:
-                if packet.qos != 2 and packet.topic.startswith(conn.events_prefix):
-                    self._on_telemetry(conn, packet)  # _on_publish's first branch, one call less
-                else:
-                    self._on_publish(conn, packet)
+                self._on_publish(conn, packet)
             elif kind == p.CONNECT:
                 self._on_connect(conn, packet)
             elif kind == p.PUBACK:
