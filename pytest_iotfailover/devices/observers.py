@@ -157,6 +157,8 @@ def snapshot(outbox: Any, *, unacknowledged_only: bool = False) -> OutboxSnapsho
             repeats.setdefault(mid, [first[mid]]).append(index)
         else:
             first[mid] = index
+    # every message's times in one pass, or, for the few a summary wants, one by one
+    every = None if unacknowledged_only else list(columns.each())
     records = []
     for mid, index in first.items():
         if unacknowledged_only and mid in acked:
@@ -164,9 +166,15 @@ def snapshot(outbox: Any, *, unacknowledged_only: bool = False) -> OutboxSnapsho
         state = "acknowledged" if mid in acked else "pending" if mid in lane_of else (
             "dropped" if mid in dropped else "pending")
         device = single if not core._is_pool else lane_of.get(mid)
-        t = merged([columns.of(i) for i in repeats[mid]]) if mid in repeats else columns.of(index)
-        rec = MessageRecord(mid, device, submitted.get(mid), state, tuple(failures.get(mid, ())),
-                            t.attempts, t.attempt_count, t.acked_at)
+        if mid in repeats:
+            t = merged([columns.of(i) for i in repeats[mid]])
+            times = (t.attempts, t.attempt_count, t.acked_at)
+        elif every is not None:
+            times = every[index]
+        else:
+            t = columns.of(index)
+            times = (t.attempts, t.attempt_count, t.acked_at)
+        rec = MessageRecord(mid, device, submitted.get(mid), state, tuple(failures.get(mid, ())), *times)
         if not unacknowledged_only or rec.never_acknowledged(is_closed) is not None:
             records.append(rec)
     return OutboxSnapshot(str(core.name), is_closed, tuple(records))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 from array import array
+from collections.abc import Iterator
 from math import isnan
 
 __all__ = ["ATTEMPTS_KEPT", "SendTimes", "TimesOf", "merged"]
@@ -89,6 +90,18 @@ class SendTimes:
         other._first, other._acked = self._first[:], self._acked[:]
         other._retries = {i: r.copy() for i, r in self._retries.items()}
         return other
+
+    def each(self) -> Iterator[tuple[tuple[float, ...], int, float | None]]:
+        """(attempts, attempt_count, acked_at) of every message, by index: `of` for all, in one pass
+        without an object per message (a report's snapshot reads every message)."""
+        retries = self._retries
+        for index, (first, acked) in enumerate(zip(self._first, self._acked, strict=True)):
+            ack = None if isnan(acked) else acked
+            if isnan(first):
+                yield (), 0, ack
+                continue
+            r = retries.get(index)
+            yield ((first,), 1, ack) if r is None else ((first, *r.latest), 1 + r.count, ack)
 
     def of(self, index: int) -> TimesOf:
         first, acked = self._first[index], self._acked[index]
