@@ -68,3 +68,15 @@ def test_the_report_schema_allows_as_many_attempts_as_are_kept():
     from importlib import resources
     schema = json.loads(resources.files("pytest_iotfailover.plugin").joinpath("report_schema.json").read_text())
     assert schema["$defs"]["message"]["properties"]["attempts"]["maxItems"] == ATTEMPTS_KEPT
+
+
+def test_each_reads_what_of_reads():
+    times = SendTimes()
+    for _ in range(4):
+        times.add()
+    times.attempt(1, 1.0)
+    for k in range(15):
+        times.attempt(2, 2.0 + k)
+    times.acked(2, 30.0)
+    times.acked(3, 31.0)  # an acknowledgement without a recorded start cannot happen, but reads safely
+    assert list(times.each()) == [(t.attempts, t.attempt_count, t.acked_at) for t in map(times.of, range(4))]
