@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import reporting
+from .keys import PROPERTY
 
 
 class Summary:
@@ -24,11 +24,12 @@ class Summary:
             if report.outcome == "failed" and self.outcomes.get(report.nodeid) == "passed":
                 self.outcomes[report.nodeid] = "error"  # its teardown failed: a broken SLO, a regression
             for name, value in report.user_properties:
-                if name == reporting.PROPERTY and json.loads(value).get("faults"):
+                if name == PROPERTY and json.loads(value).get("faults"):
                     self.rows.append((report.nodeid, self.outcomes.get(report.nodeid, "?"), json.loads(value)))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.rows:
+            from . import reporting  # only a run whose tests left figures needs the formatting
             terminalreporter.write_sep("=", "iothub failover")
             for line in reporting.summary_lines(self.rows):
                 terminalreporter.write_line(line)
