@@ -503,10 +503,32 @@ class Generator:
 
 # =============================================================================== one measurement
 
-def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None) -> bh.ServerProcess:
+class BaselineHubProcess(bh.HubProcess):
+    """The hub of another source tree (`--baseline DIR`), so that a change's before and after are
+    measured interleaved in one run, under the same load on the machine."""
+    name = "base"
+
+    def __init__(self, tree: str, devices: int, loop: str, timeout: float = 60.0):
+        script = os.path.join(tree, "bench", "bench_hub.py")
+        # bench_hub.py puts its own tree first on sys.path, so the child imports that tree's hub
+        cmd = [sys.executable, script, "--hub-child", "--devices", str(devices), "--loop", loop]
+        self.proc = bh.spawn_child(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        info = self._read(timeout)
+        self.host, self.port = info["host"], info["port"]
+        self.hostname, self.ca_pem = info["hostname"], info["ca_pem"]
+        self.devices = info["devices"]
+        self.loop = info.get("loop", "asyncio")
+        self._tokens = {}
+
+
+def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None,
+                 baseline: str | None = None) -> bh.ServerProcess:
     name, _, loop = kind.partition("/")
     if name == "hub":
         return bh.HubProcess(devices, loop=loop)
+    if name == "base":
+        assert baseline is not None  # main() refuses base/* without --baseline
+        return BaselineHubProcess(baseline, devices, loop)
     if name == "floor":
         return FloorProcess(loop)
     return bh.MosquittoProcess(mosquitto, workdir)
@@ -514,7 +536,7 @@ def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None) -
 
 def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
     conns, gens = scenario["conns"], scenario["generators"]
-    server = spawn_server(kind, conns, workdir, args.mosquitto_path)
+    server = spawn_server(kind, conns, workdir, args.mosquitto_path, args.baseline)
     generators: list[Generator] = []
     try:
         payload = (b'{"seq":0,"temperature":21.5,"humidity":40,"pad":"' + b"x" * args.payload)[:args.payload]
@@ -678,6 +700,14 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
             if any(m is not None and m["dropped"] is None for m in (hub, mosq, floor)):
                 verdict += " (a server never got the offered load: run again on a quieter machine)"
             print(f"  {scenario_label(s):<34} {lp:<8} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
+    base_loops = [lp for lp in loops if f"base/{lp}" in have]
+    if base_loops:
+        print("\nthis tree's hub against --baseline's (below 1: this one is cheaper)")
+        for si, s in enumerate(scenarios):
+            for lp in base_loops:
+                hub = summarise(results[(si, f"hub/{lp}")]) if results.get((si, f"hub/{lp}")) else None
+                base = summarise(results[(si, f"base/{lp}")]) if results.get((si, f"base/{lp}")) else None
+                print(f"  {scenario_label(s):<34} {lp:<8} hub/base {fx(ratio(hub, base)):>7}")
 
 
 def parse_args(argv=None):
@@ -703,6 +733,9 @@ def parse_args(argv=None):
     ap.add_argument("--payload", type=int, default=64, help="message body size in bytes")
     ap.add_argument("--repeat", type=int, default=1, help="runs of every figure, interleaved; medians reported")
     ap.add_argument("--mosquitto", default="mosquitto", help="mosquitto binary")
+    ap.add_argument("--baseline", metavar="DIR", default=None,
+                    help="another source tree (e.g. `git worktree add DIR main`): adds servers base/asyncio "
+                         "and base/uvloop, its hub, interleaved with this one's")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 s runs, 200 msg/s, 10 connections")
     ap.add_argument("--timeout", type=float, default=1800.0, help="limit for the whole run, seconds")
     ap.add_argument("--floor-child", action="store_true", help=argparse.SUPPRESS)
@@ -747,10 +780,15 @@ def main(argv=None) -> int:
     args.mosquitto_path = binary
     available = ["hub/asyncio", "floor/asyncio"] + (["hub/uvloop", "floor/uvloop"] if have_uvloop() else []) \
         + (["mosquitto"] if binary else [])
+    if args.baseline:
+        if not os.path.isfile(os.path.join(args.baseline, "bench", "bench_hub.py")):
+            print(f"bench_fair: --baseline {args.baseline}: no bench/bench_hub.py there", file=sys.stderr)
+            return 2
+        available += ["base/asyncio"] + (["base/uvloop"] if have_uvloop() else [])
     if args.servers:
         kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in ("hub/asyncio", "hub/uvloop", "floor/asyncio", "floor/uvloop",
-                                                 "mosquitto")]
+                                                 "mosquitto", "base/asyncio", "base/uvloop")]
         if unknown:
             print(f"bench_fair: unknown --servers {', '.join(unknown)}", file=sys.stderr)
             return 2
@@ -760,7 +798,8 @@ def main(argv=None) -> int:
                   "mosquitto: apt-get install -y mosquitto)", file=sys.stderr)
             return 2
     else:
-        order = ["hub/asyncio", "hub/uvloop", "floor/asyncio", "floor/uvloop", "mosquitto"]
+        order = ["hub/asyncio", "hub/uvloop", "base/asyncio", "base/uvloop", "floor/asyncio", "floor/uvloop",
+                 "mosquitto"]
         kinds = [k for k in order if k in available]
 
     scenarios: list[dict] = []

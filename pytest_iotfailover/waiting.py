@@ -22,7 +22,10 @@ class Pulse:
     """A change counter that waiters can sleep on; one per hub, shared by its ledger and event log."""
 
     def __init__(self) -> None:
-        self.lock = threading.Condition(threading.Lock())
+        # Writers on the hub thread take `mutex` itself: a Condition's __enter__/__exit__ are
+        # Python calls, paid on every message. It is the very lock the Condition waits on.
+        self.mutex = threading.Lock()
+        self.lock = threading.Condition(self.mutex)
         self.generation = 0
         self._waiters = 0
 
@@ -77,10 +80,14 @@ class WaitingLedger(Ledger):
     def record_message(self, device_id: str, message_id: str | None, body: bytes,
                        properties: dict, system_properties: dict, enqueued_at: float,
                        dup: bool = False, qos: int = 1) -> bool:
-        with self.pulse.lock:
-            duplicate = super().record_message(device_id, message_id, body, properties,
-                                               system_properties, enqueued_at, dup, qos)
-            self.pulse.beat_locked()
+        pulse = self.pulse
+        with pulse.mutex:
+            duplicate = Ledger.record_message(self, device_id, message_id, body, properties,
+                                              system_properties, enqueued_at, dup, qos)
+            # beat_locked, inlined: this runs once per telemetry message
+            pulse.generation += 1
+            if pulse._waiters:
+                pulse.lock.notify_all()
         return duplicate
 
     def mark_lost_in_failover(self, since: float, until: float,

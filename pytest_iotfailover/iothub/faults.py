@@ -54,7 +54,7 @@ class D2CAction:
         self.reason = reason
 
 
-_PROCEED = D2CAction()
+PROCEED = D2CAction()  # shared: nobody changes a verdict
 
 
 class Fault:
@@ -292,7 +292,7 @@ class FaultEngine:
             injected = self._service_fault_injection(conn, pkt, props)
             if injected is not None:
                 return injected
-        action = _PROCEED
+        action = PROCEED
         for fault in self.active:
             if not fault.targets(conn.device_id):
                 continue
@@ -331,6 +331,8 @@ class FaultEngine:
         return delay
 
     def on_accepted(self, conn: Any) -> None:
+        if not self.waiting_for_messages:
+            return  # nothing counts messages (the core skips the call then; other callers may not)
         for fault in list(self.waiting_for_messages):
             if fault.targets(conn.device_id) and fault.countdown is not None:
                 fault.countdown -= 1

@@ -2,7 +2,6 @@
 
 Section numbers refer to the project's notes on the real hub (iothub-mqtt.md).
 """
-import functools
 from urllib.parse import quote, unquote
 
 from ..errors import ProtocolViolation
@@ -46,14 +45,22 @@ def allowed_filters(device_id: str) -> tuple[str, ...]:
     return (c2d_filter(device_id), TWIN_RES_FILTER, TWIN_DESIRED_FILTER, METHODS_FILTER)
 
 
-@functools.lru_cache(maxsize=1024)
-def _unquote_short_key(k: str) -> str:
-    return unquote(k)
+# raw property key as sent -> (system property?, name): the same few keys recur in every message,
+# so one dict lookup replaces unquoting and classifying them; bounded, and a peer's long one-off
+# keys never enter it
+_KEYS: dict[str, tuple[bool, str]] = {}
+_KEYS_MAX = 1024
+_KEY_CACHED_LEN = 64
 
 
-def _unquote_key(k: str) -> str:
-    # the same few keys recur in every message; a peer's long one-off keys must not sit in a cache
-    return _unquote_short_key(k) if len(k) <= 64 else unquote(k)
+def _classify_key(raw: str) -> tuple[bool, str]:
+    k = unquote(raw) if "%" in raw else raw
+    got = (True, SYSTEM_PROPERTY_NAMES.get(k, k)) if k.startswith("$.") else (False, k)
+    if len(raw) <= _KEY_CACHED_LEN:
+        if len(_KEYS) >= _KEYS_MAX:
+            _KEYS.clear()
+        _KEYS[raw] = got
+    return got
 
 
 def parse_query(query: str) -> dict[str, str | None]:
@@ -85,18 +92,18 @@ def parse_d2c_topic(prefix: str, topic: str) -> tuple[dict[str, str], dict[str, 
     if bag:
         if "/" in bag:
             raise ProtocolViolation("property bag contains an unencoded '/'")
+        keys = _KEYS
         for item in bag.split("&"):
             if not item:
                 continue
             k, _, v = item.partition("=")
-            if "%" in k:
-                k = _unquote_key(k)
             if "%" in v:
                 v = unquote(v)
-            if k.startswith("$."):
-                sysprops[SYSTEM_PROPERTY_NAMES.get(k, k)] = v
+            system, name = keys.get(k) or _classify_key(k)
+            if system:
+                sysprops[name] = v
             else:
-                props[k] = v
+                props[name] = v
     return props, sysprops
 
 

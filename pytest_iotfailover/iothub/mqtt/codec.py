@@ -332,8 +332,12 @@ class Decoder:
     def feed(self, data) -> list[object]:
         if self._error is not None:
             raise self._error
-        buf = self._buf
-        buf += data
+        buf: bytes | bytearray = self._buf
+        if buf or not isinstance(data, bytes):
+            buf += data
+        else:
+            # nothing held back: decode straight from the caller's bytes, keep only a partial tail
+            buf = data
         out = []
         pos = 0
         n = len(buf)
@@ -370,12 +374,15 @@ class Decoder:
                 pos = end
         except ProtocolError as exc:
             self._error = exc
-            del buf[:]
+            del self._buf[:]
             if out:
                 # the packets before the garbage are real: hand them over, raise on the next feed
                 return out
             raise
-        if pos:
+        if buf is not self._buf:
+            if pos < n:
+                self._buf += buf[pos:]
+        elif pos:
             del buf[:pos]
         return out
 
