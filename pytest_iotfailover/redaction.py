@@ -33,17 +33,26 @@ _WINDOW = 6
 _STRIDE = MIN_PARTIAL - _WINDOW + 1  # so that every MIN_PARTIAL-long piece holds an indexed window
 
 # (trigger, pattern): each pattern runs only on text holding its trigger, so a report without any
-# marker costs a few substring searches
-_MARKED = [(trigger, re.compile(pattern)) for trigger, pattern in (
+# marker costs a few substring searches. Patterns are compiled on first use (_re): pytest imports
+# this module for every run, most of which never show a secret.
+_MARKED = [(trigger, pattern) for trigger, pattern in (
     ("Key=", r"((?<![A-Za-z])[A-Za-z]*Key=)[^;\s'\"]+"),                  # SharedAccessKey=, AccessKey=
     ("sig=", r"(sig=)[^&;\s'\"]+"),                                       # SAS signature
     ("Bearer", r"(\bBearer\s+)[^\s'\",;]+"),                               # Authorization: Bearer <token>
     ("control_token", r"(control_token[\"']?\s*[:=]\s*[\"']?)[^\s'\",;}]+"),  # the hub's info file
     ("&se=", r"()(?<![A-Za-z0-9+/%_-])[A-Za-z0-9+/%_-]+(?=&se=\d)"),       # a signature cut before &se=
 )]
-_RUN = re.compile(rf"[A-Za-z0-9+/_%-]{{{MIN_PARTIAL},}}={{0,2}}")
-_SECRET_RUN = re.compile(rf"[A-Za-z0-9+/_-]{{{MIN_PARTIAL},}}")
-_SIG_VALUE = re.compile(r"sig=([^&;\s'\"]+)")
+_RUN = rf"[A-Za-z0-9+/_%-]{{{MIN_PARTIAL},}}={{0,2}}"
+_SECRET_RUN = rf"[A-Za-z0-9+/_-]{{{MIN_PARTIAL},}}"
+_SIG_VALUE = r"sig=([^&;\s'\"]+)"
+_compiled: dict[str, "re.Pattern[str]"] = {}
+
+
+def _re(pattern: str) -> "re.Pattern[str]":
+    compiled = _compiled.get(pattern)
+    if compiled is None:  # two threads may both compile it once: same result
+        compiled = _compiled[pattern] = re.compile(pattern)
+    return compiled
 
 _lock = threading.Lock()
 # window -> the secret it was cut from, or a tuple of them when secrets share it (rare: 64**6 values)
@@ -60,14 +69,14 @@ def _parts(value) -> list[str]:
         value = value.decode("ascii", "replace")
     if not isinstance(value, str):
         return []
-    pieces = _SIG_VALUE.findall(value) if "sig=" in value else [value]
+    pieces = _re(_SIG_VALUE).findall(value) if "sig=" in value else [value]
     out = []
     for piece in pieces:
         for _ in range(2):  # some SDKs encode twice
             if "%" not in piece:
                 break
             piece = unquote(piece)
-        out.extend(_SECRET_RUN.findall(piece))
+        out.extend(_re(_SECRET_RUN).findall(piece))
     return out
 
 
@@ -189,10 +198,10 @@ def redact(text: str) -> str:
         return text
     for trigger, pattern in _MARKED:
         if trigger in text:
-            text = pattern.sub(_MARKED_REPLACEMENT, text)
+            text = _re(pattern).sub(_MARKED_REPLACEMENT, text)
     index = _index  # read without the lock: dict lookups are atomic, mutations replace entries whole
     if index:
-        text = _RUN.sub(_make_run_sub(index), text)
+        text = _re(_RUN).sub(_make_run_sub(index), text)
     return text
 
 

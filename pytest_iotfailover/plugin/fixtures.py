@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from ..redaction import redact
-from .keys import VIEW, WATCHDOG, settings_of
-from .reporting import record_of
+from .keys import VIEW, WATCHDOG, record_of, settings_of
 
 
 @pytest.fixture(scope="session")
@@ -57,11 +56,14 @@ def _iothub_backend(pytestconfig: pytest.Config) -> Iterator[Any]:
 def iothub(request: pytest.FixtureRequest, _iothub_backend: Any) -> Iterator[Any]:
     """The session's hub, narrowed to this test's devices (removed afterwards)."""
     from ..testing.view import HubView
+    from .reporting import begin
     s = settings_of(request.config)
+    # request.getfixturevalue("iothub") is not in the test's fixture names: no record yet
+    record = record_of(request.node) or begin(request.node)
     # the view carries the test's record, so the assertions report through it (no module global)
     view = HubView(_iothub_backend, request.node.name,
                    {"keep_alive": s.keep_alive, "connection_retry_interval": s.retry_interval},
-                   recorder=record_of(request.node))
+                   recorder=record)
     request.node.stash[VIEW] = view
     yield view
     view.end_faults()

@@ -20,6 +20,7 @@ import pytest
 
 from ..testing import baseline as baseline_mod
 from ..testing import slo as slo_mod
+from .gating import needed, wanted  # noqa: F401  (re-exported; the hooks decide without importing this module)
 
 ENTRY = "iothub_report_entry"
 SCHEMA_VERSION = 1
@@ -333,15 +334,6 @@ def write_text(path: str, text: str) -> None:
 
 
 # --- wiring: one per pytest run ---------------------------------------------------------------
-
-def wanted(settings: Any) -> bool:
-    return bool(settings.slo or settings.report or settings.html or settings.baseline)
-
-
-def needed(item: pytest.Item, settings: Any) -> bool:
-    """The test gets an entry: the run gates or reports, or its own marker sets objectives."""
-    marker = item.get_closest_marker("failover")
-    return wanted(settings) or (marker is not None and marker.kwargs.get("slo") is not None)
 
 
 def load_baseline(settings: Any) -> dict[str, Any] | None:

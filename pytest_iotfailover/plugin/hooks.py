@@ -2,7 +2,10 @@
 deliveries, and the scrubbing of secrets from whatever pytest reports.
 
 Nothing here imports the hub, the SDK or the certificate tools: pytest loads this module for every
-run where the plugin is installed, and most runs never open a hub (the fixtures import them).
+run where the plugin is installed, and most runs never open a hub (the fixtures import them). The
+per-test record (reporting), the watchdog and the CI gate (gate, and through it the SLO, baseline
+and timeline modules) are imported on first use too: with the first test that uses the hub, or with
+a gate option or a marker's `slo=` (plugin/gating.py decides without importing the gate).
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ import pytest
 
 from ..errors import FaultNotSupported, SettingsError
 from ..redaction import redact, release_retired
-from . import gate, reporting
-from .keys import BASELINE, LIMIT, SETTINGS, VIEW, WATCHDOG, settings_of
+from .gating import needed, wanted
+from .keys import BASELINE, LIMIT, RECORD, SETTINGS, VIEW, WATCHDOG, settings_of
 from .markers import check_marker, marker_timeout, register
 from .options import OPTIONS, resolve
 from .redact import (
@@ -24,7 +27,10 @@ from .redact import (
     scrub_warning,
 )
 from .summary import Summary
-from .watchdog import Watchdog, _exit_process
+
+# the watchdog is made when the first test that uses the hub starts; this key says whether it may
+# be (not under --pdb or --trace, where a test stopped at a prompt is not stuck)
+_WATCHDOG_ALLOWED: pytest.StashKey[bool] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -50,11 +56,20 @@ def pytest_configure(config: pytest.Config) -> None:
     # the SDK builds its TLS contexts the deprecated way on every connect; that is not the user's to fix
     config.addinivalue_line("filterwarnings", "ignore:ssl.PROTOCOL_TLSv1_2 is deprecated:DeprecationWarning")
     config.pluginmanager.register(Summary(), f"iotfailover-summary-{id(config)}")
-    if gate.wanted(settings):
+    if wanted(settings):
+        from . import gate
         config.stash[BASELINE] = gate.load_baseline(settings)
         config.pluginmanager.register(gate.Gate(config, settings), f"iotfailover-gate-{id(config)}")
-    if not (config.getoption("usepdb", False) or config.getoption("trace", False)):
-        config.stash[WATCHDOG] = Watchdog(last_resort=_last_resort(config))
+    config.stash[_WATCHDOG_ALLOWED] = not (config.getoption("usepdb", False) or config.getoption("trace", False))
+
+
+def _watchdog(config: pytest.Config) -> Any:
+    """The run's watchdog, made on first use; None under --pdb or --trace."""
+    watchdog = config.stash.get(WATCHDOG, None)
+    if watchdog is None and config.stash.get(_WATCHDOG_ALLOWED, False):
+        from .watchdog import Watchdog
+        watchdog = config.stash[WATCHDOG] = Watchdog(last_resort=_last_resort(config))
+    return watchdog
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -70,6 +85,7 @@ def _last_resort(config: pytest.Config) -> Any:
             if capman is not None:
                 capman.suspend_global_capture(in_=True)  # else the message goes to a capture file
         finally:
+            from .watchdog import _exit_process
             _exit_process(redact(message))  # source lines in the stacks may hold a connection string
     return finish
 
@@ -155,8 +171,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     # need no hiding any more, once what outlives the test is redacted
     scrub_suite_properties(item.config)
     release_retired()
-    watchdog = item.config.stash.get(WATCHDOG, None)
     limit = item.stash.get(LIMIT, None)
+    watchdog = _watchdog(item.config) if limit is not None else None
     if watchdog is None or limit is None:
         yield
         return
@@ -182,7 +198,11 @@ def pytest_runtest_call(item: pytest.Item) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    reporting.begin(item)
+    # a test that never touches the hub gets a record only when the gate wants its entry; the iothub
+    # fixture makes one for a test that asks for the hub at run time
+    if _uses_hub(item) or needed(item, settings_of(item.config)):
+        from . import reporting
+        reporting.begin(item)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -192,7 +212,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if watchdog is not None:
         watchdog.phase("teardown")
     view = item.stash.get(VIEW, None)
-    record = reporting.record_of(item)
+    record = item.stash.get(RECORD, None)
     if view is not None:
         # before any fixture's finalizer: a client shut down into a still-silent hub would block,
         # and the next test must start on a healthy hub whichever API started the fault
@@ -202,7 +222,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
             record.handles.extend(h for h in ended if id(getattr(h, "_fault", h)) not in known)
     settings = settings_of(item.config)
     lanes: list[Any] = []
-    if view is not None and record is not None and gate.needed(item, settings):
+    if view is not None and record is not None and needed(item, settings):
+        from . import gate
         # before the fixtures' finalizers remove the test's devices from the view
         try:  # the embedded hub also tells what a failover lost; a real hub's view cannot
             telemetry = view.telemetry(include_lost=True)
@@ -220,6 +241,9 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def _finish_record(item: pytest.Item, lanes: list[Any], settings: Any, fail: bool) -> None:
+    if RECORD not in item.stash:
+        return  # the test never had one: no hub, no gate
+    from . import reporting
     record = reporting.end(item)
     if record is None:
         return
@@ -227,7 +251,8 @@ def _finish_record(item: pytest.Item, lanes: list[Any], settings: Any, fail: boo
         from ..testing.failover import Failover
         record.faults = Failover.reports_of(record.handles)
     item.user_properties.extend(record.user_properties())
-    if gate.needed(item, settings):
+    if needed(item, settings):
+        from . import gate
         gate.at_teardown(item, record, lanes, settings, item.config.stash.get(BASELINE, None), fail=fail)
 
 
@@ -253,7 +278,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Any:
     _fault_not_supported_as_skip(call)  # before the report is made, so pdb and plugins see a skip too
     outcome = yield
     report = outcome.get_result()
-    if call.when == "teardown":
+    if call.when == "teardown" and needed(item, settings_of(item.config)):
+        from . import gate  # only a test with an entry has a timeline fragment
         gate.html_extra(item, report)
     scrub_report(report)
 

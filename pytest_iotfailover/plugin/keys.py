@@ -21,7 +21,15 @@ VIEW: pytest.StashKey[HubView] = pytest.StashKey()
 RECORD: pytest.StashKey[TestRecord] = pytest.StashKey()
 # the --iothub-baseline report, read once (None without one)
 BASELINE: pytest.StashKey[Any] = pytest.StashKey()
+# the user property carrying a test's figures to the terminal summary (and junit XML, pytest-xdist)
+PROPERTY = "iothub_failover"
 
 
 def settings_of(config: Any) -> Settings:
     return config.stash[SETTINGS]
+
+
+def record_of(node: Any) -> TestRecord | None:
+    """The record of the test `node` is (None for a node that is not a running test)."""
+    stash = getattr(node, "stash", None)
+    return stash.get(RECORD, None) if stash is not None else None

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks import is_number
-
 MARKER_KEYWORDS = ("outage", "timeout", "slo")
 
 
@@ -32,6 +30,7 @@ def check_marker(marker: Any) -> str | None:
     unknown = [k for k in marker.kwargs if k not in MARKER_KEYWORDS]
     if unknown:
         return f"{written}: unknown keyword {unknown[0]!r}; the failover marker takes {usage}"
+    from ..checks import is_number  # the collection of a marked test, not the plugin's load
     outage = marker.kwargs.get("outage")
     if outage is not None and not (is_number(outage) and outage >= 0):
         return f"{written}: outage must be a non-negative number of seconds, got {outage!r}"

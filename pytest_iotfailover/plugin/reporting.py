@@ -13,16 +13,26 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..testing.assertions import DeliveryFigures
-from .keys import RECORD
+from .keys import PROPERTY, RECORD, record_of
+
+if TYPE_CHECKING:
+    from ..testing.assertions import DeliveryFigures
 
 __all__ = ["PROPERTY", "DeliveryFigures", "TestRecord", "begin", "end", "record_of", "summary_lines"]
 
-PROPERTY = "iothub_failover"
+
+
+def __getattr__(name: str) -> Any:
+    # DeliveryFigures is re-exported, imported on first use: this module loads with the first test
+    # that uses the hub, which need not assert on deliveries
+    if name == "DeliveryFigures":
+        from ..testing.assertions import DeliveryFigures
+        return DeliveryFigures
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class OutboxWatch:
@@ -169,19 +179,13 @@ def _downtimes(r: Any) -> dict[str, float | None]:
 
 
 def begin(item: pytest.Item) -> TestRecord:
-    from . import gate
+    from .gating import needed
     from .keys import settings_of
     record = item.stash[RECORD] = TestRecord(item.nodeid)
     # from setup on: the Outboxes the test's fixtures make belong to it too; the whole of each only
     # when its lanes are drawn, the summary needs just the messages never acknowledged
-    record.outboxes = OutboxWatch(whole=gate.needed(item, settings_of(item.config)))
+    record.outboxes = OutboxWatch(whole=needed(item, settings_of(item.config)))
     return record
-
-
-def record_of(node: Any) -> TestRecord | None:
-    """The record of the test `node` is (None for a node that is not a running test)."""
-    stash = getattr(node, "stash", None)
-    return stash.get(RECORD, None) if stash is not None else None
 
 
 def end(item: pytest.Item) -> TestRecord | None:

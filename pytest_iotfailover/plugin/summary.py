@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from . import reporting
+from .keys import PROPERTY, record_of
 
 
 class Summary:
@@ -21,7 +21,7 @@ class Summary:
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
         # the Outboxes as the test left them, before the fixtures' finalizers close theirs: a message
         # still being retried then is "pending", not "given up" by the fixture's close()
-        record = reporting.record_of(item)
+        record = record_of(item)
         if record is not None and record.outboxes_wanted():
             record.outbox_snapshots()
 
@@ -34,11 +34,12 @@ class Summary:
             if report.outcome == "failed" and self.outcomes.get(report.nodeid) == "passed":
                 self.outcomes[report.nodeid] = "error"  # its teardown failed: a broken SLO, a regression
             for name, value in report.user_properties:
-                if name == reporting.PROPERTY and json.loads(value).get("faults"):
+                if name == PROPERTY and json.loads(value).get("faults"):
                     self.rows.append((report.nodeid, self.outcomes.get(report.nodeid, "?"), json.loads(value)))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.rows:
+            from . import reporting  # only a run whose tests left figures needs the formatting
             terminalreporter.write_sep("=", "iothub failover")
             for line in reporting.summary_lines(self.rows):
                 terminalreporter.write_line(line)

@@ -42,13 +42,13 @@ class BaselineError(ValueError):
     """A bad --iothub-max-regression value or an unreadable report; names the option or file."""
 
 
-_PERCENT = re.compile(r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*%\s*")
+_PERCENT = r"\s*(?P<number>\d+(?:\.\d*)?|\.\d+)\s*%\s*"  # compiled (and cached) by re on first use
 
 
 def parse_regression(text: str, source: str = "--iothub-max-regression") -> float:
     """``"20%"`` -> 0.2: how much worse than its baseline a figure may get. Only a percentage is
     accepted, so 0.2 and 20 cannot be confused."""
-    m = _PERCENT.fullmatch(text) if isinstance(text, str) else None
+    m = re.fullmatch(_PERCENT, text) if isinstance(text, str) else None
     if m is None:
         raise BaselineError(f"{source}: bad value {text!r}: give a percentage of 0 or more, e.g. 20%")
     return float(m["number"]) / 100

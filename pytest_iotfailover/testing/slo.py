@@ -20,7 +20,6 @@ broken or unmeasured verdicts into test failures.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -73,9 +72,9 @@ OPERATORS = tuple(_COMPARE)
 _BROKEN = {"<=": ">", "<": ">=", "==": "!=", ">=": "<", ">": "<="}
 
 # longest operators first so "<=" is not read as "<" followed by "=..."
-_TERM = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_%]*)\s*(?P<op><=|>=|==|!=|=<|=>|<|>|=)?\s*(?P<value>.*)",
-                   re.DOTALL)
-_VALUE = re.compile(r"(?P<sign>[-+]?)(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z%]*)")
+# compiled on first use (and cached by re): importing the module, as every run of the plugin may, need not pay
+_TERM = r"(?P<name>[A-Za-z_][A-Za-z0-9_%]*)\s*(?P<op><=|>=|==|!=|=<|=>|<|>|=)?\s*(?P<value>.*)"
+_VALUE = r"(?P<sign>[-+]?)(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>[A-Za-z%]*)"
 
 
 class SloSyntaxError(ValueError):
@@ -165,7 +164,7 @@ def parse_objectives(text: str, source: str = "--iothub-slo") -> Objectives:
 
 
 def _parse_term(term: str, source: str) -> Objective:
-    m = _TERM.fullmatch(term)
+    m = re.fullmatch(_TERM, term, re.DOTALL)
     if m is None:
         raise SloSyntaxError(source, term, "a term is <figure><op><value>, e.g. recover<=30s")
     name, op, value = m["name"], m["op"], m["value"].strip()
@@ -173,6 +172,7 @@ def _parse_term(term: str, source: str) -> Objective:
         raise SloSyntaxError(source, term, f"put the % on the value: {name.rstrip('%')}<=1%")
     fig = FIGURES.get(name)
     if fig is None:
+        import difflib  # a misspelt figure only
         close = difflib.get_close_matches(name.lower(), FIGURES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise SloSyntaxError(source, term, f"unknown figure {name!r}{hint}")
@@ -182,7 +182,7 @@ def _parse_term(term: str, source: str) -> Objective:
         meant = {"=": "==", "=<": "<=", "=>": ">="}.get(op)
         raise SloSyntaxError(source, term, f"{op!r} is not a comparison"
                              + (f" (did you mean {meant!r}?)" if meant else ""))
-    v = _VALUE.fullmatch(value)
+    v = re.fullmatch(_VALUE, value)
     if v is None:
         if not value:
             raise SloSyntaxError(source, term, f"no value after {op!r}")
