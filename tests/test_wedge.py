@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import pytest
@@ -54,6 +55,11 @@ class HostileProxy:
       PUBLISH, then reset the connection: the client is left with an unacknowledged publish;
     * "connack_reset": answer CONNECT with CONNACK (session present) and reset at once: the client
       is writing its re-sent publishes when the reset hits it.
+
+    The death is a race: when the reset reaches the client before paho has read the CONNACK, paho
+    sees a plain ECONNRESET, reconnects as usual and its thread lives. `connack_reset_until(dead)`
+    answers every further connection with "connack_reset" until `dead()` holds, so a test waits
+    for the death rather than hoping for it on the first try.
     """
 
     def __init__(self, hub: FakeHub):
@@ -65,6 +71,7 @@ class HostileProxy:
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         cert.configure_cert(self._ctx)
         self.plan: collections.deque[str] = collections.deque()
+        self._until: Callable[[], bool] | None = None
         self.steps: list[str] = []          # the step each connection took, in order
         self._cond = threading.Condition()
         self._live: list[socket.socket] = []
@@ -76,6 +83,20 @@ class HostileProxy:
                                               f"GatewayHostName={self.address}")
         assert cs != device.connection_string
         return ProxiedDevice(device.device_id, cs)
+
+    def connack_reset_until(self, dead: Callable[[], bool]) -> None:
+        """Once `plan` is used up, reset after CONNACK until `dead()`, then forward for good."""
+        with self._cond:
+            self._until = dead
+
+    def _next_step(self) -> str:
+        if self.plan:
+            return self.plan.popleft()
+        if self._until is not None:
+            if not self._until():
+                return "connack_reset"
+            self._until = None
+        return "forward"
 
     def wait_steps(self, count: int, timeout: float = _IO_TIMEOUT) -> list[str]:
         with self._cond:
@@ -106,7 +127,7 @@ class HostileProxy:
                 if self._stopped:
                     raw.close()
                     return
-                step = self.plan.popleft() if self.plan else "forward"
+                step = self._next_step()
             threading.Thread(target=self._serve, args=(raw, step), daemon=True,
                              name=f"hostile-proxy:{step}").start()
 
@@ -237,13 +258,18 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
     client = _client(hub, dev)
     try:
         assert wedge.watch(client, dev.device_id), "the SDK's paho client was not found"
-        proxy.plan.extend(["swallow", "connack_reset"])
+        died = threading.Event()
+        proxy.plan.append("swallow")
+        proxy.connack_reset_until(died.is_set)
         bounded(client.connect)
         # the SDK may fail this call (NoConnectionError) while its retry races the reset; paho
         # keeps the publish regardless and re-sends it from its CONNACK handler, which is the point
         _send_in_background(client, Message("held", message_id="held-1"))
-        assert proxy.wait_steps(2) == ["swallow", "connack_reset"]
+        assert proxy.wait_steps(2)[:2] == ["swallow", "connack_reset"]
         _wait(lambda: wedge.diagnose(client) is not None, _IO_TIMEOUT, "the network thread to die")
+        died.set()
+        at_death = len(proxy.steps)
+        assert set(proxy.steps[1:]) == {"connack_reset"}
         found = wedge.diagnose(client)
         assert client.connected, "the SDK should still claim to be connected: that is the hazard"
         assert found.error == "SSLEOFError", found
@@ -261,7 +287,7 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
         assert done.wait(_IO_TIMEOUT)
         hub.wait_for_telemetry(2, device_id=dev.device_id, timeout=_IO_TIMEOUT)
         assert {"held-1", "stuck-1"} <= _delivered(hub, dev.device_id)
-        assert proxy.wait_steps(3)[2] == "forward"
+        assert proxy.wait_steps(at_death + 1)[at_death] == "forward"
         assert wedge.diagnose(client) is None and client.connected
         assert not wedge.revive(client), "a second revive of a healthy client must do nothing"
     finally:
@@ -273,10 +299,11 @@ def test_outbox_over_a_bare_client_survives_a_wedge(hub, proxy):
     """The README headline, `Outbox(device_client)`, across a silent death: nothing is lost."""
     dev = proxy.device(hub.add_device("wedge-outbox"))
     client = _client(hub, dev)
-    proxy.plan.extend(["swallow", "connack_reset"])
+    proxy.plan.append("swallow")
     try:
         bounded(client.connect)
         with Outbox(client, send_timeout=60) as outbox:
+            proxy.connack_reset_until(lambda: bool(outbox.wedges))
             ids = [outbox.send({"seq": i}) for i in range(20)]
             outbox.flush(timeout=60)
             assert [w.error for w in outbox.wedges] == ["SSLEOFError"], outbox.wedges
@@ -305,7 +332,7 @@ def test_pool_replaces_a_wedged_client_and_resends(hub, proxy):
         proxy.wait_steps(1)
         # the swallowed publish stays in paho's store; the reset leaves the client disconnected
         _wait(lambda: not old.connected, _IO_TIMEOUT, "the client to notice the reset")
-        proxy.plan.append("connack_reset")
+        proxy.connack_reset_until(lambda: wedge.diagnose(old) is not None or bool(pool.wedges))
         bounded(old.connect, timeout=30)
         _wait(lambda: wedge.diagnose(old) is not None, _IO_TIMEOUT, "the network thread to die")
         more = [outbox.send(f"after {i}") for i in range(5)]
@@ -341,7 +368,8 @@ def test_plugin_client_is_revived_and_named(iothub, failover, session_proxy):
         with Outbox(client, send_timeout=60) as outbox:
             outbox.send("before")
             outbox.flush(timeout=30)
-            proxy.plan.extend(["swallow", "connack_reset"])
+            proxy.plan.append("swallow")
+            proxy.connack_reset_until(lambda: bool(wedges_of(client)) or bool(outbox.wedges))
             handle = failover.drop(device_id=device.device_id)
             ids = [outbox.send(f"m{i}") for i in range(10)]
             outbox.flush(timeout=60)
