@@ -83,6 +83,11 @@ def test_mark_lost_in_failover_window_devices_and_views():
     assert [t.message_id for t in ledger.items(include_lost=False)] == ["m0", "m2"]
     assert ledger.count(include_lost=False) == 2 and ledger.count("b", include_lost=False) == 0
     assert len(ledger.items()) == 6   # nothing is removed
+    # records after the last one marked are not lost, nor is one marked later out of order
+    _fill(ledger, 2)
+    assert [t.lost_in_failover for t in ledger.items(since=5)] == [True, False, False]
+    assert ledger.mark_lost_in_failover(100.0, 101.0, ["a"]) == 2      # m0 of both fills
+    assert [t.message_id for t in ledger.items(include_lost=False)] == ["m2", "m1"]
 
 
 def test_stored_records_are_not_tracked_by_the_gc():
