@@ -171,7 +171,8 @@ def outboxed(report, seed: int = 2, pending_tail: int = 3):
     the application submitted it (a little before the hub saw it) and the Outbox's state; a re-sent
     message's first attempt is a failure, not an arrival; the device that never came back holds its
     messages unacknowledged: given up when its Outbox closed, except the last `pending_tail`, still
-    pending in an open Outbox when the test ended."""
+    pending in an open Outbox when the test ended. Each message has the start of every attempt and,
+    once acknowledged, when the device got the acknowledgement."""
     doc = clone(report)
     rnd = random.Random(seed)
     for test in doc["tests"]:
@@ -194,4 +195,14 @@ def outboxed(report, seed: int = 2, pending_tail: int = 3):
                         m["fate"] = "in_flight"
                 else:
                     m["outbox_state"] = "acknowledged"
+                    # the PUBACK reaches the device a moment after the hub acknowledged (on arrival)
+                    m["device_acked"] = m["sent"][0] + rnd.uniform(0.001, 0.01)
+                # each attempt starts just after the submit, then after each failure's backoff; the one
+                # that got through just before its arrival, once the hub was back
+                m["attempts"] = [m["submitted"] + 0.0005] + [f + 0.01 for f in m["failures"]]
+                if m["fate"] == "lost":
+                    m["attempts"] = m["attempts"][:1]  # the last failure's retry never started
+                elif m["failures"]:
+                    m["attempts"][-1] = max(m["attempts"][-1], m["sent"][0] - 0.003)
+                m["attempt_count"] = len(m["attempts"])
     return doc

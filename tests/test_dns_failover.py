@@ -271,3 +271,45 @@ def test_plugin_without_the_option_says_what_to_add(pytester, monkeypatch):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*failover(): dns=True needs a hub whose devices dial it by name*--iothub-dns*"])
+
+
+def _listeners(hub):
+    """The addresses the hub's server listens on, read on the hub thread once the listeners a
+    dns failover asked for are serving (their tasks were queued before this coroutine)."""
+    async def read():
+        if hub.dns._tasks:
+            await asyncio.wait(list(hub.dns._tasks))
+        return sorted(s.getsockname()[0] for srv in hub._server._servers for s in srv.sockets)
+    return asyncio.run_coroutine_threadsafe(read(), hub._loop).result(10)
+
+
+def test_a_refused_dns_failover_leaves_no_listener_behind(hub, device):
+    first = _listeners(hub)
+    running = hub.faults.region_failover(outage=30, dns=True, unread=0)
+    try:
+        secondary = hub.dns.address
+        assert _listeners(hub) == sorted([*first, secondary])
+        with pytest.raises(ValueError, match="must not overlap"):
+            hub.faults.region_failover(outage=1, dns=True)
+        [closed] = [e for e in hub.events if e.kind == "dns_listener_closed"]
+        assert closed.detail["reason"] == "refused" and closed.detail["address"] not in (*first, secondary)
+        assert _listeners(hub) == sorted([*first, secondary])
+        # (a connect to the closed address is not tried: another hub on the machine may take it)
+        assert hub.dns.listening == [*first, secondary]
+    finally:
+        running.cancel()
+
+
+def test_a_dns_failover_cancelled_before_it_starts_closes_its_listener(hub, device):
+    first = _listeners(hub)
+    pending = hub.faults.region_failover(outage=1, dns=True, at=300)
+    assert len(_listeners(hub)) == len(first) + 1
+    pending.cancel()
+    [closed] = [e for e in hub.events if e.kind == "dns_listener_closed"]
+    assert closed.detail["reason"] == "cancelled"
+    assert _listeners(hub) == first and hub.dns.listening == first
+    # one that ran keeps its address: the name points there now
+    ran = hub.faults.region_failover(outage=0.2, dns=True, unread=0).wait(10)
+    ran.cancel()
+    assert hub.dns.address in _listeners(hub)
+    assert len([e for e in hub.events if e.kind == "dns_listener_closed"]) == 1

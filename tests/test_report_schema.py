@@ -40,12 +40,31 @@ def test_the_outboxes_view_is_valid_and_an_older_reader_still_finds_its_fields(v
     assert all(m["sent"] and {"id", "sent", "acked", "delivered", "fate"} <= set(m) for m in msgs)
 
 
+def test_attempt_times_and_device_acknowledgements_are_optional_and_checked(validator, report):
+    doc = outboxed(report)
+    msgs = [m for d in doc["tests"][1]["devices"] for m in d["messages"]]
+    assert all(m["attempts"] and m["attempt_count"] >= len(m["attempts"]) for m in msgs)
+    assert any("device_acked" in m for m in msgs) and any("device_acked" not in m for m in msgs)
+    for m in msgs[::2]:  # what an Outbox writes for a message it never attempted: neither field
+        m.pop("attempts"), m.pop("attempt_count"), m.pop("device_acked", None)
+    validator.validate(doc)
+
+
 @pytest.mark.parametrize("field, value", [("outbox_state", "given_up"), ("submitted", -1.0),
-                                          ("failures", [None]), ("outbox", 3)])
+                                          ("failures", [None]), ("outbox", 3), ("attempts", []),
+                                          ("attempts", [1.0] * 11), ("attempts", ["now"]), ("attempt_count", 0),
+                                          ("attempt_count", 1.5), ("device_acked", None), ("device_acked", -2.0)])
 def test_bad_outbox_fields_are_refused(validator, report, field, value):
     doc = outboxed(report)
     doc["tests"][1]["devices"][0]["messages"][0][field] = value
     with pytest.raises(jsonschema.ValidationError):
+        validator.validate(doc)
+
+
+def test_attempts_need_their_count(validator, report):
+    doc = outboxed(report)
+    doc["tests"][1]["devices"][0]["messages"][0].pop("attempt_count")
+    with pytest.raises(jsonschema.ValidationError, match="attempt_count"):
         validator.validate(doc)
 
 

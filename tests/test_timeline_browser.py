@@ -4,8 +4,10 @@ Skipped with the reason when Chromium, chromedriver or selenium is missing; unde
 (IOTFAILOVER_REQUIRE_BROWSER=1, set by .ci/run) that is a failure instead.
 """
 import json
+import re
 import subprocess
 import sys
+import time
 
 import browser_support as chromium
 import pytest
@@ -76,6 +78,14 @@ def _count(driver, selector):
         ".reduce(function(a,p){return a+(+p.getAttribute('data-count'))},0)", selector)
 
 
+def _tick_xs(driver, lane_index, kind):
+    """The x of every tick of `kind` drawn in a lane, read from its path in the page."""
+    d = driver.execute_script(
+        "var p=document.querySelectorAll('g.iotf-lane')[arguments[0]].querySelector('path.iotf-'+arguments[1]);"
+        "return p?p.getAttribute('d'):''", lane_index, kind)
+    return {float(x) for x in re.findall(r"M([0-9.]+) ", d)}
+
+
 def _screenshot(driver, path):
     driver.save_screenshot(str(path))
     assert path.stat().st_size > 0
@@ -88,10 +98,15 @@ def _check_page(driver, report, lanes):
     assert _drawn(driver, "g.iotf-lane") == lanes
     assert _drawn(driver, "rect.iotf-fault-window") == len(test["faults"])
     assert _drawn(driver, "rect.iotf-state, path.iotf-state") >= lanes
-    # every send is in a send path, whatever the pixel merging did: an Outbox's message once, at its
-    # submit time, any other at each arrival the hub saw
+    # every send is in a send path, whatever the pixel merging did: an Outbox's message at each attempt
+    # it started (at its submit time if never attempted), any other at each arrival the hub saw
+    msgs = [m for d in test["devices"] for m in d["messages"]]
     sends = _count(driver, "path.iotf-send")
-    assert sends == sum(1 if "submitted" in m else len(m["sent"]) for d in test["devices"] for m in d["messages"])
+    assert sends == sum(len(m["attempts"]) if m.get("attempts") else 1 if "submitted" in m else len(m["sent"])
+                        for m in msgs)
+    # one acknowledgement tick per message acknowledged at the device or, not knowing that, by the hub
+    assert _count(driver, "path.iotf-ack") == sum(
+        1 for m in msgs if (m.get("device_acked") or m.get("acked")) is not None and m["fate"] != "lost_in_failover")
     never = [timeline.never_acked(m) for d in test["devices"] for m in d["messages"]]
     assert _count(driver, "path.iotf-never-acked-lost") == never.count("lost")
     assert _count(driver, "path.iotf-never-acked-pending") == never.count("pending")
@@ -153,13 +168,102 @@ def test_outbox_view_marks_messages_never_acknowledged(browser, tmp_path):
     row = next(i for i, r in enumerate(rows) if r[1] == first["id"])
     mid, tip = _hover_first_message(browser, lane_index=stuck, row=row)
     assert mid == first["id"] and tip.splitlines()[0] == mid
-    assert "never acknowledged; given up" in tip and "submitted +" in tip and "attempts" in tip
+    assert "never acknowledged; given up" in tip and "submitted +" in tip and "attempt started +" in tip
     pending = [m for m in test["devices"][stuck]["messages"] if timeline.never_acked(m) == "pending"][-1]
     row = next(i for i, r in enumerate(rows) if r[1] == pending["id"])
     _, tip = _hover_first_message(browser, lane_index=stuck, row=row)
     assert "still pending when the test ended" in tip
     assert "never acknowledged, given up" in browser.find_element("css selector", ".iotf-legend").text
+    # a message retried after the outage: a send tick at each attempt's start, its ack tick at the
+    # device's acknowledgement, and both named in the hover text
+    lane, retried = next((i, m) for i, d in enumerate(test["devices"]) for m in d["messages"]
+                         if m.get("attempt_count", 0) > 1 and m.get("device_acked"))
+    sc = timeline._Scale(*timeline._time_range(test))
+    assert {round(sc.x(t), 1) for t in retried["attempts"]} <= _tick_xs(browser, lane, "send")
+    assert round(sc.x(retried["device_acked"]), 1) in _tick_xs(browser, lane, "ack")
+    rows = browser.execute_script(
+        "return JSON.parse(document.querySelectorAll('g.iotf-lane')[arguments[0]].getAttribute('data-m'))", lane)
+    row = next(i for i, r in enumerate(rows) if r[1] == retried["id"])
+    mid, tip = _hover_first_message(browser, lane_index=lane, row=row)
+    assert mid == retried["id"]
+    assert f"{retried['attempt_count']} attempts started +" in tip and "acknowledged at the device +" in tip
+    assert "send attempt" in browser.find_element("css selector", ".iotf-legend").text
     _screenshot(browser, tmp_path / "timeline-outbox.png")
+    assert chromium.console_errors(browser) == []
+
+
+def _real_run(hub, device, client):
+    """Messages through the real SDK and an Outbox: some plain, one whose PUBACK the hub holds back,
+    one retried through a blackhole; the test's entry as the plugin would build it."""
+    from azure.iot.device import Message
+
+    from pytest_iotfailover import Outbox
+    from pytest_iotfailover.devices import observers
+    from pytest_iotfailover.plugin import gate
+    from pytest_iotfailover.plugin.reporting import OutboxWatch
+
+    def attempts_of(ob, mid):
+        return next(r for r in observers.snapshot(ob).messages if r.message_id == mid).attempt_count
+
+    started, watch, faults = time.time(), OutboxWatch(), []
+    ob = Outbox(client, name="real", send_timeout=0.5, min_backoff=0.05, max_backoff=0.1)
+    try:
+        for i in range(4):
+            ob.send(Message(f"m{i}", message_id=f"before-{i}"))
+        ob.flush(timeout=20)
+        slow = hub.faults.delay_acks(0.25, device_id=device.device_id)
+        ob.send(Message("late", message_id="late"))
+        ob.flush(timeout=20)
+        slow.cancel()
+        dark = hub.faults.blackhole(None, device_id=device.device_id)
+        ob.send(Message("retried", message_id="retried"))
+        deadline = time.monotonic() + 60
+        while attempts_of(ob, "retried") < 3:
+            assert time.monotonic() < deadline, "three attempts of the blackholed message"
+            time.sleep(0.02)  # polling a count nothing signals
+        dark.cancel()
+        ob.flush(timeout=60)
+        for i in range(4):
+            ob.send(Message(f"a{i}", message_id=f"after-{i}"))
+        ob.flush(timeout=20)
+        snaps = watch.snapshots()
+    finally:
+        watch.stop()
+        ob.close()
+    for n, h in enumerate((slow, dark)):
+        faults.append({"id": n, "kind": h.kind, "target": device.device_id,
+                       "params": {}, "started_at": h.started_at, "ended_at": h.ended_at, "figures": {}, "recovery": []})
+    lanes = gate.device_lanes([device.device_id], hub.events, hub.telemetry(include_lost=True), started, [],
+                              outboxes=snaps)
+    test = {"nodeid": "test_real_run", "outcome": "passed", "started_at": started, "ended_at": time.time(),
+            "faults": faults, "devices": lanes, "delivery": None, "slos": []}
+    return {"schema_version": 1, "run": {"backend": "fake"}, "tests": [test]}
+
+
+def test_a_real_runs_attempts_and_device_acknowledgements(browser, tmp_path, hub, device, client):
+    report = _real_run(hub, device, client)
+    [test] = report["tests"]
+    msgs = {m["id"]: m for m in test["devices"][0]["messages"]}
+    late, retried = msgs["late"], msgs["retried"]
+    assert late["device_acked"] > late["acked"]   # the hub held its PUBACK back
+    assert retried["attempt_count"] >= 3 and len(retried["attempts"]) == min(retried["attempt_count"], 10)
+    page = tmp_path / "real.html"
+    page.write_text(timeline.render_html(report), encoding="utf-8")
+    _load(browser, page)
+    assert chromium.console_errors(browser) == []
+    assert _drawn(browser, "g.iotf-lane") == 1 and _drawn(browser, "rect.iotf-fault-window") == 2
+    assert _count(browser, "path.iotf-send") == sum(len(m["attempts"]) for m in msgs.values())
+    assert _count(browser, "path.iotf-ack") == len(msgs)
+    sc = timeline._Scale(*timeline._time_range(test))
+    assert {round(sc.x(t), 1) for t in retried["attempts"]} <= _tick_xs(browser, 0, "send")
+    assert round(sc.x(late["device_acked"]), 1) in _tick_xs(browser, 0, "ack")
+    rows = browser.execute_script("return JSON.parse(document.querySelector('g.iotf-lane').getAttribute('data-m'))")
+    for mid, expect in (("retried", f"{retried['attempt_count']} attempts started +"),
+                        ("late", "acknowledged at the device +")):
+        got, tip = _hover_first_message(browser, lane_index=0, row=next(i for i, r in enumerate(rows) if r[1] == mid))
+        assert got == mid and tip.splitlines()[0] == mid and expect in tip, tip
+    browser.find_element("css selector", "svg.iotf-timeline").screenshot(str(tmp_path / "timeline-real-run.png"))
+    _screenshot(browser, tmp_path / "timeline-real-run-page.png")
     assert chromium.console_errors(browser) == []
 
 

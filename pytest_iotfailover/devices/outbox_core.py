@@ -19,6 +19,7 @@ from . import observers as _observers
 from . import wedge as _wedge
 from .backoff import MAX_BACKOFF, MIN_BACKOFF, Backoff
 from .replay import Replay
+from .send_times import SendTimes
 
 __all__ = ["OutboxClosed", "OutboxCore", "OutboxFull"]
 
@@ -117,10 +118,10 @@ class OutboxCore:
         self._cond = threading.Condition()
         self._lanes: dict[str | None, _Lane] = {}
         self._pending = 0
-        self._seq = itertools.count()
         self._round_robin = 0
         self._message_ids: list[str] = []
         self._submitted_at: dict[str, float] = {}
+        self._times = SendTimes()  # by entry seq, which is the message's index in _message_ids
         self._sent_ids: list[str] = []
         self._dropped_ids: list[str] = []
         self._failures: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=_FAILURES_KEPT)
@@ -166,9 +167,10 @@ class OutboxCore:
             lane = self._lanes.get(lane_key)
             if lane is None:
                 lane = self._lanes[lane_key] = _Lane(lane_key)
-            lane.entries.append(_Entry(next(self._seq), msg, lane_key))
+            lane.entries.append(_Entry(len(self._message_ids), msg, lane_key))
             self._pending += 1
             self._message_ids.append(msg.message_id)
+            self._times.add()
             self._submitted_at.setdefault(msg.message_id, time.time())
             if lane.thread is None:
                 lane.thread = threading.Thread(target=self._run_lane, args=(lane,), daemon=True,
@@ -252,6 +254,7 @@ class OutboxCore:
                 lane.current = entry
                 if entry.first_try is None:
                     entry.first_try = time.monotonic()
+                self._times.attempt(entry.seq, time.time())
                 attempt = _Attempt(entry)
             try:
                 self._front._launch(attempt)
@@ -306,12 +309,15 @@ class OutboxCore:
         _wedge.revive(self.target, timeout=0)
 
     def _attempt_done(self, attempt: _Attempt, error: BaseException | None) -> None:
+        returned = time.time() if error is None else 0.0  # before waiting for the lock
         with self._cond:
             if attempt.finished:
                 return
             attempt.finished = True
             attempt.error = error
             entry = attempt.entry
+            if error is None:  # the device got its acknowledgement, even for an entry dropped meanwhile
+                self._times.acked(entry.seq, returned)
             # also after close(): the hub has it, so it is no longer pending
             if error is None and entry.state == "pending":
                 entry.state = "acked"

@@ -16,6 +16,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, pl
     GET   /telemetry[?device_id=ID]              accepted telemetry, in acceptance order
     GET   /devices                               registered devices
     POST  /devices                {"device_id"}  -> 201 {"device_id", "connection_string"}
+    POST  /devices                {"device_ids": [...]}  -> 201 {"devices": [{"device_id", "connection_string"}]}
+                                                 in bulk, at most 100 (FakeHub.add_devices)
+    DELETE /devices/{id}                         -> {"device_id"}: delete the identity (404 if unknown)
     POST  /devices/{id}/c2d       {"body", "properties", "ttl", "expiry_time", "ack"} -> {"message_id"}
     GET   /feedback[?device_id=ID&message_id=M]  C2D feedback records (iothub-ack), oldest first
     POST  /devices/{id}/methods/{name}  {"payload", "timeout"} -> {"status", "payload"}
@@ -28,8 +31,9 @@ Routes (JSON in and out; errors are `{"error": "..."}` with a 4xx/5xx status, pl
     DELETE /faults/{id}                          -> {fault}: cancel it (a no-op once it is over)
     POST  /faults/{id}/wait       {"timeout"}    -> {fault, "report"} once it is over; 504 if not in time
 
-`POST /devices` and `POST /devices/{id}/c2d` go through the tier's throttles (fakehub/shaping.py): a
-request beyond the rate is answered later, one past the shaping queue gets 429 with the hub's 429001.
+`POST /devices` (one device or a bulk call), `DELETE /devices/{id}` and `POST /devices/{id}/c2d` go
+through the tier's throttles (fakehub/shaping.py): a request beyond the rate is answered later, one
+past the shaping queue gets 429 with the hub's 429001; one refused for its arguments is answered at once.
 
 A fault is `{"id", "kind", "device_id", "params", "state", "started_at", "ended_at"}`; its id is its
 position in the hub's fault history, which only grows, so an id never changes meaning. The body of
@@ -70,6 +74,7 @@ from ..iothub.registry import check_device_id
 from ..model import SPECS, FaultKind, FaultSpec, spec_for
 from .descriptors import Reserve
 from .faults import FaultHandle
+from .shaping import BULK_REGISTRY_LIMIT
 
 __all__ = [
     "FAULT_KINDS",
@@ -546,7 +551,12 @@ class _Handler(BaseHTTPRequestHandler):
             _params(query)
             if m == "GET":
                 return 200, api.list_devices(), None
-            return 201, api.add_device(_json_object(body)), None
+            obj = _json_object(body)
+            return 201, api.add_devices(obj) if "device_ids" in obj else api.add_device(obj), None
+        if len(segments) == 2 and segments[0] == "devices":
+            _allow(m, "DELETE")
+            _params(query)
+            return 200, api.remove_device(segments[1]), None
         found = None
         if len(segments) >= 3 and segments[0] == "devices":
             found = self._device_route(m, segments[1], segments[2:], query, body)
@@ -857,6 +867,39 @@ class ControlServer:
             status = 409 if self.hub.registry.get(device_id) is not None else 400
             raise ApiError(status, str(exc)) from None
         return {"device_id": dev.device_id, "connection_string": dev.connection_string}
+
+    def add_devices(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """A bulk create, as IoT Hub's bulk registry API: at most 100 ids, checked before any is
+        made (409 if any exists already, 400 for a bad or repeated id: then none is created)."""
+        _no_extra_fields(obj, "device_ids")
+        ids = _field(obj, "device_ids", list, "an array of device id strings")
+        if not 1 <= len(ids) <= BULK_REGISTRY_LIMIT:
+            raise ApiError(400, f"field 'device_ids' must hold 1 to {BULK_REGISTRY_LIMIT} ids (IoT Hub's bulk "
+                                f"registry limit), got {len(ids)}")
+        for index, device_id in enumerate(ids):
+            try:
+                check_device_id(device_id)
+            except ValueError as exc:
+                raise ApiError(400, f"device_ids[{index}]: {exc}") from None
+        if len(set(ids)) != len(ids):
+            raise ApiError(400, "field 'device_ids' names a device more than once")
+        taken = [d for d in ids if self.hub.registry.get(d) is not None]
+        if taken:
+            raise ApiError(409, f"device{'s' if len(taken) > 1 else ''} {', '.join(map(repr, taken[:5]))} "
+                                "already exist; none was created")
+        try:
+            devices = self.hub.add_devices(ids)
+        except ValueError as exc:  # created by another caller meanwhile
+            raise ApiError(409 if any(self.hub.registry.get(d) for d in ids) else 400, str(exc)) from None
+        return {"devices": [{"device_id": d.device_id, "connection_string": d.connection_string} for d in devices]}
+
+    def remove_device(self, device_id: str) -> dict[str, Any]:
+        self._known_device(device_id)
+        try:
+            self.hub.remove_device(device_id)
+        except KeyError:  # removed by another caller meanwhile
+            raise ApiError(404, f"no device {device_id!r} on hub {self.hub.hub_name!r}") from None
+        return {"device_id": device_id}
 
     def send_c2d(self, device_id: str, obj: dict[str, Any]) -> dict[str, Any]:
         _no_extra_fields(obj, "body", "body_base64", "properties", "message_id", "ttl", "expiry_time", "ack")

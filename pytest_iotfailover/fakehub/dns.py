@@ -15,10 +15,13 @@ What is not covered: resolvers that do not go through `socket.getaddrinfo` of th
 `HubName` is one hub's name and its failover history: where the name points, which addresses
 are dark. Every answer is worked out from the faults' own start and end times, so no timer is
 needed to move the name and a failover scheduled with `at=` or `after_messages=` moves it when
-it really starts.
+it really starts. A dns failover that never starts - refused because it overlaps another outage,
+or cancelled while pending - stops listening on its secondary address at once (`drop_move`,
+event `dns_listener_closed`), rather than holding the address until the hub stops.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 import threading
@@ -93,6 +96,8 @@ class _Move:
     fault: Any      # the engine's Fault: started_at / ended_at are set on the hub thread
     new: str        # the secondary region's address, listening from the time it was scheduled
     stale: float
+    sock: Any = None   # its listening socket
+    task: Any = None   # the loop's task that starts serving it (set on the hub thread)
 
 
 class HubName:
@@ -112,9 +117,26 @@ class HubName:
     def stop(self) -> None:
         uninstall(self.name)
 
-    def add_move(self, fault: Any, new: str, stale: float) -> None:
+    def add_move(self, fault: Any, new: str, stale: float, sock: Any = None) -> _Move:
+        move = _Move(fault, new, stale, sock)
         with self._lock:
-            self._moves.append(_Move(fault, new, stale))
+            self._moves.append(move)
+        return move
+
+    def pop_unstarted(self, fault: Any) -> _Move | None:
+        """Forget `fault`'s move if the fault never started (and so never moved the name)."""
+        with self._lock:
+            for move in self._moves:
+                if move.fault is fault and fault.started_at is None:
+                    self._moves.remove(move)
+                    return move
+        return None
+
+    @property
+    def listening(self) -> list[str]:
+        """Every address the hub serves for this name: the first, then each dns failover's."""
+        with self._lock:
+            return [self._first_address(), *(m.new for m in self._moves)]
 
     def _started(self) -> list[_Move]:
         with self._lock:
@@ -172,11 +194,6 @@ def prepare_move(hub: Any, fault: Any, stale: float) -> None:
     new = sock.getsockname()[0]
     loop, server = hub._loop, hub._server
 
-    def serve() -> None:
-        task = loop.create_task(server.serve(sock))
-        name._tasks.add(task)  # the loop holds tasks weakly
-        task.add_done_callback(_served)
-
     def _served(task: Any) -> None:
         name._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
@@ -184,6 +201,42 @@ def prepare_move(hub: Any, fault: Any, stale: float) -> None:
             loop.call_exception_handler({"message": f"cannot serve the dns failover's address {new}",
                                          "exception": task.exception()})
 
+    move = name.add_move(fault, new, stale, sock)
+
+    def serve() -> None:
+        move.task = task = loop.create_task(server.serve(sock))
+        name._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(_served)
+
     # the kernel queues connections on the bound socket until the loop accepts them
     loop.call_soon_threadsafe(serve)
-    name.add_move(fault, new, stale)
+
+
+def drop_move(hub: Any, fault: Any, why: str) -> str | None:
+    """`fault` (a dns failover) will never start: close the listener of its secondary address now
+    and log `dns_listener_closed`. The address, or None when `fault` has no move that never started."""
+    name: HubName | None = getattr(hub, "dns", None)
+    move = None if name is None else name.pop_unstarted(fault)
+    if name is None or move is None:
+        return None
+    if not hub.running:
+        move.sock.close()  # the stopped hub closed its listeners; this one may never have served
+    elif threading.get_ident() == hub._thread.ident:
+        hub._loop.create_task(_close_listener(hub._server, move))  # waiting here would stall the loop
+    else:
+        asyncio.run_coroutine_threadsafe(_close_listener(hub._server, move), hub._loop).result(30)
+    hub.event_log.add("dns_listener_closed", None, address=move.new, reason=why, name=name.name)
+    return move.new
+
+
+async def _close_listener(server: Any, move: _Move) -> None:
+    # serve() ran before this (both queued on the loop, in order); its task may still be starting
+    if move.task is not None and not move.task.done():
+        await asyncio.wait([move.task])
+    fileno = move.sock.fileno()
+    for listener in list(server._servers):
+        if fileno != -1 and any(s.fileno() == fileno for s in listener.sockets):
+            server._servers.remove(listener)
+            listener.close()  # closes the listening socket at once; nothing was accepted there to keep
+            return
+    move.sock.close()

@@ -78,6 +78,8 @@ class FaultHandle:
         """Never start it, or end it now."""
         if self._hub.running:
             self._hub._call(self._hub._faults_engine.end, self._fault, True)
+            if getattr(self.spec, "dns", False):
+                _drop_dns_move(self._hub, self._fault, "cancelled")  # only if it never started
         return self
 
     def report(self) -> RecoveryReport:
@@ -92,6 +94,11 @@ class FaultHandle:
 
     def __repr__(self):
         return f"<FaultHandle {self.kind} {self.state}{' @' + self.device_id if self.device_id else ''}>"
+
+
+def _drop_dns_move(hub: Any, fault: Fault, why: str) -> None:
+    from .dns import drop_move
+    drop_move(hub, fault, why)
 
 
 def _kind_of(fault: Fault, spec: FaultSpec | None) -> str:
@@ -176,7 +183,14 @@ class Faults:
         with self._lock:
             self._specs[fault] = spec
         engine = self._hub._faults_engine
-        self._hub._call(engine.schedule, fault, spec.at, spec.after_messages)
+        try:
+            self._hub._call(engine.schedule, fault, spec.at, spec.after_messages)
+        except BaseException as exc:
+            try:
+                _drop_dns_move(self._hub, fault, "refused")  # its secondary address is not kept listening
+            except Exception as close_error:  # the refusal is what the caller must see
+                exc.add_note(f"closing the refused dns failover's listener failed too: {close_error!r}")
+            raise
         return FaultHandle(self._hub, fault, spec)
 
     def _start(self, kind: FaultKind, kwargs: Mapping[str, Any]) -> FaultHandle:

@@ -331,7 +331,7 @@ class FakeHub(LimitsFace, ServiceShaping):
                    secondary_key: str | None = None, enabled: bool = True, throttle: bool = True) -> Device:
         if self.gateway_host is None:
             raise RuntimeError("start the FakeHub before adding devices (their connection strings need its address)")
-        self._shape_registry(device_id, "add_device", throttle)
+        self._shape_registry(device_id, "add_device", throttle, new=True, keys=(primary_key, secondary_key))
         # through the core: refused during a failover, and remembered for its rollback (rpo=)
         return self._act(self._running_core().add_device, device_id, primary_key, secondary_key, enabled)
 
@@ -376,8 +376,9 @@ class FakeHub(LimitsFace, ServiceShaping):
     def send_c2d(self, device_id: str, body: str | bytes, properties: dict[str, Any] | None = None, *,
                  message_id: str | None = None, ttl: float | None = None, expiry_time: Any = None, ack: str | None = None) -> str:
         """Queue a cloud-to-device message; returns its id. `ttl`, `expiry_time`, `ack`: iothub/c2d_lifecycle.py."""
-        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True)  # the tier: shaping.py
-        return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, c2d_body(body), properties, message_id)
+        body = c2d_body(body)  # checked before the call waits its turn (shaping.py)
+        self._shape_c2d(device_id, properties, ttl, expiry_time, ack)  # the tier: shaping.py
+        return self._act(self._c2d_sender(ttl, expiry_time, ack), device_id, body, properties, message_id)
 
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
                       timeout: float = 30.0) -> MethodResponse:

@@ -7,6 +7,11 @@ it: the hub thread only books the call (`IoTHubCore.book_service_call`, microsec
 serving every connection; the caller then waits out the delay, at most the queue's
 `max_queue_delay` (60 s by default), on an event that `FakeHub.stop()` sets, and makes the call.
 
+A call is checked before it is booked: a `send_c2d` with a bad `ttl`, an over-size body or to an
+unknown device, an `add_device` with a bad or taken id, a `remove_device` of an unknown one, is
+refused at once and takes nothing from the throttle. D-QT does not say in which order the hub
+validates and shapes a request; checking first is an assumption (README "How faithful is the fake").
+
 Identity registry operations (create, update, delete: `add_device`, `add_devices`,
 `set_device_enabled`, `remove_device`) and C2D sends are shaped this way; the rows, 100/min/unit on
 S1, and the burst of a minute's worth are in iothub/tiers.py.
@@ -19,6 +24,7 @@ README "Throttling").
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,13 +71,15 @@ class ServiceShaping:
         return self._thread is not None and threading.get_ident() == self._thread.ident
 
     def _shape(self, operation: Operation, device_id: str | None, what: str, *, count: int = 1,
-               carry: bool = False) -> float:
+               carry: bool = False, check: Callable[[], None] | None = None) -> float:
         """Book `what` on the tier's throttle, then wait its delay in this thread; the seconds waited.
 
         HubOperationError (429001 past the queue, 503001 during a failover, ...) comes from the
-        booking, before any wait. `carry`: the next `_act` of this thread makes the booked call.
+        booking, before any wait, and so does whatever `check` (run on the hub thread) raises for
+        the call's arguments. `carry`: the next `_act` of this thread makes the booked call.
         """
-        delay = self._act(self._running_core().book_service_call, operation, device_id, what, count)
+        book = functools.partial(self._running_core().book_service_call, check=check)
+        delay = self._act(book, operation, device_id, what, count)
         # on the hub thread (a callback of the hub) a wait would stall every connection: not waited
         if delay > 0 and not self._on_hub_thread() and self._shaping_stop.wait(delay):
             raise RuntimeError(f"{what}: the FakeHub was stopped while the call waited {delay:.2f} s "
@@ -80,9 +88,22 @@ class ServiceShaping:
             self._booked.value = (operation, device_id)
         return delay
 
-    def _shape_registry(self, device_id: str | None, what: str, throttle: bool) -> None:
+    def _shape_registry(self, device_id: str, what: str, throttle: bool, *, new: bool = False,
+                        keys: tuple[str | None, str | None] = (None, None)) -> None:
+        """Book a registry call on one device, checked first: `new`, an identity to create (a bad
+        id or key, or one in use, is refused at once); else one that must exist."""
         if throttle:
-            self._shape(Operation.REGISTRY_OPERATION, device_id, what)
+            registry = self.registry
+            check = functools.partial(registry.check_new, device_id, *keys) if new else \
+                functools.partial(registry.check_known, device_id)
+            self._shape(Operation.REGISTRY_OPERATION, device_id, what, check=check)
+
+    def _shape_c2d(self, device_id: str, properties: dict[str, Any] | None, ttl: Any, expiry_time: Any,
+                   ack: Any) -> None:
+        """Book a C2D send whose terms (`ttl`, `expiry_time`, `ack`) are checked first."""
+        core = self._running_core()
+        self._shape(Operation.C2D_SEND, device_id, "send_c2d", carry=True,
+                    check=functools.partial(core.c2d_check, properties, ttl, expiry_time, ack))
 
     def _carry_booking(self, step: Callable[[], T]) -> Callable[[], T]:
         """`step` as it must run on the hub thread: with this thread's booking, if it made one."""

@@ -21,6 +21,14 @@ Source, unless noted: MicrosoftDocs/azure-docs `articles/iot-hub/iot-hub-devguid
 - Purged: queued and un-acknowledged messages a clean session throws away (the fake's own purge,
   core.py) report Purged to negative and full feedback (assumption: D-C2D lists the status without
   saying when).
+- A message whose sender set its expiry carries it to the device as `$.exp` in the delivery topic's
+  property bag: D-MSG lists `absolute-expiry-time` among the user-settable C2D system properties, and
+  D-MQTT (`iot-mqtt-connect-to-iot-hub.md`, "Receiving cloud-to-device messages") puts the user-settable
+  system properties in the property bag. The value's form is not documented; the fake writes ISO 8601
+  UTC with seven fractional digits (`2026-01-02T03:04:05.1234560Z`), the form of the delivery topics in
+  azure-iot-sdk-python's own topic tests (`tests/unit/iothub/pipeline/test_mqtt_topic_iothub.py`), and
+  leaves `$.exp` out when the hub's default time to live applies (the real delivery topics quoted in
+  iothub-mqtt.md §4.1 have none). The SDK hands the text over as `Message.expiry_time_utc`.
 - The real hub batches feedback (64 records or 15 s); the fake records each outcome at once
   (simplification), stamped with when it happened: the PUBACK, or the message's expiry instant.
 """
@@ -40,7 +48,7 @@ from .events import EventLog
 from .session import C2DMessage, C2DQueue, Session
 
 __all__ = ["C2D_TIMER_KINDS", "FEEDBACK_STATUSES", "C2DLifecycle", "FeedbackLog", "FeedbackRecord",
-           "expiry_seconds"]
+           "c2d_expiry_text", "c2d_properties", "expiry_seconds"]
 
 C2D_TIMER_KINDS = frozenset({"c2d_expiry"})
 FEEDBACK_STATUSES = ("Success", "Expired", "DeliveryCountExceeded", "Rejected", "Purged")  # D-C2D
@@ -104,6 +112,19 @@ def expiry_seconds(expiry_time: object) -> float:
     return float(expiry_time)  # type: ignore[arg-type]
 
 
+def c2d_properties(properties: dict[str, Any] | None) -> dict[str, str | None]:
+    """A sender's application properties as the message carries them: names and values as text."""
+    return {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+
+
+def c2d_expiry_text(msg: C2DMessage) -> str | None:
+    """`$.exp` of a delivered message (module docstring): None unless its sender set the expiry."""
+    if not msg.expiry_set:
+        return None
+    at = datetime.datetime.fromtimestamp(msg.expiry, datetime.UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond:06d}0Z"
+
+
 def _refuse(error: limits.IotHubError | None) -> None:
     if error is not None:
         raise HubOperationError(f"send_c2d refused: {error.message}", error.code)
@@ -145,6 +166,11 @@ class C2DLifecycle:
         if ack != "none" or given is not None:
             properties["iothub-ack"] = ack
         return expiry, ack
+
+    def c2d_check(self, properties: dict[str, Any] | None, ttl: Any, expiry_time: Any, ack: Any) -> None:
+        """Raise what `send_c2d` would for these terms, changing nothing: the check a throttled
+        send runs before it is booked (tier_gate.py), so a bad `ttl` is refused at once."""
+        self._c2d_terms(c2d_properties(properties), ttl, expiry_time, ack)
 
     def _c2d_enqueued(self, device_id: str, msg: C2DMessage) -> None:
         """A message joined the queue: an expiry timer when its sender waits for negative feedback

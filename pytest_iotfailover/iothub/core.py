@@ -23,7 +23,7 @@ from . import limits
 from . import topics as t
 from .actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from .auth import AuthError, verify_sas_token
-from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle
+from .c2d_lifecycle import C2D_TIMER_KINDS, C2DLifecycle, c2d_expiry_text, c2d_properties
 from .events import EventLog
 from .faults import FAULT_PROPERTY, PROCEED, FaultEngine
 from .ledger import Ledger
@@ -392,7 +392,7 @@ class _CloudToDevice(C2DLifecycle, _Failover):
                   message_id: str | None, ttl: Any = None, expiry_time: Any = None, ack: Any = None) -> str:
         self._service_available(device_id, "send_c2d")
         self._registered(device_id)
-        props = {str(k): (None if v is None else str(v)) for k, v in (properties or {}).items()}
+        props = c2d_properties(properties)
         expiry, ack = self._c2d_terms(props, ttl, expiry_time, ack)
         self._c2d_sweep(device_id)  # expired messages no longer count towards the limit
         queue = self.c2d_queues.setdefault(device_id, new_c2d_queue())
@@ -402,7 +402,8 @@ class _CloudToDevice(C2DLifecycle, _Failover):
             raise HubOperationError(
                 f"device {device_id!r} already has {C2D_QUEUE_LIMIT} cloud-to-device messages pending", 403004)
         self._service_call_allowed(Operation.C2D_SEND, device_id)
-        msg = C2DMessage(body, props, message_id or f"c2d-{next(self._c2d_ids)}", expiry=expiry, ack=ack)
+        msg = C2DMessage(body, props, message_id or f"c2d-{next(self._c2d_ids)}", expiry=expiry, ack=ack,
+                         expiry_set=ttl is not None or expiry_time is not None)
         queue.append(msg)
         self._c2d_enqueued(device_id, msg)
         self._pump_c2d(device_id)
@@ -410,7 +411,8 @@ class _CloudToDevice(C2DLifecycle, _Failover):
 
     def _c2d_publish(self, device_id: str, msg: C2DMessage, qos: int, packet_id: int | None,
                      dup: bool) -> p.Publish:
-        return p.Publish(t.c2d_topic(device_id, msg.message_id, msg.properties), msg.body, qos, packet_id, dup)
+        topic = t.c2d_topic(device_id, msg.message_id, msg.properties, c2d_expiry_text(msg))
+        return p.Publish(topic, msg.body, qos, packet_id, dup)
 
     def _pump_c2d(self, device_id: str, redeliver: bool = False) -> None:
         conn = self.connections.get(device_id)

@@ -46,13 +46,7 @@ class Registry:
 
     def add(self, device_id: str, primary_key: str | None = None,
             secondary_key: str | None = None, enabled: bool = True) -> Device:
-        check_device_id(device_id)
-        for name, key in (("primary_key", primary_key), ("secondary_key", secondary_key)):
-            if key is not None:
-                try:
-                    base64.b64decode(key, validate=True)
-                except (ValueError, TypeError):
-                    raise ValueError(f"{name} for device {device_id!r} is not valid base64") from None
+        self.check_new(device_id, primary_key, secondary_key)
         primary_key = primary_key or new_key()
         device = Device(device_id, primary_key,
                         device_connection_string(self.hostname, device_id, primary_key, self.gateway_host),
@@ -61,6 +55,23 @@ class Registry:
         if self._devices.setdefault(device_id, device) is not device:
             raise ValueError(f"device {device_id!r} already exists")
         return device
+
+    def check_new(self, device_id: str, primary_key: str | None = None, secondary_key: str | None = None) -> None:
+        """Raise ValueError if `add` would refuse these arguments (a bad id or key, an id in use)."""
+        check_device_id(device_id)
+        for name, key in (("primary_key", primary_key), ("secondary_key", secondary_key)):
+            if key is not None:
+                try:
+                    base64.b64decode(key, validate=True)
+                except (ValueError, TypeError):
+                    raise ValueError(f"{name} for device {device_id!r} is not valid base64") from None
+        if device_id in self._devices:
+            raise ValueError(f"device {device_id!r} already exists")
+
+    def check_known(self, device_id: str) -> None:
+        """Raise KeyError, as `remove` and `set_enabled` would, if there is no such device."""
+        if self._devices.get(device_id) is None:
+            raise KeyError(f"no device {device_id!r}")
 
     def get(self, device_id: str) -> Device | None:
         return self._devices.get(device_id)

@@ -82,6 +82,7 @@ class C2DMessage:
     expiry: float = math.inf    # absolute, epoch seconds (c2d_lifecycle.py)
     ack: str = "none"           # iothub-ack: which outcomes produce feedback
     expiry_timer: Any = None    # the key of its expiry timer, while one is armed
+    expiry_set: bool = False    # the sender gave the expiry: delivered as `$.exp` (c2d_lifecycle.py)
 
 
 C2DQueue = deque[C2DMessage]

@@ -13,7 +13,10 @@ What is shaped and how:
 - C2D sends and identity registry operations (create, update, delete): service calls that return
   synchronously, so the caller waits, not the hub. The driver books the call first
   (`book_service_call`: the delay, or the 429001 refusal), waits the delay in the caller's thread,
-  then makes the call. A C2D send booked that way carries its booking into the core's own check
+  then makes the call. The booking first runs the call's own argument checks (`check`): a call
+  refused for its arguments is refused at once and takes nothing from the throttle (an
+  assumption: D-QT does not say whether the hub validates a request before or after shaping it;
+  refusing at once is what a caller can act on soonest). A C2D send booked that way carries its booking into the core's own check
   (`run_prebooked`), so it is counted once. A core driven without that step (a sans-IO test)
   still counts the C2D send and refuses it past the queue; it just does not wait.
 """
@@ -75,19 +78,24 @@ class TierGate:
     # --- service calls whose caller waits (driver entry points) ----------------------------------
 
     def book_service_call(self, operation: Operation, device_id: str | None, what: str, count: int,
-                          now: float) -> tuple[float, list[Any]]:
+                          now: float, check: Callable[[], None] | None = None) -> tuple[float, list[Any]]:
         """Book `what` (`count` operations in one request) on the tier's throttle: the seconds the
         caller must wait before making the call (0: at once), or HubOperationError - 503001 during
-        a failover, 404001 for a C2D send to an unknown device, 429001 past the shaping queue."""
-        return self._step(now, self._book, operation, device_id, what, count)
+        a failover, 404001 for a C2D send to an unknown device, 429001 past the shaping queue.
+        `check` (run on the hub thread, at `now`) raises what the call itself would for its
+        arguments; it runs before the throttle is asked, so a refused call costs no budget."""
+        return self._step(now, self._book, operation, device_id, what, count, check)
 
-    def _book(self, operation: Operation, device_id: str | None, what: str, count: int) -> float:
+    def _book(self, operation: Operation, device_id: str | None, what: str, count: int,
+              check: Callable[[], None] | None = None) -> float:
         if operation not in SERVICE_SHAPED:
             raise ValueError(f"{operation.value} is shaped by the hub itself, not booked by its caller")
         # refused at once, not after a wait: the outage (as the calls themselves do), an unknown device
         self._service_available(device_id if operation is Operation.C2D_SEND else None, what)
         if operation is Operation.C2D_SEND and device_id is not None:
             self._registered(device_id)
+        if check is not None:
+            check()
         verdict = self.throttles.acquire(operation, self.now, device=device_id, count=count)
         if isinstance(verdict, Reject):
             self.events.add("throttled", device_id, operation=operation.value, call=what, count=count,

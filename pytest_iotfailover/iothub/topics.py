@@ -107,8 +107,11 @@ def parse_d2c_topic(prefix: str, topic: str) -> tuple[dict[str, str], dict[str, 
     return props, sysprops
 
 
-def c2d_topic(device_id: str, message_id: str, properties: dict[str, str | None]) -> str:
-    system: dict[str, str | None] = {"$.mid": message_id, "$.to": f"/devices/{device_id}/messages/devicebound"}
+def c2d_topic(device_id: str, message_id: str, properties: dict[str, str | None],
+              expiry: str | None = None) -> str:
+    """The delivery topic; `expiry` (ISO 8601 UTC), when the sender set one, travels as `$.exp`."""
+    system: dict[str, str | None] = {} if expiry is None else {"$.exp": expiry}
+    system.update({"$.mid": message_id, "$.to": f"/devices/{device_id}/messages/devicebound"})
     custom = dict(properties)
     custom.setdefault("iothub-ack", "none")
     return f"devices/{device_id}/messages/devicebound/{encode_property_bag(system, custom)}"

@@ -107,7 +107,7 @@ class DeviceClientFactory:
     def __call__(self, count: int = 1, pooled: bool = False, connect: bool = True, **sdk_kwargs):
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be a positive integer, got {count!r}")
-        devices = [self.iothub.add_device() for _ in range(count)]
+        devices = self.iothub.add_devices(count)  # in bulk where the hub can (testing/view.py)
         if pooled:
             from ..devices.pool import DevicePool
             kwargs: dict[str, Any] = self.iothub.client_kwargs(**sdk_kwargs)

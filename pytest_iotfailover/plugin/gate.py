@@ -111,8 +111,9 @@ def device_lanes(device_ids: list[str], events: list[Any], telemetry: list[Any],
 
     The hub sees a message arrive, not the client's attempts: `sent` holds the first arrival. What
     the test's Outboxes (`outboxes`: devices.observers snapshots) know is added: when the application
-    submitted each message, its failed attempts and the Outbox's last word on it, and the messages
-    that never reached the hub, which the hub cannot know of."""
+    submitted each message, when each attempt started and failed, when the device got the
+    acknowledgement, the Outbox's last word on it, and the messages that never reached the hub,
+    which the hub cannot know of."""
     lanes = []
     for device_id in device_ids:
         states: list[dict[str, Any]] = []
@@ -169,7 +170,7 @@ def _add_outboxes(lanes: list[dict[str, Any]], outboxes: list[Any], start: float
                 seen = copies[0] if copies else None
             if seen is not None:
                 _outbox_fields(seen, rec, snap.name)
-                if rec.state != "acknowledged":
+                if rec.state != "acknowledged" and rec.acked_at is None:
                     seen["acked"] = None  # the hub has it; the device never heard so (the PUBACK was lost)
                 continue
             device = rec.device_id if rec.device_id is not None else f"{snap.name} (device not known)"
@@ -188,6 +189,11 @@ def _outbox_fields(m: dict[str, Any], rec: Any, outbox: str) -> None:
     m["outbox"] = outbox
     m["outbox_state"] = rec.state
     m["failures"] = [float(t) for t in rec.failures]
+    if rec.attempts:  # none for a message queued behind a stuck one: it was never tried
+        m["attempts"] = [float(t) for t in rec.attempts]
+        m["attempt_count"] = max(int(rec.attempt_count), len(rec.attempts))
+    if rec.acked_at is not None:
+        m["device_acked"] = float(rec.acked_at)
 
 
 def _never_seen(rec: Any, snap: Any, start: float) -> dict[str, Any]:

@@ -28,10 +28,15 @@ PROPERTY = "iothub_failover"
 class OutboxWatch:
     """The Outboxes made while one test runs (devices.observers tells of each): a weak reference to
     each while it lives, a snapshot taken when it closes, so one the test closed and dropped still
-    shows in the report and none is kept alive past the test by the watch."""
+    shows in the report and none is kept alive past the test by the watch.
 
-    def __init__(self) -> None:
+    `whole=False` (no report or timeline wants the messages, only the summary's count of those never
+    acknowledged): the snapshots hold only those, so an Outbox of a million messages costs a pass
+    over its ids and leaves a few records behind, not a million."""
+
+    def __init__(self, whole: bool = True) -> None:
         from ..devices import observers
+        self.whole = whole
         self._lock = threading.Lock()
         self._seen: list[tuple[weakref.ref[Any], list[Any]]] = []  # (outbox, [its snapshot at close])
         self._listener: Any = observers.listen(self._created, self._closed)
@@ -42,7 +47,7 @@ class OutboxWatch:
 
     def _closed(self, outbox: Any) -> None:
         from ..devices import observers
-        snap = observers.snapshot(outbox)
+        snap = observers.snapshot(outbox, unacknowledged_only=not self.whole)
         with self._lock:
             for ref, last in self._seen:
                 if ref() is outbox:
@@ -56,7 +61,7 @@ class OutboxWatch:
         out = []
         for outbox, last in seen:
             if outbox is not None and getattr(outbox, "_core", None) is not None:
-                out.append(observers.snapshot(outbox))
+                out.append(observers.snapshot(outbox, unacknowledged_only=not self.whole))
             elif last:
                 out.append(last[0])
         return out
@@ -75,10 +80,30 @@ class TestRecord:
     faults: list[Any] = field(default_factory=list)          # their RecoveryReports, at teardown
     deliveries: list[DeliveryFigures] = field(default_factory=list)  # every delivery assertion's
     started_at: float = field(default_factory=time.time)
-    outboxes: OutboxWatch | None = None  # only when the test's entry is wanted (gate.needed)
+    outboxes: OutboxWatch | None = None
+    _outboxes_at_end: list[Any] | None = field(default=None, init=False, repr=False)
 
     def outbox_snapshots(self) -> list[Any]:
-        return self.outboxes.snapshots() if self.outboxes is not None else []
+        """The test's Outboxes as they were when it ended: taken on the first call, at the start of
+        its teardown (before the fixtures close theirs), so the lanes and the summary agree."""
+        if self._outboxes_at_end is None:
+            self._outboxes_at_end = self.outboxes.snapshots() if self.outboxes is not None else []
+        return self._outboxes_at_end
+
+    def outboxes_wanted(self) -> bool:
+        """Whether anything will read the Outboxes' view: the lanes, or the summary of a test that
+        started a fault or asserted delivery (a pass over every message of every Outbox otherwise
+        spent for nothing)."""
+        return self.outboxes is not None and (self.outboxes.whole or bool(self.handles or self.deliveries))
+
+    def never_acknowledged(self) -> dict[str, int] | None:
+        """The Outboxes' messages the device never got an acknowledgement for (None: no Outbox)."""
+        from ..devices import observers
+        snaps = self.outbox_snapshots()
+        if not snaps:
+            return None
+        given_up, pending = observers.unacknowledged(snaps)
+        return {"never_acknowledged": given_up + pending, "given_up": given_up, "pending": pending}
 
     def fault_windows(self) -> list[tuple[str, float, float | None]]:
         return [(h.kind, h.started_at, h.ended_at) for h in self.handles if h.started_at is not None]
@@ -108,6 +133,9 @@ class TestRecord:
                                "pending": d["in_flight"], "latency_p50": d["latency_p50"],
                                "latency_p99": d["latency_p99"], "latency_max": d["latency_max"],
                                "assertions": len(self.deliveries)}
+        never = self.never_acknowledged()
+        if never is not None:
+            out["outboxes"] = never
         return out
 
     def user_properties(self) -> list[tuple[str, Any]]:
@@ -126,6 +154,8 @@ class TestRecord:
             d = s["delivery"]
             props += [("iothub_sent", d["sent"]), ("iothub_delivered", d["delivered"]),
                       ("iothub_duplicates", d["duplicates"]), ("iothub_lost", d["lost"])]
+        if "outboxes" in s:
+            props.append(("iothub_never_acknowledged", s["outboxes"]["never_acknowledged"]))
         return props
 
 
@@ -142,9 +172,9 @@ def begin(item: pytest.Item) -> TestRecord:
     from . import gate
     from .keys import settings_of
     record = item.stash[RECORD] = TestRecord(item.nodeid)
-    if gate.needed(item, settings_of(item.config)):
-        # from setup on: the Outboxes the test's fixtures make belong to it too
-        record.outboxes = OutboxWatch()
+    # from setup on: the Outboxes the test's fixtures make belong to it too; the whole of each only
+    # when its lanes are drawn, the summary needs just the messages never acknowledged
+    record.outboxes = OutboxWatch(whole=gate.needed(item, settings_of(item.config)))
     return record
 
 
@@ -159,6 +189,8 @@ def end(item: pytest.Item) -> TestRecord | None:
     if record is not None:
         del item.stash[RECORD]  # the item outlives the test; its fault handles need not
         if record.outboxes is not None:
+            if record.outboxes_wanted():
+                record.outbox_snapshots()  # taken already at the start of teardown, unless that failed
             record.outboxes.stop()  # what the next test's Outboxes do is not this test's
     return record
 
@@ -184,5 +216,8 @@ def summary_lines(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
         deliv = (f"sent {d['sent']} delivered {d['delivered']} duplicates {d['duplicates']} lost {d['lost']}"
                  + (f" pending {d['pending']}" if d.get("pending") else "")
                  if d else "no delivery assertion")
-        lines.append(f"{outcome.upper():7} {nodeid}: {fault_txt}; {deliv}")
+        n = s.get("outboxes") or {}
+        never = (f"; {n['never_acknowledged']} never acknowledged ({n['given_up']} given up, "
+                 f"{n['pending']} pending)" if n.get("never_acknowledged") else "")
+        lines.append(f"{outcome.upper():7} {nodeid}: {fault_txt}; {deliv}{never}")
     return lines

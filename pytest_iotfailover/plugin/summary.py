@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from . import reporting
 
 
@@ -14,6 +16,14 @@ class Summary:
     def __init__(self) -> None:
         self.rows: list[tuple[str, str, dict[str, Any]]] = []
         self.outcomes: dict[str, str] = {}
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        # the Outboxes as the test left them, before the fixtures' finalizers close theirs: a message
+        # still being retried then is "pending", not "given up" by the fixture's close()
+        record = reporting.record_of(item)
+        if record is not None and record.outboxes_wanted():
+            record.outbox_snapshots()
 
     def pytest_runtest_logreport(self, report: Any) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):

@@ -8,9 +8,11 @@ elements, not tens of thousands. Beyond MAX_LANES devices, lanes become about BA
 top of a band stacks the share of its devices in each connection state over time, the bottom carries
 the band's message ticks.
 
-A message an Outbox sent has its send tick at the application's submit time (`submitted`); one that
-got no acknowledgement and never reached the backend is a hollow circle there, given up or still
-pending (see `never_acked`), and a "messages in the lanes" table counts them.
+A message an Outbox sent has a send tick at the start of each attempt the Outbox kept (`attempts`;
+at the application's submit time, `submitted`, when it was never attempted) and its acknowledgement
+tick when the device got the acknowledgement (`device_acked`; the hub's `acked` otherwise). One that
+got no acknowledgement and never reached the backend is a hollow circle at its submit time, given up
+or still pending (see `never_acked`), and a "messages in the lanes" table counts them.
 
 Hovering a lane shows the nearest message's id; that small handler sits in an attribute of the <svg>
 (inline handlers still run where inserted <script> elements do not) and reads per-lane data attributes.
@@ -58,12 +60,13 @@ _FATE_TEXT = ["delivered", "never acknowledged; given up (lost)", "acknowledged,
               "never acknowledged; still pending when the test ended", "acknowledged; not in the backend's view yet",
               "delivered; the device never got the acknowledgement"]
 
-# !important on cell layout: a host page (pytest-html styles `#results-table td`) must not re-align the figures
+# !important on cell layout: a host page (pytest-html styles `#results-table td`) must not re-align the figures;
+# the plot's min-height lets the tallest hover text (five lines) fit beside a single lane without a scrollbar
 _CSS = """
 .iotf{font:13px/1.35 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f}
 .iotf h2{font-size:15px;margin:18px 0 6px;word-break:break-all}
 .iotf .iotf-body{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.iotf .iotf-plot{position:relative;overflow-x:auto;max-width:100%}
+.iotf .iotf-plot{position:relative;overflow-x:auto;max-width:100%;min-height:104px}
 .iotf svg{display:block;background:#fff}
 .iotf .iotf-tip{position:absolute;display:none;pointer-events:none;background:#222;color:#fff;
  padding:3px 6px;border-radius:3px;font-size:12px;white-space:pre;z-index:5}
@@ -91,11 +94,16 @@ _HOVER_JS = (
     "var b=null,d=7;[lo-1,lo].forEach(function(k){if(k>=0&&k<m.length&&Math.abs(m[k][0]-q.x)<d)"
     "{d=Math.abs(m[k][0]-q.x);b=m[k]}});"
     "if(!b){t.style.display='none';return}"
-    "var F=JSON.parse(s.getAttribute('data-fates')),D=g.iotfD||(g.iotfD=JSON.parse(g.getAttribute('data-d')));"
-    "t.textContent=b[1]+'\\n'+D[b[7]]+'\\n'+(F[b[2]]||'?')+'; '+(b[9]?'submitted':'sent')+' +'"
-    "+(b[3]/1000).toFixed(3)+'s'+(b[4]>1?' ('+b[4]+' attempts)':'')"
-    "+(b[8]>=0?', at the hub +'+(b[8]/1000).toFixed(3)+'s':'')+(b[5]>=0?', acked +'+(b[5]/1000).toFixed(3)+'s':'')"
-    "+(b[6]?', '+b[6]+' duplicate(s)':'');"
+    "var F=JSON.parse(s.getAttribute('data-fates')),D=g.iotfD||(g.iotfD=JSON.parse(g.getAttribute('data-d'))),"
+    "T=function(v){return '+'+(v/1000).toFixed(3)+'s'},A=b[10],x=[b[1],D[b[7]],"
+    "(F[b[2]]||'?')+'; '+(b[9]?'submitted':'sent')+' '+T(b[3])+(b[4]>1&&!A.length?' ('+b[4]+' attempts)':'')];"
+    # at most the first and the latest three attempts, so the text stays narrower than the plot
+    "if(A.length)x.push((b[4]>1?b[4]+' attempts':'attempt')+' started '"
+    "+(A.length>4?T(A[0])+', … '+A.slice(-3).map(T).join(', '):A.map(T).join(', ')));"
+    "var a=[];if(b[8]>=0)a.push('at the hub '+T(b[8]));"
+    "if(b[11]>=0)a.push('acknowledged at the device '+T(b[11]));else if(b[5]>=0)a.push('acked '+T(b[5]));"
+    "if(b[6])a.push(b[6]+' duplicate(s)');if(a.length)x.push(a.join(', '));"
+    "t.textContent=x.join('\\n');"
     # placed below-right of the pointer, or above / left of it where it would leave the plot (and scroll it)
     "t.style.display='block';var c=s.parentNode,r=c.getBoundingClientRect(),"
     "x=event.clientX-r.left+c.scrollLeft+12,y=event.clientY-r.top+12;"
@@ -137,10 +145,11 @@ def _time_range(test: dict[str, Any]) -> tuple[float, float]:
         for iv in d.get("states") or []:
             points += [v for v in (iv.get("from"), iv.get("to")) if v is not None]
         for m in d.get("messages") or []:
-            points += list(m.get("sent") or []) + list(m.get("failures") or [])
+            points += list(m.get("sent") or []) + list(m.get("failures") or []) + list(m.get("attempts") or [])
             if m.get("submitted") is not None:
                 points.append(m["submitted"])
-            points += [v for v in (m.get("acked"), m.get("delivered"), m.get("lost_at")) if v is not None]
+            points += [v for v in (m.get("acked"), m.get("device_acked"), m.get("delivered"), m.get("lost_at"))
+                       if v is not None]
             points += list(m.get("duplicates") or [])
     if not points:
         return 0.0, 1.0
@@ -163,9 +172,25 @@ def _send_time(m: dict[str, Any]) -> float | None:
     return float(sent[0]) if sent else None
 
 
+def _send_ticks(m: dict[str, Any]) -> list[float]:
+    """Each attempt an Outbox started, else its submit time (never attempted), else every arrival
+    the hub saw (a message no Outbox of the test sent)."""
+    if m.get("attempts"):
+        return list(m["attempts"])
+    if m.get("submitted") is not None:
+        return [m["submitted"]]
+    return list(m.get("sent") or [])
+
+
+def _ack_time(m: dict[str, Any]) -> float | None:
+    """When the device got the acknowledgement, else when the hub gave it."""
+    at = m.get("device_acked")
+    return at if at is not None else m.get("acked")
+
+
 def never_acked(m: dict[str, Any]) -> str | None:
     """"lost" or "pending" for a message that neither got an acknowledgement nor reached the backend."""
-    if m.get("acked") is not None or m.get("outbox_state") == "acknowledged":
+    if m.get("acked") is not None or m.get("device_acked") is not None or m.get("outbox_state") == "acknowledged":
         return None
     fate = m.get("fate")
     return "lost" if fate == "lost" else "pending" if fate == "in_flight" else None
@@ -175,11 +200,11 @@ def _ticks_of(messages: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k, *_ in TICKS}
     out.update({k: [] for k, *_ in MARKS})
     for m in messages:
-        # an Outbox's message: one send mark at its submit time; else every arrival the hub saw
-        out["send"] += [m["submitted"]] if m.get("submitted") is not None else (m.get("sent") or [])
+        out["send"] += _send_ticks(m)
         out["failed_attempt"] += m.get("failures") or []
-        if m.get("acked") is not None and m.get("fate") != "lost_in_failover":
-            out["ack"].append(m["acked"])
+        ack = _ack_time(m)
+        if ack is not None and m.get("fate") != "lost_in_failover":
+            out["ack"].append(ack)
         if m.get("delivered") is not None:
             out["delivery"].append(m["delivered"])
         out["duplicate"] += m.get("duplicates") or []
@@ -236,22 +261,25 @@ def _fate_index(m: dict[str, Any]) -> int:
 
 def _hover_data(group: Sequence[dict[str, Any]], sc: _Scale) -> str:
     """Per message, compactly: [x, id, fate text index, send ms, attempts, acked ms or -1, duplicates,
-    device index, first arrival at the hub ms or -1, 1 if the send time is the application's submit]."""
-    rows = []
+    device index, first arrival at the hub ms or -1, 1 if the send time is the application's submit,
+    [ms of each attempt start kept], device acknowledgement ms or -1]."""
+    def ms(t: float | None) -> int:
+        return -1 if t is None else round((t - sc.t0) * 1000)
+    rows: list[list[Any]] = []
     for di, d in enumerate(group):
         for m in d.get("messages") or []:
             sent = m.get("sent") or [sc.t0]
             at = _send_time(m)
             at = sc.t0 if at is None else at
-            acked = m.get("acked")
             outboxed = m.get("submitted") is not None
-            arrived = -1 if (not outboxed or m.get("fate") in ("lost", "in_flight")) else \
-                round((sent[0] - sc.t0) * 1000)
-            attempts = 1 + len(m.get("failures") or []) if outboxed else len(sent)
-            rows.append([round(sc.x(at), 1), redact(str(m.get("id", ""))), _fate_index(m),
-                         round((at - sc.t0) * 1000), attempts,
-                         -1 if acked is None else round((acked - sc.t0) * 1000), len(m.get("duplicates") or []), di,
-                         arrived, int(outboxed)])
+            arrived = -1 if (not outboxed or m.get("fate") in ("lost", "in_flight")) else ms(sent[0])
+            if m.get("attempt_count") is not None:
+                attempts = int(m["attempt_count"])
+            else:  # a report without attempt times: one attempt and one more per failure
+                attempts = 1 + len(m.get("failures") or []) if outboxed else len(sent)
+            rows.append([round(sc.x(at), 1), redact(str(m.get("id", ""))), _fate_index(m), ms(at), attempts,
+                         ms(m.get("acked")), len(m.get("duplicates") or []), di, arrived, int(outboxed),
+                         [ms(t) for t in m.get("attempts") or []], ms(m.get("device_acked"))])
     rows.sort(key=lambda r: r[0])
     return _attr_json(rows)
 
@@ -415,7 +443,7 @@ def _svg_fault(n: int, f: dict[str, Any], sc: "_Scale", t0: float, t1: float, he
 
 def _legend() -> str:
     items = [f'<span><i style="background:{c}"></i>{s}</span>' for s, c in STATE_COLOURS.items()]
-    names = {"send": "send (submitted)", "failed_attempt": "failed attempt", "ack": "acknowledged",
+    names = {"send": "send attempt", "failed_attempt": "failed attempt", "ack": "acknowledged (at the device)",
              "delivery": "delivered", "duplicate": "duplicate", "lost_in_failover": "lost in failover",
              "never_acked_lost": "never acknowledged, given up", "never_acked_pending": "never acknowledged, pending"}
     items += [f'<span><i style="background:{c};width:3px"></i>{names[k]}</span>' for k, c, *_ in TICKS]

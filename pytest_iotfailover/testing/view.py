@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..iothub.core import MethodResponse
@@ -83,6 +83,24 @@ class HubView:
         remember_device(dev.device_id, dev.primary_key, getattr(dev, "secondary_key", None))
         self._devices[dev.device_id] = dev
         return dev
+
+    def add_devices(self, device_ids: Iterable[str] | int) -> list[Device]:
+        """Several fresh identities for this test (removed at teardown): the given ids, or that
+        many new ones. The embedded hub makes them in bulk registry calls (backends/fake.py); a
+        hub without bulk creation makes them one by one."""
+        if isinstance(device_ids, int):
+            if isinstance(device_ids, bool) or device_ids < 1:
+                raise ValueError(f"add_devices needs a positive number of devices, got {device_ids!r}")
+            device_ids = [f"{self._slug}-{next(self._counter)}" for _ in range(device_ids)]
+        ids = list(device_ids)
+        bulk = getattr(self.hub, "create_devices", None)
+        if bulk is None:
+            return [self.add_device(device_id) for device_id in ids]
+        made = bulk(ids)
+        for dev in made:
+            remember_device(dev.device_id, dev.primary_key, getattr(dev, "secondary_key", None))
+            self._devices[dev.device_id] = dev
+        return made
 
     def remove_device(self, device_id: str) -> None:
         self._devices.pop(device_id, None)
