@@ -39,6 +39,24 @@ def test_records_read_back_as_they_were_given():
     assert ledger.items()[1].system_properties == {"message_id": "other"}
 
 
+def test_equal_property_bags_are_stored_once_and_read_back_in_their_own_order():
+    from pytest_iotfailover.iothub import ledger as ledger_module
+    ledger = Ledger()
+    for i in range(3):
+        ledger.record_message("d", f"m{i}", b"", {"a": "1", "b": "2"}, _sysprops(f"m{i}", "d"), 1.0)
+    ledger.record_message("d", "m3", b"", {"b": "2", "a": "1"}, _sysprops("m3", "d"), 1.0)
+    rows = [ledger._row(i) for i in range(4)]
+    assert rows[0][3] is rows[1][3] is rows[2][3] and rows[0][4] is rows[2][4]
+    assert list(ledger.items()[3].properties) == ["b", "a"]
+    # more distinct bags than the cache holds: every record still reads back as given
+    n = ledger_module._BLOB_CACHE_MAX + 10
+    for i in range(n):
+        ledger.record_message("e", None, b"", {"seq": str(i)}, {"content_type": str(i % 3)}, 2.0)
+    back = ledger.items(device_id="e")
+    assert [t.properties for t in back] == [{"seq": str(i)} for i in range(n)]
+    assert [t.system_properties for t in back] == [{"content_type": str(i % 3)} for i in range(n)]
+
+
 def test_indices_by_device_and_message_id():
     ledger = Ledger()
     _fill(ledger)
@@ -65,6 +83,11 @@ def test_mark_lost_in_failover_window_devices_and_views():
     assert [t.message_id for t in ledger.items(include_lost=False)] == ["m0", "m2"]
     assert ledger.count(include_lost=False) == 2 and ledger.count("b", include_lost=False) == 0
     assert len(ledger.items()) == 6   # nothing is removed
+    # records after the last one marked are not lost, nor is one marked later out of order
+    _fill(ledger, 2)
+    assert [t.lost_in_failover for t in ledger.items(since=5)] == [True, False, False]
+    assert ledger.mark_lost_in_failover(100.0, 101.0, ["a"]) == 2      # m0 of both fills
+    assert [t.message_id for t in ledger.items(include_lost=False)] == ["m2", "m1"]
 
 
 def test_stored_records_are_not_tracked_by_the_gc():

@@ -70,34 +70,34 @@ class Ledger:
     def __init__(self) -> None:
         # chunks of rows (device_id, message_id, body, properties blob, system-properties blob, flags):
         # every chunk but the last is a tuple; the last is the list being filled
-        self._chunks: list[Any] = [[]]
+        self._chunk: list[Any] = []
+        self._chunks: list[Any] = [self._chunk]
         self._n = 0
         self._at = array("d")
+        # 1 for a record lost in a failover; only as long as the last record marked
         self._lost = bytearray()
         self._lost_total = 0
         self._by_device: dict[str, array] = {}
         self._lost_by_device: dict[str, int] = {}
         self._first: dict[str, dict[str, int]] = {}  # device -> message id -> first record number
-        # equal property bags (the same few per device) share one bytes object
+        # items of a property bag -> its encoded form: equal bags (the same few per device)
+        # share one object and are encoded once
         self._blobs: dict[Any, Any] = {}
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def _shared(self, blob: Any) -> Any:
-        if blob is None:
-            return None
-        got = self._blobs.get(blob)
-        if got is not None:
-            return got
+    def _encoded(self, key: tuple[Any, ...], bag: dict[str, Any]) -> Any:
+        """A bag whose items `key` are not cached yet: encoded, cached and returned."""
         if len(self._blobs) >= _BLOB_CACHE_MAX:
             self._blobs.clear()
-        self._blobs[blob] = blob
+        blob = self._blobs[key] = _encode(bag)
         return blob
 
     def record(self, t: Telemetry) -> Telemetry:
         """Store `t` (its `duplicate` flag is set here) and return it."""
-        t.duplicate = self._store(t.device_id, t.message_id, t.body, t.properties,
-                                          t.system_properties, t.enqueued_at, t.dup, t.qos)
+        # Ledger's own method, not self's: a subclass's record_message may take the lock its record holds
+        t.duplicate = Ledger.record_message(self, t.device_id, t.message_id, t.body, t.properties,
+                                            t.system_properties, t.enqueued_at, t.dup, t.qos)
         if t.lost_in_failover:
             self._mark(self._n - 1)
         return t
@@ -106,10 +106,7 @@ class Ledger:
                        properties: dict[str, Any], system_properties: dict[str, Any],
                        enqueued_at: float, dup: bool = False, qos: int = 1) -> bool:
         """Store one message without building a `Telemetry`; True if it is a duplicate."""
-        return self._store(device_id, message_id, body, properties, system_properties, enqueued_at, dup, qos)
-
-    def _store(self, device_id: str, message_id: str | None, body: bytes, properties: dict[str, Any],
-               system_properties: dict[str, Any], enqueued_at: float, dup: bool, qos: int) -> bool:
+        # once per telemetry message: no helper calls on the common path
         n = self._n
         duplicate = False
         if message_id is not None:
@@ -129,19 +126,36 @@ class Ledger:
         if sysprops.get("connection_device_id") == device_id:
             flags |= _CONN
         if flags & (_MID | _CONN):
-            sysprops = {k: v for k, v in sysprops.items()
-                        if not ((k == "message_id" and flags & _MID)
-                                or (k == "connection_device_id" and flags & _CONN))}
+            # a copy less two keys is about half the cost of a filtering comprehension
+            sysprops = sysprops.copy()
+            if flags & _MID:
+                del sysprops["message_id"]
+            if flags & _CONN:
+                del sysprops["connection_device_id"]
+        # an equal bag (same items, same order) stored before: one tuple and one lookup
+        blobs = self._blobs
+        props_blob = sys_blob = None
+        if properties:
+            key = tuple(properties.items())
+            props_blob = blobs.get(key)
+            if props_blob is None:
+                props_blob = self._encoded(key, properties)
+        if sysprops:
+            key = tuple(sysprops.items())
+            sys_blob = blobs.get(key)
+            if sys_blob is None:
+                sys_blob = self._encoded(key, sysprops)
+        if type(body) is not bytes:
+            body = bytes(body)
         # columns and row first, the count after: a reader bounded by self._n sees whole rows
         self._at.append(enqueued_at)
-        self._lost.append(0)
-        chunk = self._chunks[-1]
-        chunk.append((device_id, message_id, bytes(body), self._shared(_encode(properties)),
-                      self._shared(_encode(sysprops)), flags))
+        chunk = self._chunk
+        chunk.append((device_id, message_id, body, props_blob, sys_blob, flags))
         if len(chunk) == _CHUNK:
             # a reader may hold the list or read the tuple: both have the same rows
             self._chunks[-1] = tuple(chunk)
-            self._chunks.append([])
+            self._chunk = []
+            self._chunks.append(self._chunk)
         self._n = n + 1
         index = self._by_device.get(device_id)
         if index is None:
@@ -149,9 +163,17 @@ class Ledger:
         index.append(n)
         return duplicate
 
+    def _lost_at(self, i: int) -> bool:
+        lost = self._lost
+        return i < len(lost) and lost[i] == 1
+
     def _mark(self, i: int) -> None:
-        if not self._lost[i]:
-            self._lost[i] = 1
+        lost = self._lost
+        if i >= len(lost):
+            # grown, never shrunk: a reader on another thread checks the length first
+            lost.extend(bytes(i + 1 - len(lost)))
+        if not lost[i]:
+            lost[i] = 1
             self._lost_total += 1
             dev = self._row(i)[0]
             self._lost_by_device[dev] = self._lost_by_device.get(dev, 0) + 1
@@ -204,7 +226,7 @@ class Ledger:
             system["connection_device_id"] = dev
         return Telemetry(dev, mid, body, _decode(props), system, self._at[i],
                          bool(flags & _DUP), bool(flags & _DUPLICATE), flags >> _QOS_SHIFT,
-                         bool(self._lost[i]))
+                         self._lost_at(i))
 
     def _indices(self, device_ids: Collection[str] | None, since: int) -> Iterable[int]:
         if device_ids is None:
@@ -225,7 +247,7 @@ class Ledger:
         Costs O(records returned) when a device is named."""
         if device_id is not None:
             device_ids = (device_id,)
-        lost = self._lost
         end = self._n
+        lost_at = self._lost_at
         return [self._build(i) for i in self._indices(device_ids, since)
-                if i < end and (include_lost or not lost[i])]
+                if i < end and (include_lost or not lost_at(i))]
