@@ -1,10 +1,12 @@
 """A regional failover's data loss as the unmodified azure-iot-device client and a backend see it
 (failover-facts.md "Data loss (RPO)"). The same rules on a fake clock: test_failover_rpo_memory.py."""
+import time
+
 import pytest
 from azure.iot.device import Message, exceptions
 from sdk_support import Inbox, bounded, make_client
 
-from pytest_iotfailover import HubOperationError, Outbox
+from pytest_iotfailover import DevicePool, HubOperationError, Outbox
 from pytest_iotfailover.testing.assertions import DeliveryReport, lost_in_failover_ids
 
 pytestmark = pytest.mark.timeout(30)
@@ -129,6 +131,32 @@ def test_outbox_replay_restores_end_to_end_delivery(hub, device, client):
     assert readable == set(ids)                          # nothing lost from what the backend reads
     assert set(outbox.replayed_ids) == set(ids[:10])     # what was acknowledged before the failover
     assert lost_in_failover_ids(hub) == set(ids[:10])    # the first copies are still gone
+
+
+def test_pool_replay_covers_lanes_that_saw_no_stall(hub):
+    """A failover is hub-wide: lane b had nothing waiting through it, so it never stalled, yet
+    what it had acknowledged just before is lost all the same and must go again."""
+    a, b = hub.add_device("lane-a"), hub.add_device("lane-b")
+    pool = DevicePool([a, b], server_verification_cert=hub.ca_pem, max_backoff=0.5)
+    try:
+        pool.connect(timeout=20)
+        with Outbox(pool, send_timeout=2, replay=120, replay_outage=1) as outbox:
+            before = [outbox.send(Message(f"{d.device_id}-{i}", message_id=f"{d.device_id}-{i}"),
+                                  device_id=d.device_id) for d in (a, b) for i in range(3)]
+            outbox.flush(timeout=20)
+            f = hub.faults.region_failover(outage=60, unread=60)
+            during = outbox.send(Message("a-during", message_id="a-during"), device_id=a.device_id)
+            # one attempt on lane a ran out its 2 s send timeout: a stall past replay_outage
+            deadline = time.monotonic() + 20
+            while not any(mid == during for mid, _, _ in outbox.failures):
+                assert time.monotonic() < deadline, "lane a's send never failed during the outage"
+                time.sleep(0.05)
+            f.cancel()
+            outbox.flush(timeout=30)
+        assert set(outbox.replayed_ids) == set(before)
+        assert {t.message_id for t in hub.telemetry()} == set(before) | {during}
+    finally:
+        pool.close(timeout=10)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -329,12 +329,11 @@ class OutboxCore:
             self._cond.notify_all()
 
     def _send_again(self, acked: _Entry) -> None:
-        """replay=: after a failover-length stall, what the lane had acknowledged just before it
-        goes first again (caller holds the lock)."""
-        lane = self._lanes[acked.device_id]
+        """replay=: after a failover-length stall, what the lanes had acknowledged just before it
+        goes first again, each on its own lane (caller holds the lock)."""
         for entry in reversed(self._replay.acked(acked.device_id, acked, acked.first_try, self._last_progress)):
             entry.state, entry.first_try = "pending", None
-            lane.entries.appendleft(entry)
+            self._lanes[entry.device_id].entries.appendleft(entry)
             self._pending += 1
             self.replayed_ids.append(entry.message_id)
 

@@ -3,8 +3,9 @@
 A regional failover loses messages the hub acknowledged but no backend had read yet
 (failover-facts.md "Data loss (RPO)", from reliability-iot-hub.md); the device cannot tell which.
 After a lane stalled for at least `outage` s (no acknowledgement while a message waited: the hub was
-away, longer than a blip), the lane re-sends every message it had acknowledged in the `seconds`
-before the stall began, with the same message ids: the backend deduplicates.
+away, longer than a blip), the outbox re-sends every message its lanes had acknowledged in the
+`seconds` before the stall began, each on its own lane, with the same message ids: the backend
+deduplicates.
 """
 import collections
 from typing import Any
@@ -29,10 +30,25 @@ class Replay:
         began = max(self._last_ack.get(lane_key, float("-inf")), first_try if first_try is not None else now)
         again: list[Any] = []
         if now - began >= self.outage:
-            again = [e for at, e in recent if began - self.seconds <= at <= began and e.state == "acked"]
-            recent.clear()
+            again = self._take(began - self.seconds, began)
         self._last_ack[lane_key] = now
         recent.append((now, entry))
         while recent and recent[0][0] < now - self.seconds:
             recent.popleft()
         return again
+
+    def _take(self, low: float, high: float) -> list[Any]:
+        """Every lane's entries acknowledged in [low, high], oldest first, forgotten here. A failover
+        is hub-wide: a pool's lane that had nothing waiting during the outage sees no stall of its
+        own, yet what it had acknowledged just before is as much at risk as the stalled lane's."""
+        taken: list[tuple[float, Any]] = []
+        for key, recent in self._recent.items():
+            kept: collections.deque[tuple[float, Any]] = collections.deque(maxlen=self.capacity)
+            for at, entry in recent:
+                if low <= at <= high and entry.state == "acked":
+                    taken.append((at, entry))
+                elif at > high:
+                    kept.append((at, entry))
+            self._recent[key] = kept
+        taken.sort(key=lambda pair: pair[0])
+        return [entry for _, entry in taken]
