@@ -21,6 +21,7 @@ class Replay:
         self.capacity = capacity
         self._recent: dict[Any, collections.deque[tuple[float, Any]]] = {}
         self._last_ack: dict[Any, float] = {}
+        self._replayed_until: float | None = None
 
     def acked(self, lane_key: Any, entry: Any, first_try: float | None, now: float) -> list[Any]:
         """Note `entry`'s acknowledgement at `now` (monotonic); the entries to send again, oldest first."""
@@ -30,7 +31,15 @@ class Replay:
         began = max(self._last_ack.get(lane_key, float("-inf")), first_try if first_try is not None else now)
         again: list[Any] = []
         if now - began >= self.outage:
-            again = self._take(began - self.seconds, began)
+            # Up to now, not to `began`: another lane may have had a message acknowledged after this
+            # lane's stall began and before the failover hit it. When another lane already replayed
+            # for this same outage, only up to where that replay reached: what was acknowledged
+            # since (its replays among them) came after the hub was back.
+            high = now
+            if self._replayed_until is not None and began <= self._replayed_until:
+                high = self._replayed_until
+            again = self._take(began - self.seconds, high)
+            self._replayed_until = high
         self._last_ack[lane_key] = now
         recent.append((now, entry))
         while recent and recent[0][0] < now - self.seconds:
@@ -47,7 +56,7 @@ class Replay:
             for at, entry in recent:
                 if low <= at <= high and entry.state == "acked":
                     taken.append((at, entry))
-                elif at > high:
+                else:
                     kept.append((at, entry))
             self._recent[key] = kept
         taken.sort(key=lambda pair: pair[0])
