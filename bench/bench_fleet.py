@@ -85,7 +85,8 @@ def run_once(count: int, args: argparse.Namespace, hub_args: list[str]) -> dict[
         finally:
             final = fleet.stop(timeout=30)
         missing = hub.missing_from_ledger(sorted(final.acknowledged_ids())) if final else ["no report"]
-        throttled = throttling(hub, done)
+        # the report as the fault ended has no reconnects yet: read it again now they are done
+        throttled = throttling(hub, hub.request("GET", f"/faults/{fault['id']}", timeout=120))
     recovery = report.recovery(done["started_at"], done["ended_at"])
     times = [t for t in recovery.values() if t is not None]
     return {"count": count, "processes": len(fleet.pids), "outage": done["ended_at"] - done["started_at"],
