@@ -591,10 +591,7 @@ class IoTHubCore(_DeviceToCloud, _CloudToDevice):
                  retain_property: str = "mqtt-retain", tier: Tier | None = None):
         super().__init__()
         self._init_tier_gate(HubThrottles(tier))
-        self.hostname = hostname
-        self.registry = registry
-        self.ledger = ledger
-        self.events = events
+        self.hostname, self.registry, self.ledger, self.events = hostname, registry, ledger, events
         self.token_grace = token_grace
         self.connect_timeout = connect_timeout
         self.max_unauthenticated = max_unauthenticated
