@@ -126,6 +126,17 @@ def test_plain_outbox_loses_what_the_failover_ate(hub, device, client):
     assert readable == set(ids[10:])
 
 
+def test_delivery_assertion_fails_at_once_when_the_outbox_has_nothing_left_to_send(hub, device, client):
+    from pytest_iotfailover import assert_all_delivered
+    _, _, outbox = run_outbox(hub, client)
+    assert outbox.pending == 0
+    # without the early verdict this would sit out its 120 s and say "not delivered within 120 s"
+    with pytest.raises(AssertionError, match=r"10 of 30 sent messages can never be delivered: the Outbox "
+                                             r"has nothing left to send") as err:
+        assert_all_delivered(hub, outbox, timeout=120)
+    assert "10 of 30 were acknowledged by the hub and then lost in the failover" in str(err.value)
+
+
 def test_outbox_replay_restores_end_to_end_delivery(hub, device, client):
     ids, readable, outbox = run_outbox(hub, client, replay=120)
     assert readable == set(ids)                          # nothing lost from what the backend reads
