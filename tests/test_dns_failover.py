@@ -127,7 +127,7 @@ def test_dns_stale_keeps_devices_failing_until_the_stale_answer_expires(hub, dev
         assert hub.dns.resolve(now=fo.ended_at + 4) == new
         stale = hub.wait_for_event("connect_refused", None, after=fo.ended_at, timeout=10,
                                    where=lambda e: e.detail.get("how") == "dns")
-        assert stale.detail["address"] == old and stale.at < fo.ended_at + 4
+        assert stale.detail["address"] == old
         back = hub.wait_for_event("connect", device.device_id, after=fo.started_at, timeout=20)
         assert back.at >= fo.ended_at + 4, "no device can reach the hub before the stale answer expires"
         bounded(c.send_message, Message("after", message_id="after"))

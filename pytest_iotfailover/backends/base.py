@@ -70,9 +70,10 @@ class Hub(abc.ABC):
         """Queue a C2D message. `ttl` (seconds) or `expiry_time` (epoch seconds or an aware
         datetime; default one hour, at most two days: 403009 beyond), `ack` for feedback."""
 
+    @abc.abstractmethod
     def feedback(self, device_ids: Collection[str] | None = None) -> list[Any]:
-        """C2D feedback records (iothub/c2d_lifecycle.FeedbackRecord) of `device_ids` (None: all)."""
-        raise NotImplementedError(f"the {self.kind} hub cannot read C2D feedback (iothub-ack)")
+        """C2D feedback records (iothub/c2d_lifecycle.FeedbackRecord) of `device_ids` (None: all);
+        a backend that cannot read them raises its own error saying why."""
 
     @abc.abstractmethod
     def invoke_method(self, device_id: str, method_name: str, payload: Any = None,
