@@ -1,5 +1,6 @@
 """Helpers for tests that drive the real azure-iot-device client against a FakeHub."""
 import threading
+import time
 
 from azure.iot.device import IoTHubDeviceClient
 from azure.iot.device.aio import IoTHubDeviceClient as AioIoTHubDeviceClient
@@ -46,3 +47,12 @@ class Inbox:
             if not self._cond.wait_for(lambda: any(predicate(i) for i in self.items), timeout):
                 raise TimeoutError(f"nothing matching arrived within {timeout:g} s; got {self.items!r}")
             return next(i for i in self.items if predicate(i))
+
+
+def wait_until(predicate, timeout, what):
+    """Poll a condition no event signals, up to `timeout` s; TimeoutError naming `what` if unmet."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout:g} s")
+        time.sleep(0.02)

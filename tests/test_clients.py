@@ -12,7 +12,7 @@ import time
 
 import pytest
 from azure.iot.device import Message, MethodResponse
-from sdk_support import Inbox, bounded
+from sdk_support import Inbox, bounded, wait_until
 
 from pytest_iotfailover.devices.backoff import Backoff
 from pytest_iotfailover.devices.pool import DeviceConnectionError, DevicePool, DeviceTimeoutError, create_client
@@ -43,14 +43,6 @@ def make_pool(hub):
 
 def add_devices(hub, count, prefix="dev"):
     return [hub.add_device(f"{prefix}{i}") for i in range(count)]
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:g} s")
-        time.sleep(0.02)  # polling a condition nothing signals
 
 
 def reconnects_after(hub, device_ids, since, timeout):

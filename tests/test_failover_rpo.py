@@ -1,10 +1,8 @@
 """A regional failover's data loss as the unmodified azure-iot-device client and a backend see it
 (failover-facts.md "Data loss (RPO)"). The same rules on a fake clock: test_failover_rpo_memory.py."""
-import time
-
 import pytest
 from azure.iot.device import Message, exceptions
-from sdk_support import Inbox, bounded, make_client
+from sdk_support import Inbox, bounded, make_client, wait_until
 
 from pytest_iotfailover import DevicePool, HubOperationError, Outbox
 from pytest_iotfailover.testing.assertions import DeliveryReport, lost_in_failover_ids
@@ -158,10 +156,8 @@ def test_pool_replay_covers_lanes_that_saw_no_stall(hub):
             f = hub.faults.region_failover(outage=60, unread=60)
             during = outbox.send(Message("a-during", message_id="a-during"), device_id=a.device_id)
             # one attempt on lane a ran out its 2 s send timeout: a stall past replay_outage
-            deadline = time.monotonic() + 20
-            while not any(mid == during for mid, _, _ in outbox.failures):
-                assert time.monotonic() < deadline, "lane a's send never failed during the outage"
-                time.sleep(0.05)
+            wait_until(lambda: any(mid == during for mid, _, _ in outbox.failures), 20,
+                       "a failed send on lane a during the outage")
             f.cancel()
             outbox.flush(timeout=30)
         assert set(outbox.replayed_ids) == set(before)

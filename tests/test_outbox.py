@@ -8,11 +8,10 @@ import asyncio
 import json
 import re
 import threading
-import time
 
 import pytest
 from azure.iot.device import Message, exceptions
-from sdk_support import bounded, make_client
+from sdk_support import bounded, make_client, wait_until
 
 from pytest_iotfailover.devices.outbox import AsyncOutbox, Outbox, OutboxClosed, OutboxFull
 
@@ -41,14 +40,6 @@ def hub_ids(hub, device_id=None):
 def first_seen(ids):
     """The ids in the order the hub first accepted them; re-deliveries left out."""
     return list(dict.fromkeys(ids))
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout:g} s")
-        time.sleep(0.02)  # polling a condition with no event to wait on
 
 
 # --- ids, order, message forms -----------------------------------------------------------------

@@ -12,13 +12,13 @@ import gc
 import json
 import re
 import threading
-import time
 import warnings
 from pathlib import Path
 
 import jsonschema
 import pytest
 from azure.iot.device import Message
+from sdk_support import wait_until
 
 from pytest_iotfailover import Outbox
 from pytest_iotfailover.devices import observers
@@ -62,7 +62,7 @@ def test_the_watch_snapshots_an_outbox_closed_and_dropped_before_teardown(hub, d
         del ob
         # the abandoned call for a0 holds the outbox until the hub reads it again and it returns
         dark.cancel()
-        _wait_until(lambda: gc.collect() >= 0 and ref() is None, 20, "the Outbox collected")
+        wait_until(lambda: gc.collect() >= 0 and ref() is None, 20, "the Outbox collected")
         [snap] = watch.snapshots()
         assert snap.name == "gone" and snap.closed
         records = {r.message_id: r for r in snap.messages}
@@ -77,14 +77,6 @@ def test_the_watch_snapshots_an_outbox_closed_and_dropped_before_teardown(hub, d
 def _weak(obj):
     import weakref
     return weakref.ref(obj)
-
-
-def _wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not within {timeout:g} s")
-        time.sleep(0.02)  # polling a condition nothing signals
 
 
 def test_a_failing_listener_is_a_warning_and_the_outbox_still_sends(hub, device, client):
@@ -149,7 +141,7 @@ def test_a_pools_pending_messages_are_placed_on_their_devices(hub):
             ob.send(Message("a", message_id="a"), device_id="pooled0")
             ob.send(Message("b", message_id="b"), device_id="pooled1")
             ob.send(Message("c", message_id="c"), device_id="pooled1")
-            _wait_until(lambda: "a" in ob.sent_ids, 20, "a acknowledged")
+            wait_until(lambda: "a" in ob.sent_ids, 20, "a acknowledged")
             [snap] = watch.snapshots()
         dark.cancel()
     finally:
@@ -190,7 +182,7 @@ def test_attempts_are_kept_within_a_bound_however_long_the_retries(hub, device, 
     try:
         ob.send(Message("r", message_id="r"))
         ob.send(Message("behind", message_id="behind"))
-        _wait_until(lambda: _record(ob, "r").attempt_count > ATTEMPTS_KEPT + 2, 90, "attempts beyond the bound")
+        wait_until(lambda: _record(ob, "r").attempt_count > ATTEMPTS_KEPT + 2, 90, "attempts beyond the bound")
         queued = _record(ob, "behind")
         assert (queued.attempts, queued.attempt_count, queued.acked_at) == ((), 0, None)  # never tried yet
         dark.cancel()
@@ -217,7 +209,7 @@ def test_the_summary_counts_what_the_outboxes_never_got_acknowledged(hub, device
         ob.flush(timeout=20)
         dark = _blackholed(hub, device)
         ob.send(Message("s1", message_id="s1"))
-        _wait_until(lambda: _record(ob, "s1").attempt_count, 20, "s1 being sent")
+        wait_until(lambda: _record(ob, "s1").attempt_count, 20, "s1 being sent")
         for mid in ("s2", "s3"):  # s2 is dropped for s3: the outbox holds two, s1 being sent
             ob.send(Message(mid, message_id=mid))
         assert ob.dropped_ids == ["s2"]
