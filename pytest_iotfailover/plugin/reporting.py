@@ -218,6 +218,7 @@ def summary_lines(rows: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
             for f in faults) or "no fault"
         d = s.get("delivery")
         deliv = (f"sent {d['sent']} delivered {d['delivered']} duplicates {d['duplicates']} lost {d['lost']}"
+                 + (f" lost in failover {d['lost_in_failover']}" if d.get("lost_in_failover") else "")
                  + (f" pending {d['pending']}" if d.get("pending") else "")
                  if d else "no delivery assertion")
         n = s.get("outboxes") or {}
