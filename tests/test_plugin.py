@@ -619,3 +619,14 @@ def test_a_delivery_failure_points_at_the_test_line(pytester, run):
     assert '>       assert_in_order(iothub, "one-id")' in out
     assert "1 of 1 sent messages were not delivered within 0.1 s" in out
     assert "assertions.py" not in out, out
+
+
+def test_summary_line_shows_the_failovers_loss_apart_from_lost():
+    from pytest_iotfailover.plugin.reporting import summary_lines
+    fault = {"fault": "region_failover", "target": None, "outage": 2.0, "time_to_detect": 0.01,
+             "time_to_recover": 0.02, "devices": 1, "recovered": True, "never_disconnected": 0}
+    delivery = {"sent": 100, "delivered": 81, "duplicates": 0, "lost": 0, "lost_in_failover": 19, "pending": 0}
+    [line] = summary_lines([("t", "xfailed", {"faults": [fault], "delivery": delivery})])
+    assert line.endswith("; sent 100 delivered 81 duplicates 0 lost 0 lost in failover 19")
+    [line] = summary_lines([("t", "passed", {"faults": [fault], "delivery": dict(delivery, lost_in_failover=0)})])
+    assert "in failover" not in line
