@@ -111,10 +111,8 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self._process()
             server = self.server
             if server.nap and not server.nap_due:
-                # once per loop iteration; on uvloop it runs before the next poll, on asyncio
-                # after the next (non-blocking) poll and before what that poll brought
-                server.nap_due = True
-                self.loop.call_soon(server.take_nap)
+                server.nap_due = True  # once per loop iteration
+                server.schedule_nap(server.take_nap)
         else:
             self.data_received(bytes(view[:nbytes]))
 
@@ -346,6 +344,12 @@ class HubServer:
         self.send_buffer_limit = send_buffer_limit
         self.nap = nap  # fakehub/nap.py; 0: never
         self.nap_due = False
+        # The nap must come after this iteration's callbacks and before the next poll. uvloop
+        # runs call_soon callbacks just before it polls; asyncio's own loop polls first and runs
+        # them ahead of what the poll brought, which would hold those messages for the nap too,
+        # but it runs due timers after them.
+        self.schedule_nap: Callable[[Callable[[], None]], Any] = \
+            (lambda fn: loop.call_later(0, fn)) if isinstance(loop, asyncio.BaseEventLoop) else loop.call_soon
         self._nap_checked = time.perf_counter()
         self.protocols: set[MqttTlsProtocol] = set()
         self.links: dict[Connection, MqttTlsProtocol] = {}
