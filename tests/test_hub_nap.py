@@ -16,6 +16,7 @@ from pytest_iotfailover.fakehub import cli
 from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV
 
 pytestmark = pytest.mark.timeout(60)
+pytest_plugins = ["pytester"]
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
@@ -115,3 +116,39 @@ def test_cli_nap_option(capsys):
             cli.build_parser().parse_args(["--nap", bad])
         assert exc.value.code == cli.EXIT_USAGE
         assert "--nap" in capsys.readouterr().err
+
+
+PLUGIN_TEST = """
+    from azure.iot.device import Message
+
+    def test_nap(iothub, iothub_device, device_client):
+        assert iothub.fake.nap == {expected}
+        device_client.send_message(Message("hi", message_id="m-1"))
+        got = iothub.fake.wait_for_telemetry(1, device_id=iothub_device.device_id, timeout=15)
+        assert got[0].message_id == "m-1"
+"""
+
+
+@pytest.mark.parametrize("how, env, args, expected", [
+    ("command line over ini", None, ["--iothub-nap", "0"], 0),
+    ("environment over ini", "0.002", [], 0.002),
+])
+def test_plugin_option_sets_the_session_hubs_nap(pytester, monkeypatch, how, env, args, expected):
+    monkeypatch.delenv("IOTHUB_CONNECTION_STRING", raising=False)
+    if env is None:
+        monkeypatch.delenv(NAP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(NAP_ENV, env)
+    pytester.makeini("[pytest]\niothub_nap = 0.001\n")
+    pytester.makepyfile(PLUGIN_TEST.format(expected=expected))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1)
+
+
+def test_plugin_option_refuses_a_bad_nap_and_is_in_help(pytester, monkeypatch):
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    pytester.makepyfile(PLUGIN_TEST.format(expected=0))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--iothub-nap", "1")
+    assert result.ret != 0
+    assert "--iothub-nap must be 0 (off) to 0.05 seconds" in result.stdout.str() + result.stderr.str()
+    assert "--iothub-nap" in pytester.runpytest_subprocess("--help").stdout.str()
