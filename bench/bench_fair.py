@@ -566,7 +566,9 @@ def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
         tls = None
         for g in generators:
             tls = g.read(args.phase_timeout)["tls"]
-        time.sleep(0.3)  # session tickets and CONNECT bookkeeping settle before the clock starts
+        # session tickets and CONNECT bookkeeping settle before the clock starts, and the hub
+        # naps again only a second after its last new connection (fakehub/server.py, take_nap)
+        time.sleep(1.2)
         server.check_alive()
         pids = [g.proc.pid for g in generators]
         cpu0, gcpu0, m0, t0 = server.cpu(), [bh.proc_cpu_seconds(x) for x in pids], machine_busy_seconds(), \
