@@ -521,11 +521,24 @@ class BaselineHubProcess(bh.HubProcess):
         self._tokens = {}
 
 
+def is_nap_kind(kind: str) -> bool:
+    """hub/<loop>@<ms>: this tree's hub with FakeHub(nap=<ms> / 1000), 0 for none (plain hub/<loop>
+    runs with the default nap; bench/README.md, "Coalescing wake-ups")."""
+    base, at, ms = kind.partition("@")
+    if not at or base not in ("hub/asyncio", "hub/uvloop"):
+        return False
+    try:
+        return 0 <= float(ms) <= 50  # FakeHub's maximum, fakehub/nap.py
+    except ValueError:
+        return False
+
+
 def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None,
                  baseline: str | None = None) -> bh.ServerProcess:
     name, _, loop = kind.partition("/")
+    loop, _, nap = loop.partition("@")
     if name == "hub":
-        return bh.HubProcess(devices, loop=loop)
+        return bh.HubProcess(devices, loop=loop, nap_ms=float(nap) if nap else None)
     if name == "base":
         assert baseline is not None  # main() refuses base/* without --baseline
         return BaselineHubProcess(baseline, devices, loop)
@@ -553,7 +566,9 @@ def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
         tls = None
         for g in generators:
             tls = g.read(args.phase_timeout)["tls"]
-        time.sleep(0.3)  # session tickets and CONNECT bookkeeping settle before the clock starts
+        # session tickets and CONNECT bookkeeping settle before the clock starts, and the hub
+        # naps again only a second after its last new connection (fakehub/server.py, take_nap)
+        time.sleep(1.2)
         server.check_alive()
         pids = [g.proc.pid for g in generators]
         cpu0, gcpu0, m0, t0 = server.cpu(), [bh.proc_cpu_seconds(x) for x in pids], machine_busy_seconds(), \
@@ -685,21 +700,24 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
         print(line)
     have = set(kinds)
     loops = [lp for lp in ("asyncio", "uvloop") if f"hub/{lp}" in have]
+    # hub/<loop>@<ms>: that hub with its nap set to <ms> milliseconds (bench_hub.py --nap)
+    hubs = [k for k in kinds if k.startswith("hub/")]
     print("\nratios of those medians (target: hub <= "
           f"{PACED_TARGET:g}x mosquitto paced, <= {BATCHED_TARGET:g}x batched)")
-    header = f"  {'scenario':<34} {'loop':<8} {'hub/mosquitto':>13} {'hub/floor':>9} {'floor/mosquitto':>15}  verdict"
+    header = f"  {'scenario':<34} {'hub':<14} {'hub/mosquitto':>13} {'hub/floor':>9} {'floor/mosquitto':>15}  verdict"
     print(header)
     for si, s in enumerate(scenarios):
         mosq = summarise(results[(si, "mosquitto")]) if results.get((si, "mosquitto")) else None
-        for lp in loops:
-            hub = summarise(results[(si, f"hub/{lp}")]) if results.get((si, f"hub/{lp}")) else None
+        for hk in hubs:
+            lp = hk[4:].partition("@")[0]
+            hub = summarise(results[(si, hk)]) if results.get((si, hk)) else None
             floor = summarise(results[(si, f"floor/{lp}")]) if results.get((si, f"floor/{lp}")) else None
             target = PACED_TARGET if s["mode"] == "paced" else BATCHED_TARGET
             hm, hf, fm = ratio(hub, mosq), ratio(hub, floor), ratio(floor, mosq)
             verdict = "-" if hm is None else ("met" if hm <= target else "MISSED")
             if any(m is not None and m["dropped"] is None for m in (hub, mosq, floor)):
                 verdict += " (a server never got the offered load: run again on a quieter machine)"
-            print(f"  {scenario_label(s):<34} {lp:<8} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
+            print(f"  {scenario_label(s):<34} {hk[4:]:<14} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
     base_loops = [lp for lp in loops if f"base/{lp}" in have]
     if base_loops:
         print("\nthis tree's hub against --baseline's (below 1: this one is cheaper)")
@@ -720,7 +738,8 @@ def parse_args(argv=None):
     ap.add_argument("--duration", type=float, default=4.0, help="seconds of sending per run")
     ap.add_argument("--servers", default=None,
                     help="comma-separated of hub/asyncio, hub/uvloop, floor/asyncio, floor/uvloop, mosquitto "
-                         "(default: all that are installed)")
+                         "(default: all that are installed); hub/<loop>@<ms>: that hub with FakeHub(nap=<ms> ms), "
+                         "@0 without napping")
     ap.add_argument("--generators", default="auto",
                     help="load generator processes per run: a number, or auto (1 paced below 10,000 msg/s, "
                          "else 2)")
@@ -788,11 +807,11 @@ def main(argv=None) -> int:
     if args.servers:
         kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
         unknown = [k for k in kinds if k not in ("hub/asyncio", "hub/uvloop", "floor/asyncio", "floor/uvloop",
-                                                 "mosquitto", "base/asyncio", "base/uvloop")]
+                                                 "mosquitto", "base/asyncio", "base/uvloop") and not is_nap_kind(k)]
         if unknown:
             print(f"bench_fair: unknown --servers {', '.join(unknown)}", file=sys.stderr)
             return 2
-        missing = [k for k in kinds if k not in available]
+        missing = [k for k in kinds if k.partition("@")[0] not in available]
         if missing:
             print(f"bench_fair: not installed: {', '.join(missing)} (uvloop: pip install '.[fast]'; "
                   "mosquitto: apt-get install -y mosquitto)", file=sys.stderr)

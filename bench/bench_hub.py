@@ -124,13 +124,14 @@ def _die_with_parent() -> None:
 
 # =============================================================================== hub child
 
-def hub_child_main(devices: int, profile_path: str | None, loop: str | None = None) -> int:
+def hub_child_main(devices: int, profile_path: str | None, loop: str | None = None,
+                   nap: float | None = None) -> int:
     """Runs in the child: a FakeHub, driven by one-line commands on stdin, answering on stdout."""
     from pytest_iotfailover.fakehub.hub import FakeHub
 
     raise_nofile(devices + 1024)
     out = sys.stdout
-    hub = FakeHub("benchhub", port=0, loop=loop, tier=None)
+    hub = FakeHub("benchhub", port=0, loop=loop, tier=None, nap=nap)
     hub.start()
     profiler = None
     try:
@@ -209,8 +210,10 @@ class HubProcess(ServerProcess):
     name = "hub"
 
     def __init__(self, devices: int, profile_path: str | None = None, timeout: float = 60.0,
-                 loop: str | None = None):
+                 loop: str | None = None, nap_ms: float | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--hub-child", "--devices", str(devices)]
+        if nap_ms is not None:
+            cmd += ["--nap", str(nap_ms)]
         if profile_path:
             cmd += ["--profile-out", profile_path]
         if loop:
@@ -678,6 +681,7 @@ def parse_args(argv=None):
     ap.add_argument("--hub-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
+    ap.add_argument("--nap", type=float, default=None, help=argparse.SUPPRESS)  # ms; FakeHub(nap=) in s
     args = ap.parse_args(argv)
     if args.quick:
         args.connections, args.messages, args.idle = "1,10", 2000, 200
@@ -779,7 +783,8 @@ async def bench(args, workdir: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.hub_child:
-        return hub_child_main(args.devices, args.profile_out, args.loop)
+        return hub_child_main(args.devices, args.profile_out, args.loop,
+                              None if args.nap is None else args.nap / 1000)
     check_encoder()
     raise_nofile(max(args.idle, max(args.connection_counts)) + 1024)
     # SIGTERM takes the same clean-up path as an exception

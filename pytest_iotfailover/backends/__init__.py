@@ -33,7 +33,8 @@ def open_backend(settings: Any, state_store: Any = None, progress: Any = None) -
         from .fake import FakeBackend
         return FakeBackend(settings.hub_name, tier=getattr(settings, "tier", "S1"),
                            units=getattr(settings, "tier_units", 1), dns=getattr(settings, "dns", False),
-                           throttle_setup=getattr(settings, "throttle_setup", False))
+                           throttle_setup=getattr(settings, "throttle_setup", False),
+                           nap=getattr(settings, "nap", None))
     try:
         from .real.arm import ArmFailover
         from .real.backend import RealBackend

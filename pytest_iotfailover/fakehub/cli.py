@@ -22,6 +22,7 @@ from ..iothub.registry import check_device_id
 from .control_api import REQUEST_TIMEOUT, ControlServer
 from .descriptors import raise_fd_limit as _raise_fd_limit
 from .hub import LOOP_CHOICES, LOOP_ENV, FakeHub, HubInternalError
+from .nap import DEFAULT_NAP, MAX_NAP, NAP_ENV, resolve_nap
 
 PROG = "iotfailover-hub"
 EXIT_USAGE = 2
@@ -57,6 +58,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _nap_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    try:
+        return resolve_nap(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run a fake Azure IoT Hub that unmodified device SDKs can connect to.",
                 epilog="The info file holds device keys and the control token, so it is written with mode "
@@ -82,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=LOOP_CHOICES, default=None,
                    help=f"event loop of the hub: uvloop (installed by the [fast] extra) or plain asyncio; "
                         f"auto takes uvloop when it is installed (default: ${LOOP_ENV}, else auto)")
+    p.add_argument("--nap", type=_nap_seconds, default=None, metavar="SECONDS",
+                   help=f"how long the hub sleeps after a busy wake-up so the next one handles several "
+                        f"connections' messages at once; 0 turns it off, at most {MAX_NAP:g} "
+                        f"(default: ${NAP_ENV}, else {DEFAULT_NAP:g})")
     p.add_argument("--tier", default="S1", metavar="TIER",
                    help="IoT Hub tier whose throttles the hub enforces: Free, B1-B3, S1-S3, or none for no "
                         "throttling (default: %(default)s)")
@@ -263,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_args(args)
         tier = None if args.tier.strip().lower() in ("none", "off") else args.tier
         hub = FakeHub(args.hub_name, host=args.host, port=args.port, loop=args.loop, tier=tier,
-                      units=args.tier_units)
+                      units=args.tier_units, nap=args.nap)
     except (UsageError, ValueError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     fd_limit = _raise_fd_limit()

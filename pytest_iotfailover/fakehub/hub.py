@@ -22,6 +22,7 @@ from .descriptors import ACCEPT_ERRNOS, AcceptGuard, raise_fd_limit
 from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .hub_limits import LimitsFace
+from .nap import resolve_nap
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 from .shaping import ServiceShaping
 
@@ -133,6 +134,8 @@ class FakeHub(LimitsFace, ServiceShaping):
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
     reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
+    `nap`: seconds the hub thread sleeps after a busy wake-up (fakehub/nap.py; 0 off, None reads
+    IOTFAILOVER_NAP, then 5 ms).
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -142,11 +145,12 @@ class FakeHub(LimitsFace, ServiceShaping):
                  max_unauthenticated: int = MAX_UNAUTHENTICATED,
                  send_buffer_pause: int = SEND_BUFFER_PAUSE, send_buffer_limit: int = SEND_BUFFER_LIMIT,
                  loop: str | None = None, tier: str | None = "S1", units: int = 1, dns: bool = False,
-                 shaping: Shaping | Mapping[Operation, Shaping] | None = None):
+                 shaping: Shaping | Mapping[Operation, Shaping] | None = None, nap: float | None = None):
         # uvloop's faster wake-ups matter at IoT-like rates (bench/README.md); asyncio is the fallback
         self.loop_name, self._new_loop = select_loop(loop)
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
                         max_connect_size, max_unauthenticated, send_buffer_pause, send_buffer_limit)
+        self.nap = resolve_nap(nap)
         self._limits = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
                         "send_buffer_limit": send_buffer_limit}
         self._max_unauthenticated = max_unauthenticated
@@ -234,7 +238,8 @@ class FakeHub(LimitsFace, ServiceShaping):
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             self._install_shaping(core)
             assert self._loop is not None
-            self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
+            self._server = HubServer(core, self.certificates.server_context(), self._loop, nap=self.nap,
+                                     **self._limits)
             self._core = core
             if self.dns is not None:
                 self.dns.attach(self._server, host, self.event_log)

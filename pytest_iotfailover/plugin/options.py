@@ -51,6 +51,17 @@ def _positive_seconds(flag: str, raw: str) -> float:
     return value
 
 
+def _nap(flag: str, raw: str) -> float:
+    from ..fakehub.nap import MAX_NAP
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise SettingsError(f"{flag} must be a number of seconds, got {raw!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= MAX_NAP):
+        raise SettingsError(f"{flag} must be 0 (off) to {MAX_NAP:g} seconds, got {raw!r}")
+    return value
+
+
 def _hub_name(flag: str, raw: str) -> str:
     from ..fakehub.hub import _HUB_NAME
     value = str(raw).strip()
@@ -206,6 +217,10 @@ OPTIONS = (
            "embedded hub: devices dial it by a host name resolved inside the test process, which "
            "failover(dns=True) moves; clients in other processes (iothub_fleet) cannot resolve it",
            _boolean, False, flag_only=True),
+    Option("iothub_nap", "--iothub-nap", "IOTFAILOVER_NAP",
+           "embedded hub: seconds it sleeps after a busy wake-up while device data comes closely, so "
+           "that it handles several connections' messages at once (an answer can wait that long); "
+           "0: off; default: 0.005", _nap, None, metavar="SECONDS"),
     Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
            "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
            "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
@@ -249,6 +264,7 @@ class Settings:
     tier_units: int = 1
     throttle_setup: bool = False
     dns: bool = False
+    nap: float | None = None           # None: fakehub/nap.py's default
     eventhub_connection_string: str | None = field(default=None, repr=False)
     allow_failover: str | None = None
     subscription: str | None = None
@@ -277,7 +293,7 @@ _FIELDS = {"iothub_connection": "connection_string", "iothub_hub_name": "hub_nam
            "iothub_keep_alive": "keep_alive", "iothub_retry_interval": "retry_interval",
            "iothub_timeout": "timeout", "iothub_outage": "outage",
            "iothub_tier": "tier", "iothub_tier_units": "tier_units", "iothub_throttle_setup": "throttle_setup",
-           "iothub_dns": "dns",
+           "iothub_dns": "dns", "iothub_nap": "nap",
            "iothub_eventhub_connection": "eventhub_connection_string", "iothub_allow_failover": "allow_failover",
            "iothub_subscription": "subscription", "iothub_resource_group": "resource_group",
            "iothub_failback": "failback", "iothub_slo": "slo", "iothub_report": "report",

@@ -1,0 +1,154 @@
+"""The hub's nap (fakehub/nap.py): with it on or off the hub acknowledges and delivers as before.
+
+What the nap saves is CPU per message under load, measured by bench/bench_fair.py, not here; these
+tests only check that the option is honoured and changes nothing a device or a test can observe
+apart from timing.
+"""
+import importlib.util
+import threading
+
+import pytest
+from azure.iot.device import Message
+from sdk_support import Inbox, bounded, make_client
+
+from pytest_iotfailover import FakeHub
+from pytest_iotfailover.fakehub import cli
+from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV
+
+pytestmark = pytest.mark.timeout(60)
+pytest_plugins = ["pytester"]
+
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+class NapCounter:
+    """Counts the hub thread's nap checks: one per loop iteration that read device data."""
+
+    def __init__(self, server):
+        self.calls = 0
+        self._take = server.take_nap
+        server.take_nap = self
+
+    def __call__(self):
+        self.calls += 1
+        self._take()
+
+
+def exchange(hub, device_ids, messages=15):
+    """Clients of `device_ids` send at once, each gets a C2D message and patches its twin."""
+    clients = [make_client(hub, hub.add_device(d)) for d in device_ids]
+    inboxes = []
+    try:
+        for client in clients:
+            bounded(client.connect)
+            inbox = Inbox()
+            client.on_message_received = inbox
+            inboxes.append(inbox)
+        failures = []
+
+        def send(client, device_id):
+            try:
+                for i in range(messages):
+                    bounded(client.send_message, Message(str(i), message_id=f"{device_id}-{i}"))
+            except BaseException as exc:  # reported below, in the test's thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=send, args=(c, d)) for c, d in zip(clients, device_ids)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not failures and not any(t.is_alive() for t in threads), failures
+        for device_id in device_ids:
+            got = hub.wait_for_telemetry(messages, device_id=device_id)
+            assert [t.message_id for t in got] == [f"{device_id}-{i}" for i in range(messages)]
+        for client, device_id, inbox in zip(clients, device_ids, inboxes):
+            hub.send_c2d(device_id, f"to {device_id}")
+            assert inbox.wait(1)[0].data == f"to {device_id}".encode()
+            bounded(client.patch_twin_reported_properties, {"fw": device_id})
+            assert hub.get_twin(device_id)["reported"]["fw"] == device_id
+    finally:
+        for client in clients:
+            bounded(client.shutdown)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("nap", [0, None, MAX_NAP], ids=["off", "default", "longest"])
+def test_devices_are_acknowledged_and_served_with_the_nap_on_and_off(monkeypatch, loop, nap):
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    with FakeHub("naphub", loop=loop, nap=nap) as hub:
+        assert hub.nap == (DEFAULT_NAP if nap is None else nap)
+        counter = NapCounter(hub._server)
+        exchange(hub, ["nap-a", "nap-b", "nap-c"])
+        # napping is off at 0; otherwise every iteration that read device data considers it
+        assert (counter.calls > 0) == bool(hub.nap)
+        assert hub.errors == []
+
+
+def test_env_var_sets_the_nap_and_the_argument_wins(monkeypatch):
+    monkeypatch.setenv(NAP_ENV, "0")
+    assert FakeHub("naphub").nap == 0
+    assert FakeHub("naphub", nap=0.002).nap == 0.002
+    monkeypatch.setenv(NAP_ENV, " ")
+    assert FakeHub("naphub").nap == DEFAULT_NAP
+
+
+@pytest.mark.parametrize("value", [-0.001, MAX_NAP * 2, float("nan"), True, "0.001"])
+def test_bad_nap_argument_is_refused_by_name(monkeypatch, value):
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    with pytest.raises((TypeError, ValueError), match=r"\bnap\b"):
+        FakeHub("naphub", nap=value)
+
+
+@pytest.mark.parametrize("text", ["soon", "-1", "1", "inf"])
+def test_bad_nap_env_var_is_refused_by_name(monkeypatch, text):
+    monkeypatch.setenv(NAP_ENV, text)
+    with pytest.raises(ValueError, match=NAP_ENV):
+        FakeHub("naphub")
+
+
+def test_cli_nap_option(capsys):
+    assert cli.build_parser().parse_args(["--nap", "0"]).nap == 0
+    assert cli.build_parser().parse_args(["--nap", "0.002"]).nap == 0.002
+    assert cli.build_parser().parse_args([]).nap is None
+    for bad in ("soon", "-1", "1"):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["--nap", bad])
+        assert exc.value.code == cli.EXIT_USAGE
+        assert "--nap" in capsys.readouterr().err
+
+
+PLUGIN_TEST = """
+    from azure.iot.device import Message
+
+    def test_nap(iothub, iothub_device, device_client):
+        assert iothub.fake.nap == {expected}
+        device_client.send_message(Message("hi", message_id="m-1"))
+        got = iothub.fake.wait_for_telemetry(1, device_id=iothub_device.device_id, timeout=15)
+        assert got[0].message_id == "m-1"
+"""
+
+
+@pytest.mark.parametrize("how, env, args, expected", [
+    ("command line over ini", None, ["--iothub-nap", "0"], 0),
+    ("environment over ini", "0.002", [], 0.002),
+])
+def test_plugin_option_sets_the_session_hubs_nap(pytester, monkeypatch, how, env, args, expected):
+    monkeypatch.delenv("IOTHUB_CONNECTION_STRING", raising=False)
+    if env is None:
+        monkeypatch.delenv(NAP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(NAP_ENV, env)
+    pytester.makeini("[pytest]\niothub_nap = 0.001\n")
+    pytester.makepyfile(PLUGIN_TEST.format(expected=expected))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    result.assert_outcomes(passed=1)
+
+
+def test_plugin_option_refuses_a_bad_nap_and_is_in_help(pytester, monkeypatch):
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    pytester.makepyfile(PLUGIN_TEST.format(expected=0))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--iothub-nap", "1")
+    assert result.ret != 0
+    assert "--iothub-nap must be 0 (off) to 0.05 seconds" in result.stdout.str() + result.stderr.str()
+    assert "--iothub-nap" in pytester.runpytest_subprocess("--help").stdout.str()
