@@ -133,9 +133,8 @@ class FakeHub(LimitsFace, ServiceShaping):
     Runs its own event loop in a background thread. Every public method may be called from any
     thread (including from inside an `async` test) and errors inside the hub surface here.
     `loop` picks that event loop: "asyncio", "uvloop", or "auto" (uvloop when installed); None
-    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: see fakehub/dns.py.
-    `nap`: seconds the hub thread sleeps after a busy wake-up (fakehub/nap.py; 0 off, None reads
-    IOTFAILOVER_NAP, then 5 ms).
+    reads IOTFAILOVER_LOOP, then means "auto". `loop_name` says which one runs. `dns`: fakehub/dns.py.
+    `nap`: the hub thread's sleep after a busy wake-up (fakehub/nap.py: 0 off, None IOTFAILOVER_NAP).
     """
 
     def __init__(self, hub_name: str = "testhub", *, host: str | None = None, port: int = 8883,
@@ -151,8 +150,8 @@ class FakeHub(LimitsFace, ServiceShaping):
         _check_settings(hub_name, port, host, allow_remote, token_grace, connect_timeout, max_events,
                         max_connect_size, max_unauthenticated, send_buffer_pause, send_buffer_limit)
         self.nap = resolve_nap(nap)
-        self._limits = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
-                        "send_buffer_limit": send_buffer_limit}
+        self._limits: dict[str, Any] = {"max_connect_size": max_connect_size, "send_buffer_pause": send_buffer_pause,
+                                        "send_buffer_limit": send_buffer_limit, "nap": self.nap}
         self._max_unauthenticated = max_unauthenticated
         # IoT Hub's per-tier throttles (iothub/tiers.py); None: unthrottled (benchmarks)
         self.tier: Tier | None = None if tier is None else Tier.lookup(tier, units)
@@ -238,8 +237,7 @@ class FakeHub(LimitsFace, ServiceShaping):
             core.faults.new_flag = threading.Event  # FaultHandle.wait() blocks on these
             self._install_shaping(core)
             assert self._loop is not None
-            self._server = HubServer(core, self.certificates.server_context(), self._loop, nap=self.nap,
-                                     **self._limits)
+            self._server = HubServer(core, self.certificates.server_context(), self._loop, **self._limits)
             self._core = core
             if self.dns is not None:
                 self.dns.attach(self._server, host, self.event_log)
