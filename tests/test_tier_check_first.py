@@ -1,9 +1,8 @@
 """A throttled service call is checked before it is booked (fakehub/shaping.py, iothub/tier_gate.py).
 
 A call refused for its arguments is refused at once: it takes nothing from the tier's budget, so
-the throttle's counters and events are exactly what they were before it. The queues are set so
-that any booking after the first would wait (`burst_seconds=1.0`): a call that was booked shows
-as a `throttle_delay` event and a `delayed` count, one that was not shows as nothing at all.
+the throttle's counters and events are exactly what they were before it: a call that was booked
+shows as an `admitted` or `delayed` count, one that was not shows as nothing at all.
 """
 import time
 
@@ -27,6 +26,14 @@ def _throttle_trace(hub, operation):
     return (stats.admitted, stats.delayed, stats.rejected), len(events)
 
 
+def _booked_twice(trace):
+    """The first call and the next good one were booked, nothing else. Whether the second waited
+    depends on how long the refused call took (the bucket refills meanwhile; on a busy machine it
+    can be full again), so either way counts: admitted or delayed, with one event per delay."""
+    (admitted, delayed, rejected), events = trace
+    return admitted + delayed == 2 and rejected == 0 and events == delayed
+
+
 @pytest.mark.parametrize("call, error, code", [
     (lambda hub: hub.send_c2d("d", b"x", ttl=3 * 86400), HubOperationError, 403009),
     (lambda hub: hub.send_c2d("d", b"x" * (64 * 1024 + 1)), HubOperationError, 400000),
@@ -48,7 +55,7 @@ def test_a_c2d_send_refused_for_its_arguments_is_refused_at_once_and_books_nothi
         assert _throttle_trace(hub, C2D) == before, "the refused send must not have been booked"
         # the budget is intact: the next good send is booked (and waits its turn) as usual
         hub.send_c2d("d", b"second")
-        assert _throttle_trace(hub, C2D) == ((1, 1, 0), 1)
+        assert _booked_twice(_throttle_trace(hub, C2D))
 
 
 @pytest.mark.parametrize("call, error", [
@@ -69,7 +76,7 @@ def test_a_registry_call_refused_for_its_arguments_is_refused_at_once_and_books_
         assert _throttle_trace(hub, REGISTRY) == before, "the refused call must not have been booked"
         assert sorted(d.device_id for d in hub.devices) == ["taken"]
         hub.add_device("next")
-        assert _throttle_trace(hub, REGISTRY) == ((1, 1, 0), 1)
+        assert _booked_twice(_throttle_trace(hub, REGISTRY))
 
 
 def test_the_outage_still_comes_before_the_argument_checks():
