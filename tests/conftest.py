@@ -1,10 +1,19 @@
 """Fixtures several test modules share. Modules that need another kind of hub define their own."""
+import os
+
 import pytest
 import trustme
 from azure.iot.device import exceptions
 from sdk_support import bounded, make_client
 
 from pytest_iotfailover import FakeHub
+from pytest_iotfailover.fakehub.hub import LOOP_ENV
+
+# The test extra installs uvloop, which `auto` would pick for every hub. Most users run plain
+# asyncio (the examples extra has no uvloop), so the suite's hubs do too unless the environment
+# says otherwise; the uvloop cases ask for it by name, and tests/test_examples.py runs the
+# examples on `auto`.
+os.environ.setdefault(LOOP_ENV, "asyncio")
 
 
 @pytest.fixture
