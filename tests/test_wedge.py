@@ -288,7 +288,10 @@ def test_reset_after_connack_kills_the_network_thread_and_revive_brings_the_clie
         hub.wait_for_telemetry(2, device_id=dev.device_id, timeout=_IO_TIMEOUT)
         assert {"held-1", "stuck-1"} <= _delivered(hub, dev.device_id)
         assert proxy.wait_steps(at_death + 1)[at_death] == "forward"
-        assert wedge.diagnose(client) is None and client.connected
+        # the SDK sets `connected` from its own callback thread, after paho has already re-sent
+        # the held publish from its CONNACK handler: the telemetry can be in before the flag is
+        _wait(lambda: client.connected, _IO_TIMEOUT, "the SDK to report connected again")
+        assert wedge.diagnose(client) is None
         assert not wedge.revive(client), "a second revive of a healthy client must do nothing"
     finally:
         bounded(client.shutdown, timeout=15)
