@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from azure.iot.device import Message
-from sdk_support import Inbox, bounded, make_client
+from sdk_support import Inbox, bounded, make_client, wait_until
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.fakehub import cli
@@ -152,3 +152,44 @@ def test_plugin_option_refuses_a_bad_nap_and_is_in_help(pytester, monkeypatch):
     assert result.ret != 0
     assert "--iothub-nap must be 0 (off) to 0.05 seconds" in result.stdout.str() + result.stderr.str()
     assert "--iothub-nap" in pytester.runpytest_subprocess("--help").stdout.str()
+
+
+def test_a_lone_sender_is_never_held_and_two_senders_are(monkeypatch):
+    """One connection that waits on each PUBACK gains nothing from a nap; two sending at once do."""
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    with FakeHub("naphub", nap=MAX_NAP) as hub:
+        clients = [make_client(hub, hub.add_device(d)) for d in ("lone", "other")]
+        try:
+            for client in clients:
+                bounded(client.connect)
+            # past the hub's no-nap second after a new connection, without waiting it out
+            hub._call(lambda: setattr(hub._server, "last_open", float("-inf")))
+            # the first message after the other device's traffic may meet one nap: from then on
+            # only this connection sends, so none
+            bounded(clients[0].send_message, Message("first", message_id="lone-first"))
+            before = hub._call(lambda: hub._server.naps)
+            for i in range(30):
+                bounded(clients[0].send_message, Message(str(i), message_id=f"lone-{i}"))
+            assert hub._call(lambda: hub._server.naps) == before
+            stop = threading.Event()
+
+            def keep_sending(client, name):
+                i = 0
+                while not stop.is_set() and i < 2000:
+                    bounded(client.send_message, Message(str(i), message_id=f"{name}-{i}"))
+                    i += 1
+
+            threads = [threading.Thread(target=keep_sending, args=(c, n), daemon=True)
+                       for c, n in zip(clients, ("a", "b"))]
+            for t in threads:
+                t.start()
+            try:
+                wait_until(lambda: hub._call(lambda: hub._server.naps) > before, 30, "a nap with two senders")
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(30)
+        finally:
+            for client in clients:
+                bounded(client.shutdown)
+        assert hub.errors == []
