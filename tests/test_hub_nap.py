@@ -13,7 +13,7 @@ from sdk_support import Inbox, bounded, make_client, wait_until
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.fakehub import cli
-from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV
+from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV, wants_nap
 
 pytestmark = pytest.mark.timeout(60)
 pytest_plugins = ["pytester"]
@@ -154,42 +154,55 @@ def test_plugin_option_refuses_a_bad_nap_and_is_in_help(pytester, monkeypatch):
     assert "--iothub-nap" in pytester.runpytest_subprocess("--help").stdout.str()
 
 
-def test_a_lone_sender_is_never_held_and_two_senders_are(monkeypatch):
-    """One connection that waits on each PUBACK gains nothing from a nap; two sending at once do."""
+class MixedLog:
+    """Records, for each nap check of the hub thread, whether more than one connection had sent."""
+
+    def __init__(self, server):
+        self.seen = []
+        self._server = server
+        self._take = server.take_nap
+        server.take_nap = self
+
+    def __call__(self):
+        self.seen.append(self._server.nap_mixed)
+        self._take()
+
+
+def test_a_lone_sender_is_never_held_and_a_second_sender_makes_the_hub_consider_a_nap(monkeypatch):
+    """One connection that waits on each PUBACK gains nothing from a nap; two sending can.
+    Whether a nap is then taken also depends on time (wants_nap, tested below); here only what
+    the connections did decides."""
     monkeypatch.delenv(NAP_ENV, raising=False)
     with FakeHub("naphub", nap=MAX_NAP) as hub:
         clients = [make_client(hub, hub.add_device(d)) for d in ("lone", "other")]
         try:
             for client in clients:
                 bounded(client.connect)
-            # past the hub's no-nap second after a new connection, without waiting it out
-            hub._call(lambda: setattr(hub._server, "last_open", float("-inf")))
-            # the first message after the other device's traffic may meet one nap: from then on
-            # only this connection sends, so none
+            # the first message after the other device's traffic counts as a second sender
             bounded(clients[0].send_message, Message("first", message_id="lone-first"))
-            before = hub._call(lambda: hub._server.naps)
+            log = hub._call(lambda: MixedLog(hub._server))
+            naps = hub._call(lambda: hub._server.naps)
             for i in range(30):
                 bounded(clients[0].send_message, Message(str(i), message_id=f"lone-{i}"))
-            assert hub._call(lambda: hub._server.naps) == before
-            stop = threading.Event()
-
-            def keep_sending(client, name):
-                i = 0
-                while not stop.is_set() and i < 2000:
-                    bounded(client.send_message, Message(str(i), message_id=f"{name}-{i}"))
-                    i += 1
-
-            threads = [threading.Thread(target=keep_sending, args=(c, n), daemon=True)
-                       for c, n in zip(clients, ("a", "b"))]
-            for t in threads:
-                t.start()
-            try:
-                wait_until(lambda: hub._call(lambda: hub._server.naps) > before, 30, "a nap with two senders")
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(30)
+            lone = hub._call(lambda: list(log.seen))
+            assert lone and not any(lone)
+            assert hub._call(lambda: hub._server.naps) == naps  # never held
+            bounded(clients[1].send_message, Message("other", message_id="other-1"))
+            # the check runs in the loop iteration after the read that recorded the message
+            wait_until(lambda: hub._call(lambda: len(log.seen)) > len(lone), 20, "the nap check after it")
+            assert hub._call(lambda: log.seen[len(lone)]) is True
+            assert hub._call(lambda: hub._server.naps) <= naps + 1
         finally:
             for client in clients:
                 bounded(client.shutdown)
         assert hub.errors == []
+
+
+@pytest.mark.parametrize("mixed, since_check, since_open, naps", [
+    (True, 0.001, 5.0, True),     # several connections, wake-ups close together, no new device
+    (False, 0.001, 5.0, False),   # one connection alone: it waits on each acknowledgement
+    (True, 0.003, 5.0, False),    # half a nap or more since the last check: quiet, or saturated
+    (True, 0.001, 0.5, False),    # a device connected within STORM_QUIET: a reconnect storm
+], ids=["mixed-close", "lone", "spread-out", "storm"])
+def test_when_the_hub_naps(mixed, since_check, since_open, naps):
+    assert wants_nap(0.005, mixed, since_check, since_open) is naps

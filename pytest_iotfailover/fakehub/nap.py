@@ -4,7 +4,7 @@ At device-like rates every message would otherwise be an event-loop wake-up of i
 paying the loop's and the hub's per-wake-up cost with cold caches. A short sleep after a loop
 iteration that read device data lets the next poll return what several connections sent
 meanwhile (bench/README.md, "Coalescing wake-ups", has the figures). fakehub/server.py takes the
-nap; this module only resolves the setting.
+nap; this module resolves the setting and decides when (wants_nap).
 """
 import math
 import os
@@ -36,3 +36,23 @@ def resolve_nap(nap: float | None) -> float:
     if not math.isfinite(value):
         raise ValueError(f"invalid environment variable {NAP_ENV} {text!r}: expected a finite number of seconds")
     return checks.required_seconds(f"environment variable {NAP_ENV}", value, maximum=MAX_NAP)
+
+
+# seconds after the last new connection before the hub naps again: a device's way in (TLS,
+# CONNECT, subscriptions, twin) is a chain of round trips, and a nap in each made 100 devices take
+# three times as long to come back after a failover (bench/README.md)
+STORM_QUIET = 1.0
+
+
+def wants_nap(nap: float, mixed: bool, since_check: float, since_open: float) -> bool:
+    """Whether the hub thread naps now, after a loop iteration that read device data.
+
+    `mixed`: more than one connection sent since the last check. A lone sender waits on each
+    acknowledgement before it sends again, so a nap would only hold it (100 messages of one
+    Outbox took 0.75-1.5 s longer). `since_check`: seconds since the last check (or nap): only
+    under half a nap, so a lone message after a quiet spell is never held, and neither is a hub
+    whose work between polls takes that long, as under saturation (it batches by itself, and a
+    nap would only cost it throughput). `since_open`: seconds since the last new connection (see
+    STORM_QUIET).
+    """
+    return mixed and since_check < nap / 2 and since_open > STORM_QUIET

@@ -24,12 +24,12 @@ from ..iothub.actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
 from ..iothub.session import Connection
+from .nap import wants_nap
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
 _READ_SIZE = 256 * 1024  # what asyncio reads at once for a plain Protocol
 _MAX_HELD = 1 << 20  # what a silenced connection may buffer before TCP back-pressure takes over
 _CLOSE_GRACE = 10.0  # how long a closed connection may take to deliver its last output
-_STORM_QUIET = 1.0  # seconds after the last new connection before the hub naps again (take_nap)
 _FLUSH_AT = 64 * 1024  # hand output to the transport mid-batch, so its back-pressure can act
 # Over IoT Hub's 256 KB message limit plus a full topic, so an oversized message is still parsed
 # and refused by the hub's own size rule; anything larger is refused unread.
@@ -77,7 +77,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         server = self.server
-        server.last_open = time.perf_counter()  # no nap during a connection storm: see take_nap
+        server.last_open = time.perf_counter()  # no nap during a connection storm: see nap.wants_nap
         peer = transport.get_extra_info("peername") or ("?", 0)
         if server.dark is not None and server.refuse_if_dark(self, peer):
             return
@@ -406,24 +406,14 @@ class HubServer:
                     proto.set_blackhole(action.on)
 
     def take_nap(self) -> None:
-        """Sleep `nap` s after an iteration that read device data, so that the next poll returns
-        what several connections sent meanwhile and the hub handles it back to back.
-
-        Only while the last nap (or the last check) was less than half a nap ago: a lone message
-        after a quiet spell (a test's sends, keep-alives) is never held, and neither is a hub
-        whose work since its last nap took that long, as under saturation (it batches by itself,
-        and a nap would only cost it throughput). Nor within _STORM_QUIET of a new connection:
-        a device's way in (TLS, CONNECT, subscriptions, twin) is a chain of round trips, and a nap
-        in each made 100 devices take three times as long to come back after a failover
-        (bench/README.md). Device data that arrives during the nap waits for its end; timers and
-        service calls may run up to a nap late. And only when more than one connection sent since
-        the last check: a lone sender waits on each acknowledgement before it sends again, so a
-        nap would only hold it (100 messages of one Outbox took 0.75-1.5 s longer).
-        """
+        """Sleep `nap` s after an iteration that read device data when nap.wants_nap says so, so
+        that the next poll returns what several connections sent meanwhile and the hub handles it
+        back to back. Device data that arrives during the nap waits for its end; timers and
+        service calls may run up to a nap late."""
         self.nap_due = False
         mixed, self.nap_mixed = self.nap_mixed, False
         now = time.perf_counter()
-        if mixed and now - self._nap_checked < self.nap / 2 and now - self.last_open > _STORM_QUIET:
+        if wants_nap(self.nap, mixed, now - self._nap_checked, now - self.last_open):
             time.sleep(self.nap)
             self.naps += 1
             now = time.perf_counter()
