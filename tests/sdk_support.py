@@ -50,9 +50,11 @@ class Inbox:
 
 
 def wait_until(predicate, timeout, what):
-    """Poll a condition no event signals, up to `timeout` s; TimeoutError naming `what` if unmet."""
+    """Poll a condition no event signals, up to `timeout` s, and return its first true value;
+    TimeoutError naming `what` if unmet."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not within {timeout:g} s")
         time.sleep(0.02)
+    return value

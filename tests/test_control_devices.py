@@ -4,12 +4,11 @@
 the unmodified SDK where a device is involved, and one StandaloneHub process."""
 import http.client
 import json
-import time
 from urllib.parse import urlsplit
 
 import pytest
 from azure.iot.device import exceptions
-from sdk_support import bounded, make_client
+from sdk_support import bounded, make_client, wait_until
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.errors import HubOperationError
@@ -129,17 +128,6 @@ def test_delete_and_bulk_create_are_refused_with_503001_during_a_failover(served
     assert hub.registry.get("d") is not None and hub.registry.get("n") is None
 
 
-def _wait_for(read, predicate, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = read()
-        if predicate(got):
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the condition did not hold within {timeout:g} s: {got!r}")
-        time.sleep(0.05)  # polling interval: the control API has nothing to block on
-
-
 def test_the_standalone_client_adds_in_bulk_removes_and_reads_feedback():
     with StandaloneHub("--tier", "S3") as standalone:
         ids = [f"s{i:03}" for i in range(150)]
@@ -154,7 +142,7 @@ def test_the_standalone_client_adds_in_bulk_removes_and_reads_feedback():
             standalone.remove_device("s000")
         # an already expired message with negative feedback: Expired, readable through GET /feedback
         sent = standalone.request("POST", "/devices/s001/c2d", {"body": "late", "ttl": 0, "ack": "negative"})
-        records = _wait_for(lambda: standalone.feedback(device_id="s001"), bool)
+        records = wait_until(lambda: standalone.feedback(device_id="s001"), 20, "feedback for s001")
         assert [(r["originalMessageId"], r["statusCode"]) for r in records] == [(sent["message_id"], "Expired")]
         assert standalone.feedback(message_id=sent["message_id"]) == records
         assert standalone.feedback(device_id="s002") == []
