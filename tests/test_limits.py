@@ -344,3 +344,27 @@ def test_sas_keys_with_skn_come_from_a_device_connect_policy():
 def test_policy_repr_hides_keys():
     text = repr(AccessPolicy("device", KEY_A, KEY_B))
     assert "device" in text and KEY_A not in text and KEY_B not in text
+
+
+def test_plain_bag_screen_agrees_with_the_rule():
+    """The hub skips property_bag_problem for a bag that plain_bag matches: so a match must never
+    hide a problem, and every bag the rule refuses must fail the screen."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    prefix = "devices/dev1/messages/events"
+    alphabet = st.sampled_from(list("aZ09-_.!~*'()=&$%/?: ;,é+#") + ["%2F", "%24", "%zz", "%2"])
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(alphabet, max_size=24).map("".join))
+    def check(bag):
+        topic = f"{prefix}/{bag}"
+        if L.plain_bag(topic, len(prefix) + 1):
+            assert L.property_bag_problem(topic) is None
+        if L.property_bag_problem(topic) is not None:
+            assert not L.plain_bag(topic, len(prefix) + 1)
+
+    check()
+    assert L.plain_bag(f"{prefix}/%24.mid=m1&%24.ct=application%2Fjson", len(prefix) + 1)
+    assert L.plain_bag(prefix, len(prefix) + 1)  # no bag at all
+    assert not L.plain_bag(f"{prefix}/a=1/", len(prefix) + 1)  # Node's trailing '/': the rule decides

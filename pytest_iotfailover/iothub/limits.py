@@ -71,6 +71,7 @@ __all__ = [
     "loads_json",
     "message_size",
     "parse_device_username",
+    "plain_bag",
     "property_bag_breaks_connection",
     "property_bag_problem",
     "sas_keys_to_try",
@@ -598,6 +599,11 @@ _EVENTS = "/messages/events/"
 # hot path: anything they find is looked at closely
 _BAG_ODD_CHAR = re.compile(r"[^-A-Za-z0-9_.!~*'()=&$%]")
 _BAG_ODD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# The same rule as a whole-bag match, the hub's screen for every telemetry message:
+# plain_bag(topic, start) matches when topic[start:] holds only what may travel raw and %XX
+# escapes, so property_bag_problem would find nothing (it needs to look only when this fails).
+# Faster than the two searches on a bag with escapes, as an SDK's $.ct=application%2Fjson has.
+plain_bag = re.compile(r"[-A-Za-z0-9_.!~*'()=&$]*(?:%[0-9A-Fa-f]{2}[-A-Za-z0-9_.!~*'()=&$]*)*").fullmatch
 
 
 def _bag_of(topic: str) -> str | None:
