@@ -326,7 +326,9 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
                 self._tlsc.write(data)
             except ssl.SSLError:
                 return
-        self._write_tls()
+        out = self._out.read()  # _write_tls, inlined: once per wake-up of every connection
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
 
     def _write_tls(self) -> None:
         out = self._out.read()
