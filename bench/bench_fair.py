@@ -525,7 +525,7 @@ def is_nap_kind(kind: str) -> bool:
     """hub/<loop>@<ms>: this tree's hub with FakeHub(nap=<ms> / 1000), 0 for none (plain hub/<loop>
     runs with the default nap; bench/README.md, "Coalescing wake-ups")."""
     base, at, ms = kind.partition("@")
-    if not at or base not in ("hub/asyncio", "hub/uvloop"):
+    if not at or base not in ("hub/asyncio", "hub/uvloop", "hub-io/asyncio", "hub-io/uvloop"):
         return False
     try:
         return 0 <= float(ms) <= 50  # FakeHub's maximum, fakehub/nap.py
@@ -537,8 +537,8 @@ def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None,
                  baseline: str | None = None) -> bh.ServerProcess:
     name, _, loop = kind.partition("/")
     loop, _, nap = loop.partition("@")
-    if name == "hub":
-        return bh.HubProcess(devices, loop=loop, nap_ms=float(nap) if nap else None)
+    if name in ("hub", "hub-io"):
+        return bh.HubProcess(devices, loop=loop, nap_ms=float(nap) if nap else None, io_only=name == "hub-io")
     if name == "base":
         assert baseline is not None  # main() refuses base/* without --baseline
         return BaselineHubProcess(baseline, devices, loop)
@@ -718,6 +718,7 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
             if any(m is not None and m["dropped"] is None for m in (hub, mosq, floor)):
                 verdict += " (a server never got the offered load: run again on a quieter machine)"
             print(f"  {scenario_label(s):<34} {hk[4:]:<14} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
+    print_split(scenarios, results, have)
     base_loops = [lp for lp in loops if f"base/{lp}" in have]
     if base_loops:
         print("\nthis tree's hub against --baseline's (below 1: this one is cheaper)")
@@ -726,6 +727,25 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
                 hub = summarise(results[(si, f"hub/{lp}")]) if results.get((si, f"hub/{lp}")) else None
                 base = summarise(results[(si, f"base/{lp}")]) if results.get((si, f"base/{lp}")) else None
                 print(f"  {scenario_label(s):<34} {lp:<8} hub/base {fx(ratio(hub, base)):>7}")
+
+
+def print_split(scenarios: list[dict], results: dict[tuple[int, str], list[dict]], have: set[str]) -> None:
+    """floor -> hub-io -> hub: what the hub's own I/O layer adds to a bare server, and what its core
+    (IoT Hub's rules and the ledger) adds to that (bench_hub.acknowledge_only)."""
+    loops = [lp for lp in ("asyncio", "uvloop") if {f"floor/{lp}", f"hub-io/{lp}", f"hub/{lp}"} <= have]
+    if not loops:
+        return
+    print("\nwhere the hub's cost sits (µs server CPU per message, medians): the bare floor, the hub's own "
+          "I/O layer with a core that only acknowledges (hub-io), the whole hub")
+    for si, s in enumerate(scenarios):
+        for lp in loops:
+            fl, io, hub = (summarise(results[(si, f"{k}/{lp}")]) if results.get((si, f"{k}/{lp}")) else None
+                           for k in ("floor", "hub-io", "hub"))
+            if fl is None or io is None or hub is None:
+                continue
+            print(f"  {scenario_label(s):<34} {lp:<8} floor {fmt(fl['med']):>6}  hub-io {fmt(io['med']):>6} "
+                  f"({fmt(io['med'] - fl['med'], '+.1f')} the I/O layer)  hub {fmt(hub['med']):>6} "
+                  f"({fmt(hub['med'] - io['med'], '+.1f')} the core)")
 
 
 def parse_args(argv=None):
@@ -738,8 +758,9 @@ def parse_args(argv=None):
     ap.add_argument("--duration", type=float, default=4.0, help="seconds of sending per run")
     ap.add_argument("--servers", default=None,
                     help="comma-separated of hub/asyncio, hub/uvloop, floor/asyncio, floor/uvloop, mosquitto "
-                         "(default: all that are installed); hub/<loop>@<ms>: that hub with FakeHub(nap=<ms> ms), "
-                         "@0 without napping")
+                         "(default: all that are installed but hub-io); hub/<loop>@<ms>: that hub with "
+                         "FakeHub(nap=<ms> ms), @0 without napping; hub-io/<loop>[@<ms>]: the hub's I/O layer "
+                         "with a core that only acknowledges telemetry")
     ap.add_argument("--generators", default="auto",
                     help="load generator processes per run: a number, or auto (1 paced below 10,000 msg/s, "
                          "else 2)")
@@ -797,7 +818,8 @@ def main(argv=None) -> int:
 
     binary = shutil.which(args.mosquitto)
     args.mosquitto_path = binary
-    available = ["hub/asyncio", "floor/asyncio"] + (["hub/uvloop", "floor/uvloop"] if have_uvloop() else []) \
+    available = ["hub/asyncio", "hub-io/asyncio", "floor/asyncio"] \
+        + (["hub/uvloop", "hub-io/uvloop", "floor/uvloop"] if have_uvloop() else []) \
         + (["mosquitto"] if binary else [])
     if args.baseline:
         if not os.path.isfile(os.path.join(args.baseline, "bench", "bench_hub.py")):
@@ -806,8 +828,9 @@ def main(argv=None) -> int:
         available += ["base/asyncio"] + (["base/uvloop"] if have_uvloop() else [])
     if args.servers:
         kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
-        unknown = [k for k in kinds if k not in ("hub/asyncio", "hub/uvloop", "floor/asyncio", "floor/uvloop",
-                                                 "mosquitto", "base/asyncio", "base/uvloop") and not is_nap_kind(k)]
+        unknown = [k for k in kinds if k not in ("hub/asyncio", "hub/uvloop", "hub-io/asyncio", "hub-io/uvloop",
+                                                 "floor/asyncio", "floor/uvloop", "mosquitto", "base/asyncio",
+                                                 "base/uvloop") and not is_nap_kind(k)]
         if unknown:
             print(f"bench_fair: unknown --servers {', '.join(unknown)}", file=sys.stderr)
             return 2

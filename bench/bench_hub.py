@@ -124,8 +124,28 @@ def _die_with_parent() -> None:
 
 # =============================================================================== hub child
 
+def acknowledge_only(hub) -> None:
+    """Cut the hub's core out of the telemetry path: a PUBLISH from a connected device gets its
+    PUBACK and nothing else (no rules, no ledger); every other packet takes the real core. What
+    is left is the hub's own TLS and MQTT I/O layer, so bench_fair.py's `hub-io` figure sits
+    between the bare floor and the whole hub and shows which of the two the gap is in."""
+    from pytest_iotfailover.iothub.actions import Send
+    from pytest_iotfailover.iothub.mqtt import codec
+    from pytest_iotfailover.iothub.mqtt.packets import Publish
+
+    core = hub._running_core()
+    receive = core.receive
+
+    def ack(conn, packet, now):
+        if type(packet) is Publish and packet.qos == 1 and conn.device_id is not None:
+            return [Send(conn, codec.encode_puback(packet.packet_id))]
+        return receive(conn, packet, now)
+
+    core.receive = ack
+
+
 def hub_child_main(devices: int, profile_path: str | None, loop: str | None = None,
-                   nap: float | None = None) -> int:
+                   nap: float | None = None, io_only: bool = False) -> int:
     """Runs in the child: a FakeHub, driven by one-line commands on stdin, answering on stdout."""
     from pytest_iotfailover.fakehub.hub import FakeHub
 
@@ -133,6 +153,8 @@ def hub_child_main(devices: int, profile_path: str | None, loop: str | None = No
     out = sys.stdout
     hub = FakeHub("benchhub", port=0, loop=loop, tier=None, nap=nap)
     hub.start()
+    if io_only:
+        hub._call(acknowledge_only, hub)
     profiler = None
     try:
         keys = [[f"dev{i}", hub.add_device(f"dev{i}").primary_key] for i in range(devices)]
@@ -143,7 +165,7 @@ def hub_child_main(devices: int, profile_path: str | None, loop: str | None = No
         for line in sys.stdin:
             cmd = line.strip()
             if cmd == "stats":
-                reply = {"telemetry": len(hub.ledger), "connected": len(hub.connected_devices()),
+                reply = {"telemetry": None if io_only else len(hub.ledger), "connected": len(hub.connected_devices()),
                          "errors": [e.detail.get("traceback") or e.detail.get("message") for e in hub.errors]}
             elif cmd == "profile_start" and profile_path:
                 import cProfile
@@ -210,8 +232,10 @@ class HubProcess(ServerProcess):
     name = "hub"
 
     def __init__(self, devices: int, profile_path: str | None = None, timeout: float = 60.0,
-                 loop: str | None = None, nap_ms: float | None = None):
+                 loop: str | None = None, nap_ms: float | None = None, io_only: bool = False):
         cmd = [sys.executable, os.path.abspath(__file__), "--hub-child", "--devices", str(devices)]
+        if io_only:
+            cmd.append("--io-only")
         if nap_ms is not None:
             cmd += ["--nap", str(nap_ms)]
         if profile_path:
@@ -682,6 +706,7 @@ def parse_args(argv=None):
     ap.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", help=argparse.SUPPRESS)
     ap.add_argument("--nap", type=float, default=None, help=argparse.SUPPRESS)  # ms; FakeHub(nap=) in s
+    ap.add_argument("--io-only", action="store_true", help=argparse.SUPPRESS)  # acknowledge_only()
     args = ap.parse_args(argv)
     if args.quick:
         args.connections, args.messages, args.idle = "1,10", 2000, 200
@@ -784,7 +809,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.hub_child:
         return hub_child_main(args.devices, args.profile_out, args.loop,
-                              None if args.nap is None else args.nap / 1000)
+                              None if args.nap is None else args.nap / 1000, args.io_only)
     check_encoder()
     raise_nofile(max(args.idle, max(args.connection_counts)) + 1024)
     # SIGTERM takes the same clean-up path as an exception

@@ -34,14 +34,17 @@ BENCH_FAIR = os.path.join(os.path.dirname(BENCH), "bench_fair.py")
 @pytest.mark.timeout(90)
 def test_quick_fair_bench_prints_figures():
     # hub and floor on plain asyncio only: neither mosquitto nor uvloop need be installed
-    proc = subprocess.run([sys.executable, BENCH_FAIR, "--quick", "--servers", "hub/asyncio,floor/asyncio",
+    proc = subprocess.run([sys.executable, BENCH_FAIR, "--quick", "--servers", "hub/asyncio,hub-io/asyncio,floor/asyncio",
                            "--timeout", "60"], capture_output=True, text=True, timeout=80)
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
     number = r"\d+(?:\.\d+)?"
     # server, msgs/s, µs CPU/msg, server CPU %, generators' CPU %, generator µs/msg, others %
-    for kind in ("hub/asyncio", "floor/asyncio"):
+    for kind in ("hub/asyncio", "hub-io/asyncio", "floor/asyncio"):
         rows = re.findall(rf"^  {kind}\s+{number}\s+{number}\s+{number}%\s+[\d+]+%\s+{number}\s+{number}%",
                           out, re.MULTILINE)
         assert len(rows) == 2, out  # one paced, one batched
     assert re.search(r"^  paced 200 msg/s, 10 conns\s+asyncio\s+-\s+\d+\.\d+x", out, re.MULTILINE), out
+    # the split: floor, then the hub's I/O layer with a core that only acknowledges, then the hub
+    assert re.search(rf"^  paced 200 msg/s, 10 conns\s+asyncio\s+floor\s+{number}\s+hub-io\s+{number} "
+                     rf"\([+-]{number} the I/O layer\)\s+hub\s+{number} \([+-]{number} the core\)", out, re.MULTILINE), out
