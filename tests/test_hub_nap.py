@@ -198,6 +198,56 @@ def test_a_lone_sender_is_never_held_and_a_second_sender_makes_the_hub_consider_
         assert hub.errors == []
 
 
+class DrainLog:
+    """Per nap check: the connections waiting for it, and the ledger's length before and after."""
+
+    def __init__(self, server, ledger):
+        self.seen = []
+        self._server, self._ledger = server, ledger
+        self._take = server.take_nap
+        server.take_nap = self
+
+    def __call__(self):
+        waiting, before = len(self._server.ready), len(self._ledger)
+        self._take()
+        self.seen.append((waiting, before, len(self._ledger)))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_with_the_nap_on_the_core_takes_an_iterations_packets_at_its_end(monkeypatch, loop):
+    """The read only decodes; the packets reach the core in the nap check that ends the loop
+    iteration (HubServer.take_nap), so every message is recorded inside one."""
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    with FakeHub("naphub", loop=loop, nap=DEFAULT_NAP) as hub:
+        client = make_client(hub, hub.add_device("drain"))
+        try:
+            bounded(client.connect)
+            log = hub._call(lambda: DrainLog(hub._server, hub.ledger))
+            for i in range(5):
+                bounded(client.send_message, Message(str(i), message_id=f"drain-{i}"))
+            seen = hub._call(lambda: list(log.seen))
+        finally:
+            bounded(client.shutdown)
+        assert sum(after - before for _, before, after in seen) == 5, seen
+        assert all(waiting for waiting, before, after in seen if after > before), seen
+        assert [t.message_id for t in hub.wait_for_telemetry(5)] == [f"drain-{i}" for i in range(5)]
+        assert hub.errors == []
+
+
+def test_with_the_nap_off_packets_are_handled_as_they_are_read(monkeypatch):
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    with FakeHub("naphub", nap=0) as hub:
+        client = make_client(hub, hub.add_device("inline"))
+        try:
+            bounded(client.connect)
+            for i in range(5):
+                bounded(client.send_message, Message(str(i)))
+                assert hub._call(lambda: list(hub._server.ready)) == []
+        finally:
+            bounded(client.shutdown)
+        assert len(hub.wait_for_telemetry(5)) == 5
+
+
 @pytest.mark.parametrize("mixed, since_check, since_open, naps", [
     (True, 0.001, 5.0, True),     # several connections, wake-ups close together, no new device
     (False, 0.001, 5.0, False),   # one connection alone: it waits on each acknowledgement

@@ -70,6 +70,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         self._reading_paused = False
         self._backlog: deque[Any] = deque()  # packets decoded but not yet handled (handling was paused)
         self._bad_stream = False  # the decoder hit garbage after the packets it returned
+        self._queued = False  # in server.ready: its packets wait for the end of the loop iteration
         self._pause_logged = False
 
     # --- asyncio side ----------------------------------------------------------------------
@@ -110,8 +111,16 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         if self._handshaken and not (self.closing or self.blackholed):
             # straight from the read buffer into the TLS layer, without a bytes copy per read
             self._in.write(view[:nbytes])
-            self._process()
             server = self.server
+            if not server.nap:
+                self._process()
+            elif not self._queued:
+                # decrypt and decode the first record now; the core takes every connection's
+                # packets of this loop iteration back to back, at its end (HubServer.take_nap)
+                if not (self._write_paused or self._backlog or self._bad_stream):
+                    self._read_packets()
+                self._queued = True
+                server.ready.append(self)
             if server.nap:
                 if server.nap_peer is not self:
                     server.nap_mixed = server.nap_peer is not None
@@ -147,8 +156,9 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             self._handshaken = True
         self._process()
 
-    def _process(self) -> None:
-        """Handle what the peer sent, in order, until it runs out or output must drain first."""
+    def _process(self, finish: bool = True) -> None:
+        """Handle what the peer sent, in order, until it runs out or output must drain first;
+        `finish=False` leaves the output for `_finish` (HubServer.take_nap)."""
         if self._processing:
             return  # resume_writing() can fire from inside a flush of this very loop
         self._processing = True
@@ -169,9 +179,13 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
         finally:
             self._in_batch = False
             self._processing = False
-            self._flush()
-            if (self._write_paused or self._held_over) != self._reading_paused:
-                self._update_reading()
+            if finish:
+                self._finish()
+
+    def _finish(self) -> None:
+        self._flush()
+        if (self._write_paused or self._held_over) != self._reading_paused:
+            self._update_reading()
 
     def _read_packets(self) -> bool:
         """Decode what TLS has; False when there is nothing more to do for now."""
@@ -359,6 +373,7 @@ class HubServer:
         self.nap_peer: Any = None
         self.nap_mixed = False
         self.naps = 0  # naps taken, for tests and diagnostics
+        self.ready: list[MqttTlsProtocol] = []  # connections whose packets wait for take_nap
         # The nap must come after this iteration's callbacks and before the next poll. uvloop
         # runs call_soon callbacks just before it polls; asyncio's own loop polls first and runs
         # them ahead of what the poll brought, which would hold those messages for the nap too,
@@ -408,11 +423,23 @@ class HubServer:
                     proto.set_blackhole(action.on)
 
     def take_nap(self) -> None:
-        """Sleep `nap` s after an iteration that read device data when nap.wants_nap says so, so
-        that the next poll returns what several connections sent meanwhile and the hub handles it
-        back to back. Device data that arrives during the nap waits for its end; timers and
-        service calls may run up to a nap late."""
+        """Handle the packets this loop iteration read, then sleep `nap` s when nap.wants_nap says
+        so, so that the next poll returns what several connections sent meanwhile. Device data
+        that arrives during the nap waits for its end; timers and service calls may run up to a
+        nap late.
+
+        The packets are handled here, not as each connection's read comes in: first the core
+        takes every connection's packets back to back, then every connection's output is
+        encrypted and written. The core's code then runs warm for all but the first message
+        instead of between one connection's TLS work and the next (bench/README.md, "Where the
+        hub's cost sits"). Each connection's packets keep their order."""
         self.nap_due = False
+        ready, self.ready = self.ready, []
+        for proto in ready:
+            proto._queued = False
+            proto._process(finish=False)
+        for proto in ready:
+            proto._finish()
         mixed, self.nap_mixed = self.nap_mixed, False
         now = time.perf_counter()
         if wants_nap(self.nap, mixed, now - self._nap_checked, now - self.last_open):
