@@ -52,14 +52,15 @@ def _positive_seconds(flag: str, raw: str) -> float:
 
 
 def _nap(flag: str, raw: str) -> float:
-    from ..fakehub.nap import MAX_NAP
+    from ..fakehub.nap import MAX_NAP, resolve_nap  # the hub's own rule, in the option's words
     try:
         value = float(str(raw).strip())
     except ValueError:
         raise SettingsError(f"{flag} must be a number of seconds, got {raw!r}") from None
-    if not (math.isfinite(value) and 0 <= value <= MAX_NAP):
-        raise SettingsError(f"{flag} must be 0 (off) to {MAX_NAP:g} seconds, got {raw!r}")
-    return value
+    try:
+        return resolve_nap(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{flag} must be 0 (off) to {MAX_NAP:g} seconds, got {raw!r}") from None
 
 
 def _hub_name(flag: str, raw: str) -> str:
