@@ -114,20 +114,20 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
             server = self.server
             if not server.nap:
                 self._process()
-            elif not self._queued:
+                return
+            if not self._queued:
                 # decrypt and decode the first record now; the core takes every connection's
                 # packets of this loop iteration back to back, at its end (HubServer.take_nap)
                 if not (self._write_paused or self._backlog or self._bad_stream):
                     self._read_packets()
                 self._queued = True
                 server.ready.append(self)
-            if server.nap:
-                if server.nap_peer is not self:
-                    server.nap_mixed = server.nap_peer is not None
-                    server.nap_peer = self
-                if not server.nap_due:
-                    server.nap_due = True  # once per loop iteration
-                    server.schedule_nap(server.take_nap)
+            if server.nap_peer is not self:
+                server.nap_mixed = server.nap_peer is not None
+                server.nap_peer = self
+            if not server.nap_due:
+                server.nap_due = True  # once per loop iteration
+                server.schedule_nap(server.take_nap)
         else:
             self.data_received(bytes(view[:nbytes]))
 
@@ -340,9 +340,7 @@ class MqttTlsProtocol(asyncio.BufferedProtocol):
                 self._tlsc.write(data)
             except ssl.SSLError:
                 return
-        out = self._out.read()  # _write_tls, inlined: once per wake-up of every connection
-        if out and not self.transport.is_closing():
-            self.transport.write(out)
+        self._write_tls()
 
     def _write_tls(self) -> None:
         out = self._out.read()

@@ -62,7 +62,6 @@ _RECHECK = 0.05  # a keep-alive check that fires a hair early looks again this m
 
 _CONNECTED = ConnState.CONNECTED  # a module constant: an enum member's class lookup costs ~90 ns
 _PUBLISH = p.Publish
-_PUBACK_FIRST = p.PUBACK << 4
 
 _METHOD_STATUS = re.compile(r"-?[0-9]{1,9}")
 
@@ -594,7 +593,7 @@ class _DeviceToCloud(_TwinsAndMethods):
         elif qos and ack_delay > 0:
             self._timer(("ack", conn, pkt.packet_id), self.now + ack_delay)
         elif qos and pkt.packet_id is not None and conn.state is _CONNECTED and not conn.paused:
-            self._out.append(Send(conn, codec.PUBACK.pack(_PUBACK_FIRST, 2, pkt.packet_id)))  # _ack, inlined
+            self._out.append(Send(conn, codec.encode_puback(pkt.packet_id)))  # _ack, inlined
 
     def _d2c_tier_delay(self, conn: Connection) -> float | None:
         """How long this message's PUBACK waits its turn, or None: over the tier's limit, the message
