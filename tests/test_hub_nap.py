@@ -21,17 +21,23 @@ pytest_plugins = ["pytester"]
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
 
-class NapCounter:
-    """Counts the hub thread's nap checks: one per loop iteration that read device data."""
+class NapSpy:
+    """Wraps the hub thread's nap check, which runs once per loop iteration that read device data,
+    and records for each: whether more than one connection had sent (`mixed`), how many
+    connections' packets waited for it, and the ledger's length before and after it."""
 
-    def __init__(self, server):
-        self.calls = 0
-        self._take = server.take_nap
-        server.take_nap = self
+    def __init__(self, hub):
+        self.checks = []
+        self._server, self._ledger = hub._server, hub.ledger
+        self._take = self._server.take_nap
+        self._server.take_nap = self
 
     def __call__(self):
-        self.calls += 1
+        check = {"mixed": self._server.nap_mixed, "waiting": len(self._server.ready),
+                 "before": len(self._ledger)}
         self._take()
+        check["after"] = len(self._ledger)
+        self.checks.append(check)
 
 
 def exchange(hub, device_ids, messages=15):
@@ -78,10 +84,10 @@ def test_devices_are_acknowledged_and_served_with_the_nap_on_and_off(monkeypatch
     monkeypatch.delenv(NAP_ENV, raising=False)
     with FakeHub("naphub", loop=loop, nap=nap) as hub:
         assert hub.nap == (DEFAULT_NAP if nap is None else nap)
-        counter = NapCounter(hub._server)
+        spy = NapSpy(hub)
         exchange(hub, ["nap-a", "nap-b", "nap-c"])
         # napping is off at 0; otherwise every iteration that read device data considers it
-        assert (counter.calls > 0) == bool(hub.nap)
+        assert (len(spy.checks) > 0) == bool(hub.nap)
         assert hub.errors == []
 
 
@@ -154,20 +160,6 @@ def test_plugin_option_refuses_a_bad_nap_and_is_in_help(pytester, monkeypatch):
     assert "--iothub-nap" in pytester.runpytest_subprocess("--help").stdout.str()
 
 
-class MixedLog:
-    """Records, for each nap check of the hub thread, whether more than one connection had sent."""
-
-    def __init__(self, server):
-        self.seen = []
-        self._server = server
-        self._take = server.take_nap
-        server.take_nap = self
-
-    def __call__(self):
-        self.seen.append(self._server.nap_mixed)
-        self._take()
-
-
 def test_a_lone_sender_is_never_held_and_a_second_sender_makes_the_hub_consider_a_nap(monkeypatch):
     """One connection that waits on each PUBACK gains nothing from a nap; two sending can.
     Whether a nap is then taken also depends on time (wants_nap, tested below); here only what
@@ -180,37 +172,22 @@ def test_a_lone_sender_is_never_held_and_a_second_sender_makes_the_hub_consider_
                 bounded(client.connect)
             # the first message after the other device's traffic counts as a second sender
             bounded(clients[0].send_message, Message("first", message_id="lone-first"))
-            log = hub._call(lambda: MixedLog(hub._server))
+            spy = hub._call(lambda: NapSpy(hub))
             naps = hub._call(lambda: hub._server.naps)
             for i in range(30):
                 bounded(clients[0].send_message, Message(str(i), message_id=f"lone-{i}"))
-            lone = hub._call(lambda: list(log.seen))
+            lone = hub._call(lambda: [c["mixed"] for c in spy.checks])
             assert lone and not any(lone)
             assert hub._call(lambda: hub._server.naps) == naps  # never held
             bounded(clients[1].send_message, Message("other", message_id="other-1"))
             # the check runs in the loop iteration after the read that recorded the message
-            wait_until(lambda: hub._call(lambda: len(log.seen)) > len(lone), 20, "the nap check after it")
-            assert hub._call(lambda: log.seen[len(lone)]) is True
+            wait_until(lambda: hub._call(lambda: len(spy.checks)) > len(lone), 20, "the nap check after it")
+            assert hub._call(lambda: spy.checks[len(lone)]["mixed"]) is True
             assert hub._call(lambda: hub._server.naps) <= naps + 1
         finally:
             for client in clients:
                 bounded(client.shutdown)
         assert hub.errors == []
-
-
-class DrainLog:
-    """Per nap check: the connections waiting for it, and the ledger's length before and after."""
-
-    def __init__(self, server, ledger):
-        self.seen = []
-        self._server, self._ledger = server, ledger
-        self._take = server.take_nap
-        server.take_nap = self
-
-    def __call__(self):
-        waiting, before = len(self._server.ready), len(self._ledger)
-        self._take()
-        self.seen.append((waiting, before, len(self._ledger)))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -222,10 +199,10 @@ def test_with_the_nap_on_the_core_takes_an_iterations_packets_at_its_end(monkeyp
         client = make_client(hub, hub.add_device("drain"))
         try:
             bounded(client.connect)
-            log = hub._call(lambda: DrainLog(hub._server, hub.ledger))
+            spy = hub._call(lambda: NapSpy(hub))
             for i in range(5):
                 bounded(client.send_message, Message(str(i), message_id=f"drain-{i}"))
-            seen = hub._call(lambda: list(log.seen))
+            seen = hub._call(lambda: [(c["waiting"], c["before"], c["after"]) for c in spy.checks])
         finally:
             bounded(client.shutdown)
         assert sum(after - before for _, before, after in seen) == 5, seen
