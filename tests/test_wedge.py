@@ -8,6 +8,7 @@ publish from inside its CONNACK handler, the write fails with SSLEOFError, which
 catch, and its network thread ends (pytest_iotfailover/wedge.py explains the path).
 """
 import collections
+import logging
 import select
 import socket
 import ssl
@@ -318,10 +319,12 @@ def test_outbox_over_a_bare_client_survives_a_wedge(hub, proxy):
 
 
 @_NO_WEDGE_HERE
-def test_pool_replaces_a_wedged_client_and_resends(hub, proxy):
+def test_pool_replaces_a_wedged_client_and_resends(hub, proxy, caplog):
     """A pool's client that reconnects by itself (as the SDK does to renew its token) and dies on
     the way: the pool takes it back as healthy, the watchdog sees the dead thread and replaces it,
-    and the send waiting on it goes out again on the new client."""
+    and the send waiting on it goes out again on the new client. The dead client's shutdown
+    finishes instead of running into its deadline, which held the device off the hub 5 s."""
+    caplog.set_level(logging.DEBUG, logger="pytest_iotfailover.devices.pool")
     dev = proxy.device(hub.add_device("wedge-pool"))
     # a long first backoff keeps the pool from replacing the client before it reconnects itself
     pool = DevicePool([dev], server_verification_cert=hub.ca_pem, keep_alive=60,
@@ -347,6 +350,8 @@ def test_pool_replaces_a_wedged_client_and_resends(hub, proxy):
         assert pool.clients[dev.device_id] is not old
         assert any("wedged: wedge-pool: the SDK's network thread died" in r.reason for r in pool.recreations)
         assert old._mqtt_pipeline is not None and wedge.paho_of(old)._sock is None, "its socket was not closed"
+        stuck = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+        assert not stuck, stuck
     finally:
         pool.close()
 

@@ -163,6 +163,12 @@ class Supervisor:
                     # it came back by itself (the SDK's token renewal reconnects on its own)
                     self._resume(slot, old)
                     return
+                if force:
+                    # The SDK's shutdown waits for paho to report the disconnect, which a dead
+                    # network thread never does: it would take the whole _SHUTDOWN_TIMEOUT and
+                    # hold the device off the hub that long. Reporting the loss for paho first
+                    # lets the shutdown finish at once.
+                    wedge.revive(old, timeout=_SHUTDOWN_TIMEOUT)
                 self._shutdown(old)
                 wedge.release(old)
                 with self.pool._cond:
