@@ -27,6 +27,7 @@ log = logging.getLogger("pytest_iotfailover.devices.pool")
 # The SDK serialises every client's pipeline work on one process-wide thread and never bounds a
 # shutdown; a client wedged in CONNECTING can take its 60 s CONNACK watchdog to let go.
 _SHUTDOWN_TIMEOUT = 5.0
+_MIN_SHUTDOWN_WAIT = 0.5  # what a shutdown still gets after a slow revive
 # Recreation attempts running at once. Each waits mostly on the network, but more than this
 # only queues up behind the SDK's single pipeline thread.
 _MAX_PARALLEL_ATTEMPTS = 16
@@ -163,14 +164,7 @@ class Supervisor:
                     # it came back by itself (the SDK's token renewal reconnects on its own)
                     self._resume(slot, old)
                     return
-                if force:
-                    # The SDK's shutdown waits for paho to report the disconnect, which a dead
-                    # network thread never does: it would take the whole _SHUTDOWN_TIMEOUT and
-                    # hold the device off the hub that long. Reporting the loss for paho first
-                    # lets the shutdown finish at once.
-                    wedge.revive(old, timeout=_SHUTDOWN_TIMEOUT)
-                self._shutdown(old)
-                wedge.release(old)
+                self._retire(old, force)
                 with self.pool._cond:
                     if slot.client is old:
                         slot.client, slot.installed = None, set()
@@ -234,6 +228,19 @@ class Supervisor:
         slot.was_connected = True
         slot.attempts, slot.last_error = 0, None
         self.pool._cond.notify_all()
+
+    def _retire(self, client, wedged: bool) -> None:
+        """Shut a replaced client down and close what it leaves open, within _SHUTDOWN_TIMEOUT."""
+        budget = _SHUTDOWN_TIMEOUT
+        if wedged:
+            # The SDK's shutdown waits for paho to report the disconnect, which a dead network
+            # thread never does: it would take the whole budget and hold the device off the hub
+            # that long. Reporting the loss for paho first lets the shutdown finish at once.
+            started = time.monotonic()
+            wedge.revive(client, timeout=budget)
+            budget = max(budget - (time.monotonic() - started), _MIN_SHUTDOWN_WAIT)
+        self._shutdown(client, budget)
+        wedge.release(client)
 
     def _shutdown(self, client, timeout: float = _SHUTDOWN_TIMEOUT) -> None:
         with self.pool._cond:
