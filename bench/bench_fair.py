@@ -66,6 +66,23 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / bh.CLK_TCK
 
 
+def python_speed_ms() -> float:
+    """Milliseconds a fixed piece of pure-Python work takes on this machine right now, best of 3.
+
+    A machine can run slower without any process in sight being busy (a neighbour outside the
+    container, a lower clock), and that costs an interpreted server more than mosquitto: three
+    runs of one commit gave hub/mosquitto 1.4x in one and 2.3x in another (bench/README.md). This
+    figure, taken before every run, shows which runs met a slower machine."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        counts: dict[int, int] = {}
+        for i in range(20_000):
+            counts[i & 255] = counts.get(i & 255, 0) + i
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
 # =============================================================================== floor server
 
 class FloorProtocol(asyncio.BufferedProtocol):
@@ -549,6 +566,7 @@ def spawn_server(kind: str, devices: int, workdir: str, mosquitto: str | None,
 
 def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
     conns, gens = scenario["conns"], scenario["generators"]
+    speed_ms = python_speed_ms()  # before any server or generator runs
     server = spawn_server(kind, conns, workdir, args.mosquitto_path, args.baseline)
     generators: list[Generator] = []
     try:
@@ -610,7 +628,7 @@ def run_one(kind: str, scenario: dict, args, workdir: str) -> dict:
         "others_pct": max(0.0, (m1 - m0) - ours) / wall * 100,
         "late": sum(r["late"] for r in results),
         "p50_ms": max(lat50) if lat50 else None, "p99_ms": max(lat99) if lat99 else None,
-        "tls": tls,
+        "tls": tls, "speed_ms": speed_ms,
     }
 
 
@@ -719,6 +737,7 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
                 verdict += " (a server never got the offered load: run again on a quieter machine)"
             print(f"  {scenario_label(s):<34} {hk[4:]:<14} {fx(hm):>13} {fx(hf):>9} {fx(fm):>15}  {verdict}")
     print_split(scenarios, results, have)
+    print_speed(results)
     base_loops = [lp for lp in loops if f"base/{lp}" in have]
     if base_loops:
         print("\nthis tree's hub against --baseline's (below 1: this one is cheaper)")
@@ -727,6 +746,16 @@ def print_summary(scenarios: list[dict], results: dict[tuple[int, str], list[dic
                 hub = summarise(results[(si, f"hub/{lp}")]) if results.get((si, f"hub/{lp}")) else None
                 base = summarise(results[(si, f"base/{lp}")]) if results.get((si, f"base/{lp}")) else None
                 print(f"  {scenario_label(s):<34} {lp:<8} hub/base {fx(ratio(hub, base)):>7}")
+
+
+def print_speed(results: dict[tuple[int, str], list[dict]]) -> None:
+    speeds = [r["speed_ms"] for rows in results.values() for r in rows]
+    if not speeds:
+        return
+    lo, hi = min(speeds), max(speeds)
+    print(f"\nmachine speed: a fixed pure-Python loop took {lo:.2f}-{hi:.2f} ms before the runs ({hi / lo:.2f}x); "
+          "the machine's speed changed by about that much during this run, and a slower machine costs the hub "
+          "more than mosquitto, so read the ratios with that spread")
 
 
 def print_split(scenarios: list[dict], results: dict[tuple[int, str], list[dict]], have: set[str]) -> None:

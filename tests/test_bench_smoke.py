@@ -45,6 +45,8 @@ def test_quick_fair_bench_prints_figures():
                           out, re.MULTILINE)
         assert len(rows) == 2, out  # one paced, one batched
     assert re.search(r"^  paced 200 msg/s, 10 conns\s+asyncio\s+-\s+\d+\.\d+x", out, re.MULTILINE), out
+    assert re.search(rf"^machine speed: a fixed pure-Python loop took {number}-{number} ms before the runs "
+                     rf"\({number}x\)", out, re.MULTILINE), out
     # the split: floor, then the hub's I/O layer with a core that only acknowledges, then the hub
     assert re.search(rf"^  paced 200 msg/s, 10 conns\s+asyncio\s+floor\s+{number}\s+hub-io\s+{number} "
                      rf"\([+-]{number} the I/O layer\)\s+hub\s+{number} \([+-]{number} the core\)", out, re.MULTILINE), out
