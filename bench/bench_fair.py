@@ -538,11 +538,15 @@ class BaselineHubProcess(bh.HubProcess):
         self._tokens = {}
 
 
+NAPPING_SERVERS = ("hub/asyncio", "hub/uvloop", "hub-io/asyncio", "hub-io/uvloop")  # take @<ms>
+SERVERS = NAPPING_SERVERS + ("floor/asyncio", "floor/uvloop", "mosquitto", "base/asyncio", "base/uvloop")
+
+
 def is_nap_kind(kind: str) -> bool:
     """hub/<loop>@<ms>: this tree's hub with FakeHub(nap=<ms> / 1000), 0 for none (plain hub/<loop>
     runs with the default nap; bench/README.md, "Coalescing wake-ups")."""
     base, at, ms = kind.partition("@")
-    if not at or base not in ("hub/asyncio", "hub/uvloop", "hub-io/asyncio", "hub-io/uvloop"):
+    if not at or base not in NAPPING_SERVERS:
         return False
     try:
         return 0 <= float(ms) <= 50  # FakeHub's maximum, fakehub/nap.py
@@ -857,9 +861,7 @@ def main(argv=None) -> int:
         available += ["base/asyncio"] + (["base/uvloop"] if have_uvloop() else [])
     if args.servers:
         kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
-        unknown = [k for k in kinds if k not in ("hub/asyncio", "hub/uvloop", "hub-io/asyncio", "hub-io/uvloop",
-                                                 "floor/asyncio", "floor/uvloop", "mosquitto", "base/asyncio",
-                                                 "base/uvloop") and not is_nap_kind(k)]
+        unknown = [k for k in kinds if k not in SERVERS and not is_nap_kind(k)]
         if unknown:
             print(f"bench_fair: unknown --servers {', '.join(unknown)}", file=sys.stderr)
             return 2

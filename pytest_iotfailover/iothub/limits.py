@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -592,18 +593,20 @@ def c2d_expired(expiry: float, now: float) -> bool:
 # Characters a property bag may carry raw: RFC 2396 "unreserved" (D-MQTT: names and values are
 # RFC 2396-encoded), '=' and '&' as the bag's own separators, '%' only as the start of an escape,
 # and '$', which D-MQTT's own examples leave raw in system keys (`$.ct=`).
-_BAG_RAW_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.!~*'()=&$")
-_HEX = frozenset("0123456789abcdefABCDEF")
+_BAG_RAW_MARKS = "-_.!~*'()=&$"  # '-' first: it stays literal at the start of a regex class
+_BAG_RAW_OK = frozenset(string.ascii_letters + string.digits + _BAG_RAW_MARKS)
+_HEX = frozenset(string.hexdigits)
 _EVENTS = "/messages/events/"
+_RAW_CLASS = f"[{_BAG_RAW_MARKS}A-Za-z0-9]"
 # the same rule as two searches (one with an alternation is several times slower), for the hub's
 # hot path: anything they find is looked at closely
-_BAG_ODD_CHAR = re.compile(r"[^-A-Za-z0-9_.!~*'()=&$%]")
+_BAG_ODD_CHAR = re.compile(f"[^{_BAG_RAW_MARKS}A-Za-z0-9%]")
 _BAG_ODD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # The same rule as a whole-bag match, the hub's screen for every telemetry message:
 # plain_bag(topic, start) matches when topic[start:] holds only what may travel raw and %XX
 # escapes, so property_bag_problem would find nothing (it needs to look only when this fails).
 # Faster than the two searches on a bag with escapes, as an SDK's $.ct=application%2Fjson has.
-plain_bag = re.compile(r"[-A-Za-z0-9_.!~*'()=&$]*(?:%[0-9A-Fa-f]{2}[-A-Za-z0-9_.!~*'()=&$]*)*").fullmatch
+plain_bag = re.compile(f"{_RAW_CLASS}*(?:%[0-9A-Fa-f]{{2}}{_RAW_CLASS}*)*").fullmatch
 
 
 def _bag_of(topic: str) -> str | None:

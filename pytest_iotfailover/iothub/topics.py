@@ -2,6 +2,7 @@
 
 Section numbers refer to the project's notes on the real hub (iothub-mqtt.md).
 """
+from typing import Any
 from urllib.parse import quote, unquote
 
 from ..errors import ProtocolViolation
@@ -53,14 +54,18 @@ _KEYS_MAX = 1024
 _KEY_CACHED_LEN = 64
 
 
+def _remember(cache: dict[str, Any], raw: str, decoded: Any) -> Any:
+    """Keep `decoded` for `raw` in a parser cache: short strings only, and at most _KEYS_MAX."""
+    if len(raw) <= _KEY_CACHED_LEN:
+        if len(cache) >= _KEYS_MAX:
+            cache.clear()
+        cache[raw] = decoded
+    return decoded
+
+
 def _classify_key(raw: str) -> tuple[bool, str]:
     k = unquote(raw) if "%" in raw else raw
-    got = (True, SYSTEM_PROPERTY_NAMES.get(k, k)) if k.startswith("$.") else (False, k)
-    if len(raw) <= _KEY_CACHED_LEN:
-        if len(_KEYS) >= _KEYS_MAX:
-            _KEYS.clear()
-        _KEYS[raw] = got
-    return got
+    return _remember(_KEYS, raw, (True, SYSTEM_PROPERTY_NAMES.get(k, k)) if k.startswith("$.") else (False, k))
 
 
 # escaped property value as sent -> decoded: an SDK escapes the same few values in every message
@@ -70,12 +75,7 @@ _VALUES: dict[str, str] = {}
 
 
 def _unquote_value(raw: str) -> str:
-    v = unquote(raw)
-    if len(raw) <= _KEY_CACHED_LEN:
-        if len(_VALUES) >= _KEYS_MAX:
-            _VALUES.clear()
-        _VALUES[raw] = v
-    return v
+    return _remember(_VALUES, raw, unquote(raw))
 
 
 def parse_query(query: str) -> dict[str, str | None]:
