@@ -178,7 +178,9 @@ class HostileProxy:
                 if not ready:
                     ready, _, _ = select.select(list(peer), [], [], _IO_TIMEOUT)
                 for src in ready:
-                    data = src.recv(65536)
+                    data = _recv_now(src)
+                    if data is None:
+                        continue  # only TLS housekeeping arrived (see _recv_now)
                     if not data:
                         return
                     peer[src].sendall(data)
@@ -187,6 +189,20 @@ class HostileProxy:
         finally:
             _close(client)
             _close(upstream)
+
+
+def _recv_now(s: ssl.SSLSocket) -> bytes | None:
+    """What `s` has for the application now, None if nothing. A socket select() calls readable may
+    hold only TLS records with no data in them (the hub's TLS 1.3 session tickets arrive right
+    after the handshake): a blocking recv() there waited for data that the other direction, which
+    this same thread relays, had to bring first, and the relay stood still for _IO_TIMEOUT."""
+    s.settimeout(0)
+    try:
+        return s.recv(65536)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None
+    finally:
+        s.settimeout(_IO_TIMEOUT)
 
 
 def _recv(s: ssl.SSLSocket) -> bytes:
