@@ -21,6 +21,7 @@ from mqttclient import MqttClient, connect
 from sdk_support import bounded
 
 from pytest_iotfailover.connstr import parse_connection_string
+from pytest_iotfailover.fakehub.certs import client_context
 from pytest_iotfailover.iothub.mqtt import packets as p
 from pytest_iotfailover.redaction import remember, remember_keys_of
 from pytest_iotfailover.sas import make_sas_token
@@ -101,10 +102,7 @@ class _Hub:
         pytest.fail(f"no info file within {START_TIMEOUT:g} s; stderr: {self.stderr()}")
 
     def client_context(self) -> ssl.SSLContext:
-        # only the hub's CA: the system store would cost ~40 ms per connection (see HubCertificates)
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.load_verify_locations(cadata=self.ca_pem)
-        return ctx
+        return client_context(self.ca_pem)
 
     def password(self, device_id: str) -> str:
         key = parse_connection_string(self.info["devices"][device_id])["SharedAccessKey"]
