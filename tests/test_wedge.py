@@ -342,9 +342,11 @@ def test_pool_replaces_a_wedged_client_and_resends(hub, proxy, caplog):
     finishes instead of running into its deadline, which held the device off the hub 5 s."""
     caplog.set_level(logging.DEBUG, logger="pytest_iotfailover.devices.pool")
     dev = proxy.device(hub.add_device("wedge-pool"))
-    # a long first backoff keeps the pool from replacing the client before it reconnects itself
-    pool = DevicePool([dev], server_verification_cert=hub.ca_pem, keep_alive=60,
-                      min_backoff=2.0, delta_backoff=0.1, connect_timeout=30)
+    # a long first backoff keeps the pool from replacing the client before it reconnects itself,
+    # and a 1 s retry interval gives the client several reconnects in it: each is a race that
+    # kills paho's thread only sometimes (HostileProxy), and the SDK's default 10 s left it two
+    pool = DevicePool([dev], server_verification_cert=hub.ca_pem, keep_alive=60, connection_retry_interval=1,
+                      min_backoff=5.0, delta_backoff=0.1, connect_timeout=30)
     proxy.plan.append("swallow")
     try:
         pool.connect()
