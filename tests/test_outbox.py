@@ -115,6 +115,20 @@ def test_region_failover_after_20_of_60_loses_nothing(hub, device, client):
     assert first_seen(got) == ids
 
 
+def test_back_off_ends_when_the_sdk_has_reconnected(hub, device, client):
+    # A 60 s back-off after the failed send: the message can only arrive within the 20 s below if
+    # the lane stops waiting once the SDK is connected again (its retry interval here is 1 s).
+    fault = hub.faults.region_failover(outage=1, unread=0)
+    wait_until(lambda: not client.connected, 10, "the client noticing the failover")
+    with Outbox(client, send_timeout=5, min_backoff=60, max_backoff=60) as ob:
+        mid = ob.send("while the hub is away")
+        wait_until(lambda: ob.failures, 10, "a failed send while the hub is away")
+        ob.flush(20)
+        assert ob.sent_ids == [mid]
+    fault.wait(5)
+    assert hub_ids(hub, device.device_id) == [mid]
+
+
 def test_drop_before_ack_delivers_with_visible_duplicates(hub, device, client):
     lost_acks = hub.faults.drop_before_ack(count=2, after_messages=3)
     with Outbox(client, send_timeout=5) as ob:

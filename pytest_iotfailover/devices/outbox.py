@@ -133,7 +133,9 @@ class Outbox(_OutboxView):
     Each lane's worker sends its oldest message and only after the hub acknowledged it (the SDK
     call returned) the next one. Every call is bounded by `send_timeout`; a failed or timed-out
     attempt is retried with the same message (same message id) after an exponential backoff with
-    jitter between `min_backoff` and `max_backoff`. A transient error never drops a message.
+    jitter between `min_backoff` and `max_backoff`; when the failure left a device client
+    disconnected, the wait ends early once the SDK has reconnected it. A transient error never
+    drops a message.
 
     Delivery is at least once: a call abandoned at `send_timeout` keeps running inside the SDK,
     which cannot cancel it, and may still deliver its message after the retry did, and a publish

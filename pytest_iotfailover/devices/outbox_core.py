@@ -31,6 +31,8 @@ _FAILURES_KEPT = 1000
 _IDS_SHOWN = 5
 # how often a worker waiting for an acknowledgement looks at whether its client died silently
 _WEDGE_CHECK = 0.25
+# how often a worker in its back-off looks at whether its disconnected client is connected again
+_RECONNECT_CHECK = 0.05
 
 _names = itertools.count(1)
 
@@ -282,16 +284,31 @@ class OutboxCore:
                 self._failures.append((entry.message_id, repr(error), time.time()))
                 failures_in_a_row += 1
                 delay_until = time.monotonic() + self._backoff.delay(failures_in_a_row - 1)
+                offline = self._client_connected() is False
                 # an abandoned call that completes meanwhile ends the wait: nothing left to retry
                 while not self._closed and entry.state != "acked":
                     left = delay_until - time.monotonic()
                     if left <= 0:
                         break
-                    cond.wait(left)
+                    if offline and self._client_connected():
+                        # the SDK reconnected by itself, so the hub is back: the rest of the
+                        # back-off would only hold the buffer back. The SDK's own retry interval
+                        # paces these early tries, so a hub that drops every connection at once
+                        # sees no more attempts than the SDK makes anyway.
+                        break
+                    cond.wait(min(left, _RECONNECT_CHECK) if offline else left)
                 if self._closed:
                     return
                 if entry.state == "acked":
                     failures_in_a_row = 0
+
+    def _client_connected(self) -> bool | None:
+        """The plain client's own view of its connection; None for a pool (its send() waits for
+        the device's next client itself) or a client that does not say."""
+        if self._is_pool:
+            return None
+        connected = getattr(self.target, "connected", None)
+        return connected if isinstance(connected, bool) else None
 
     def _revive_if_wedged(self) -> None:
         """A plain client that says it is connected while its network thread is dead never
