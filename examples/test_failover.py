@@ -84,7 +84,8 @@ def test_naive_sender_loses_telemetry(iothub, device_client, failover):
         except Exception:
             pass  # the naive app logs and moves on
         sent.append(msg.message_id)
-    assert_all_delivered(iothub, sent, timeout=2)
+    # every send raised at once and the app dropped the message: nothing is on its way, so no wait
+    assert_all_delivered(iothub, sent, timeout=0)
 
 
 def test_bare_sdk_stops_receiving_c2d_after_failover(iothub, iothub_device, device_client, failover):
