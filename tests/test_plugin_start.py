@@ -14,6 +14,8 @@ pytestmark = pytest.mark.timeout(120)
 
 HEAVY = ("azure", "trustme", "cryptography", "paho", "requests")
 HEAVY_OWN = ("pytest_iotfailover.fakehub", "pytest_iotfailover.backends.real")
+# the embedded hub's setting rules the options are checked with, and their lazy package: light
+LIGHT_OWN = ("pytest_iotfailover.fakehub", "pytest_iotfailover.fakehub.nap", "pytest_iotfailover.fakehub.rules")
 
 
 # what a run needs only for a hub test, a gate option or a marker's slo=
@@ -46,8 +48,8 @@ def run(pytester, monkeypatch):
 
 
 def _heavy(modules):
-    return sorted(m for m in modules
-                  if m.split(".")[0] in HEAVY or any(m == own or m.startswith(own + ".") for own in HEAVY_OWN))
+    return sorted(m for m in modules if m not in LIGHT_OWN and (
+        m.split(".")[0] in HEAVY or any(m == own or m.startswith(own + ".") for own in HEAVY_OWN)))
 
 
 def test_importing_the_plugin_loads_no_hub_sdk_or_certificates():
@@ -102,6 +104,16 @@ def test_a_run_without_hub_tests_or_gate_options_loads_no_gate_record_or_watchdo
     result, modules = run("-q")
     result.assert_outcomes(passed=2)
     assert [m for m in GATE + PER_HUB_TEST if m in modules] == []
+    assert _heavy(modules) == []
+
+
+@pytest.mark.parametrize("var, value", [("IOTFAILOVER_NAP", "0.01"), ("IOTFAILOVER_HUB_NAME", "from-env")])
+def test_embedded_hub_settings_in_the_environment_load_no_hub(pytester, run, monkeypatch, var, value):
+    # a CI job that sets the hub's options for all its runs: the ones without hub tests stay light
+    monkeypatch.setenv(var, value)
+    pytester.makepyfile(PLAIN_SUITE)
+    result, modules = run("-q")
+    result.assert_outcomes(passed=2)
     assert _heavy(modules) == []
 
 

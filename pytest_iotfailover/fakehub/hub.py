@@ -2,7 +2,6 @@
 import asyncio
 import concurrent.futures
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -23,6 +22,7 @@ from .dns import HubName, new_name
 from .faults import FaultHandle, Faults, RecoveryReport
 from .hub_limits import LimitsFace
 from .nap import resolve_nap
+from .rules import HUB_NAME
 from .server import MAX_CONNECT_SIZE, MAX_UNAUTHENTICATED, SEND_BUFFER_LIMIT, SEND_BUFFER_PAUSE, HubServer, is_loopback
 from .shaping import ServiceShaping
 
@@ -37,8 +37,6 @@ __all__ = [
     "RecoveryReport",
     "Telemetry",
 ]
-
-_HUB_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{1,48}[a-z0-9])$")
 
 LOOP_ENV = "IOTFAILOVER_LOOP"
 LOOP_CHOICES = ("auto", "asyncio", "uvloop")
@@ -82,7 +80,7 @@ def _set_result_once(fut: concurrent.futures.Future, result) -> None:
 def _check_settings(hub_name: Any, port: Any, host: Any, allow_remote: bool, token_grace: Any, connect_timeout: Any,
                     max_events: Any, max_connect_size: Any, max_unauthenticated: Any, send_buffer_pause: Any,
                     send_buffer_limit: Any) -> None:
-    if not isinstance(hub_name, str) or not _HUB_NAME.match(hub_name):
+    if not isinstance(hub_name, str) or not HUB_NAME.match(hub_name):
         raise ValueError(f"invalid hub_name {hub_name!r}: IoT Hub names are 3-50 lower-case letters, "
                          "digits and hyphens, starting and ending with a letter or digit")
     if not isinstance(port, int) or not 0 <= port <= 65535:

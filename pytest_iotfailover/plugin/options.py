@@ -64,9 +64,9 @@ def _nap(flag: str, raw: str) -> float:
 
 
 def _hub_name(flag: str, raw: str) -> str:
-    from ..fakehub.hub import _HUB_NAME
+    from ..fakehub.rules import HUB_NAME
     value = str(raw).strip()
-    if not _HUB_NAME.match(value):
+    if not HUB_NAME.match(value):
         raise SettingsError(f"{flag} must be 3-50 lower-case letters, digits and hyphens, got {value!r}")
     return value
 
