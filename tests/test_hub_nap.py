@@ -13,7 +13,8 @@ from sdk_support import Inbox, bounded, make_client, wait_until
 
 from pytest_iotfailover import FakeHub
 from pytest_iotfailover.fakehub import cli
-from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV, wants_nap
+from pytest_iotfailover.fakehub import server as hub_server
+from pytest_iotfailover.fakehub.nap import DEFAULT_NAP, MAX_NAP, NAP_ENV, NAP_FULL_AT, nap_for, wants_nap
 
 pytestmark = pytest.mark.timeout(60)
 pytest_plugins = ["pytester"]
@@ -233,3 +234,27 @@ def test_with_the_nap_off_packets_are_handled_as_they_are_read(monkeypatch):
 ], ids=["mixed-close", "lone", "spread-out", "storm"])
 def test_when_the_hub_naps(mixed, since_check, since_open, naps):
     assert wants_nap(0.005, mixed, since_check, since_open) is naps
+
+
+@pytest.mark.parametrize("connections, share", [(0, 1), (1, 1), (2, 2), (NAP_FULL_AT - 1, NAP_FULL_AT - 1),
+                                                (NAP_FULL_AT, NAP_FULL_AT), (500, NAP_FULL_AT)])
+def test_the_nap_grows_with_the_connections_it_can_gather_from(connections, share):
+    assert nap_for(0.02, connections) == pytest.approx(0.02 * share / NAP_FULL_AT)
+    assert nap_for(0.0, connections) == 0.0
+
+
+def test_amid_a_few_senders_the_hub_naps_its_share(monkeypatch):
+    # two or three devices that each wait on their PUBACK would send only once per nap: the hub
+    # must nap for the connections that iteration read, not the whole setting
+    monkeypatch.delenv(NAP_ENV, raising=False)
+    naps = []
+
+    def recording(nap, connections):
+        naps.append((nap, connections, nap_for(nap, connections)))
+        return naps[-1][2]
+    monkeypatch.setattr(hub_server, "nap_for", recording)
+    with FakeHub("naphub", nap=MAX_NAP) as hub:
+        exchange(hub, ["few-a", "few-b", "few-c"])
+    assert naps, "no nap was considered"
+    assert all(nap == MAX_NAP and 1 <= connections <= 3 for nap, connections, _ in naps), naps
+    assert max(took for _, _, took in naps) <= MAX_NAP * 3 / NAP_FULL_AT

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"event loop of the hub: uvloop (installed by the [fast] extra) or plain asyncio; "
                         f"auto takes uvloop when it is installed (default: ${LOOP_ENV}, else auto)")
     p.add_argument("--nap", type=_nap_seconds, default=None, metavar="SECONDS",
-                   help=f"how long the hub sleeps after a busy wake-up so the next one handles several "
-                        f"connections' messages at once; 0 turns it off, at most {MAX_NAP:g} "
+                   help=f"longest sleep of the hub after a busy wake-up, so the next one handles several "
+                        f"connections' messages at once (all of it from 8 connections on); 0 turns it off, at most {MAX_NAP:g} "
                         f"(default: ${NAP_ENV}, else {DEFAULT_NAP:g})")
     p.add_argument("--tier", default="S1", metavar="TIER",
                    help="IoT Hub tier whose throttles the hub enforces: Free, B1-B3, S1-S3, or none for no "

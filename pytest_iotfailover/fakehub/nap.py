@@ -12,10 +12,16 @@ import os
 from .. import checks
 
 NAP_ENV = "IOTFAILOVER_NAP"
-# 5 ms: the shortest nap that took a material share off the hub's CPU per message at
-# 2,000 msg/s over 100 connections (1 ms took nothing measurable); it adds at most that much to
-# an acknowledgement, and only while messages arrive less than a nap apart
-DEFAULT_NAP = 0.005
+# 20 ms, the longest nap (nap_for): amid many senders at 2,000 msg/s it took the hub's CPU per
+# message from about 2x mosquitto's (a 5 ms nap) to 1.1-1.5x (bench/README.md, "A 20 ms nap"). It
+# holds an acknowledgement up to that long, and only while several connections send less than half
+# a nap apart: PUBACKs then took 16-18 ms (median) and 28-32 ms (99th percentile) at 2,000 msg/s,
+# against 5.5 and 9-10 ms at 5 ms. A real hub is slower still: a send takes a network round trip
+# to the hub's region, and users of the Python SDK report 130-300 ms per send_message
+# (Azure/azure-iot-sdk-python#1155); the real hub's latency is not documented.
+DEFAULT_NAP = 0.020
+# connections whose data one loop iteration read for the whole nap to apply (nap_for)
+NAP_FULL_AT = 8
 # a nap delays the hub's timers and service calls by as much: longer ones would change behaviour
 MAX_NAP = 0.05
 
@@ -42,6 +48,16 @@ def resolve_nap(nap: float | None) -> float:
 # CONNECT, subscriptions, twin) is a chain of round trips, and a nap in each made 100 devices take
 # three times as long to come back after a failover (bench/README.md)
 STORM_QUIET = 1.0
+
+
+def nap_for(nap: float, connections: int) -> float:
+    """How long to nap after a loop iteration that read data from `connections` connections: `nap`
+    from NAP_FULL_AT of them, a share of it below. What a nap saves is the wake-ups of the messages
+    it gathers. Devices that each wait on their PUBACK send once per nap whatever its length, so
+    amid two of them a long nap gathers no more than a short one and only slows them; amid many
+    devices a long one gathers from all of them (two SDK clients: 173 messages a second each at a
+    5 ms nap, 48 at 20 ms)."""
+    return nap * min(1.0, max(connections, 1) / NAP_FULL_AT)
 
 
 def wants_nap(nap: float, mixed: bool, since_check: float, since_open: float) -> bool:

@@ -24,7 +24,7 @@ from ..iothub.actions import Action, Close, Pause, Reply, Reset, Send, Timer
 from ..iothub.core import MAX_D2C_SIZE, IoTHubCore
 from ..iothub.mqtt import Decoder, PacketTooLarge, ProtocolError
 from ..iothub.session import Connection
-from .nap import wants_nap
+from .nap import nap_for, wants_nap
 
 _TLS_READ = 16384  # one TLS record's worth of plaintext
 _READ_SIZE = 256 * 1024  # what asyncio reads at once for a plain Protocol
@@ -440,8 +440,9 @@ class HubServer:
             proto._finish()
         mixed, self.nap_mixed = self.nap_mixed, False
         now = time.perf_counter()
-        if wants_nap(self.nap, mixed, now - self._nap_checked, now - self.last_open):
-            time.sleep(self.nap)
+        nap = nap_for(self.nap, len(ready))
+        if wants_nap(nap, mixed, now - self._nap_checked, now - self.last_open):
+            time.sleep(nap)
             self.naps += 1
             now = time.perf_counter()
         self._nap_checked = now

@@ -219,9 +219,10 @@ OPTIONS = (
            "failover(dns=True) moves; clients in other processes (iothub_fleet) cannot resolve it",
            _boolean, False, flag_only=True),
     Option("iothub_nap", "--iothub-nap", "IOTFAILOVER_NAP",
-           "embedded hub: seconds it sleeps after a busy wake-up while device data comes closely, so "
-           "that it handles several connections' messages at once (an answer can wait that long); "
-           "0: off; default: 0.005", _nap, None, metavar="SECONDS"),
+           "embedded hub: longest sleep after a busy wake-up while device data comes closely (all "
+           "of it from 8 connections on), so that it handles several connections' messages at once "
+           "(an answer can wait that long); "
+           "0: off; default: 0.02", _nap, None, metavar="SECONDS"),
     Option("iothub_eventhub_connection", "--iothub-eventhub-connection", "IOTHUB_EVENTHUB_CONNECTION_STRING",
            "real hub: connection string of its built-in Event Hub-compatible endpoint, where delivered "
            "telemetry is read", _text, None, secret=True, metavar="CONNECTION_STRING"),
