@@ -13,12 +13,12 @@ from .. import checks
 
 NAP_ENV = "IOTFAILOVER_NAP"
 # 20 ms, the longest nap (nap_for): amid many senders at 2,000 msg/s it took the hub's CPU per
-# message from about 2x mosquitto's (a 5 ms nap) to 1.1-1.5x (bench/README.md, "A 20 ms nap"). It
-# holds an acknowledgement up to that long, and only while several connections send less than half
-# a nap apart: PUBACKs then took 16-18 ms (median) and 28-32 ms (99th percentile) at 2,000 msg/s,
-# against 5.5 and 9-10 ms at 5 ms. A real hub is slower still: a send takes a network round trip
-# to the hub's region, and users of the Python SDK report 130-300 ms per send_message
-# (Azure/azure-iot-sdk-python#1155); the real hub's latency is not documented.
+# message from about 2x mosquitto's (a flat 5 ms nap) to 1.1-1.5x (bench/README.md, "A longer nap
+# where it gathers more"). It holds an acknowledgement up to that long, and only while several
+# connections send less than half a nap apart: PUBACKs then took 15-19 ms (median) and 27-33 ms
+# (99th percentile) at 2,000 msg/s, against 5-6 and 9-10 ms at 5 ms. A real hub is slower still:
+# a send takes a network round trip to the hub's region, and users of the Python SDK report
+# 130-300 ms per send_message (Azure/azure-iot-sdk-python#1155); its latency is not documented.
 DEFAULT_NAP = 0.020
 # connections whose data one loop iteration read for the whole nap to apply (nap_for)
 NAP_FULL_AT = 8
