@@ -1,4 +1,5 @@
-"""bench/bench_hub.py and bench/bench_fair.py --quick still run end to end and print their figures.
+"""bench/bench_hub.py, bench/bench_fair.py --quick and bench/bench_senders.py still run end to end
+and print their figures.
 
 Only that the figures exist is checked, not their values: they depend on the machine.
 """
@@ -50,3 +51,16 @@ def test_quick_fair_bench_prints_figures():
     # the split: floor, then the hub's I/O layer with a core that only acknowledges, then the hub
     assert re.search(rf"^  paced 200 msg/s, 10 conns\s+asyncio\s+floor\s+{number}\s+hub-io\s+{number} "
                      rf"\([+-]{number} the I/O layer\)\s+hub\s+{number} \([+-]{number} the core\)", out, re.MULTILINE), out
+
+
+BENCH_SENDERS = os.path.join(os.path.dirname(BENCH), "bench_senders.py")
+
+
+@pytest.mark.timeout(60)
+def test_senders_bench_prints_a_rate_per_nap():
+    proc = subprocess.run([sys.executable, BENCH_SENDERS, "--naps", "0,0.02", "--messages", "5"],
+                          capture_output=True, text=True, timeout=50)
+    out = proc.stdout
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
+    for nap in ("0.0", "20.0"):
+        assert re.search(rf"^\s+{re.escape(nap)} ms\s+\d+ \(\d+-\d+\)$", out, re.MULTILINE), out
