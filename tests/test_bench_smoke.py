@@ -13,12 +13,16 @@ import pytest
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_hub.py")
 
 
+def _figures(script, *args, timeout):
+    """The script's standard output, after checking that it exited 0."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout
+
+
 @pytest.mark.timeout(60)
 def test_quick_bench_prints_figures():
-    proc = subprocess.run([sys.executable, BENCH, "--quick", "--no-mosquitto", "--timeout", "40"],
-                          capture_output=True, text=True, timeout=50)
-    out = proc.stdout
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
+    out = _figures(BENCH, "--quick", "--no-mosquitto", "--timeout", "40", timeout=50)
     number = r"\d+(?:\.\d+)?"
     # server, connections, msgs/s, µs CPU/msg, server CPU %, client CPU %, peak RSS MB
     for conns in (1, 10):
@@ -35,10 +39,8 @@ BENCH_FAIR = os.path.join(os.path.dirname(BENCH), "bench_fair.py")
 @pytest.mark.timeout(90)
 def test_quick_fair_bench_prints_figures():
     # hub and floor on plain asyncio only: neither mosquitto nor uvloop need be installed
-    proc = subprocess.run([sys.executable, BENCH_FAIR, "--quick", "--servers", "hub/asyncio,hub-io/asyncio,floor/asyncio",
-                           "--timeout", "60"], capture_output=True, text=True, timeout=80)
-    out = proc.stdout
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
+    out = _figures(BENCH_FAIR, "--quick", "--servers", "hub/asyncio,hub-io/asyncio,floor/asyncio", "--timeout", "60",
+                   timeout=80)
     number = r"\d+(?:\.\d+)?"
     # server, msgs/s, µs CPU/msg, server CPU %, generators' CPU %, generator µs/msg, others %
     for kind in ("hub/asyncio", "hub-io/asyncio", "floor/asyncio"):
@@ -58,9 +60,6 @@ BENCH_SENDERS = os.path.join(os.path.dirname(BENCH), "bench_senders.py")
 
 @pytest.mark.timeout(60)
 def test_senders_bench_prints_a_rate_per_nap():
-    proc = subprocess.run([sys.executable, BENCH_SENDERS, "--naps", "0,0.02", "--messages", "5"],
-                          capture_output=True, text=True, timeout=50)
-    out = proc.stdout
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{out}\nstderr:\n{proc.stderr}"
+    out = _figures(BENCH_SENDERS, "--naps", "0,0.02", "--messages", "5", timeout=50)
     for nap in ("0.0", "20.0"):
         assert re.search(rf"^\s+{re.escape(nap)} ms\s+\d+ \(\d+-\d+\)$", out, re.MULTILINE), out
