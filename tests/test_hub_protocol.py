@@ -1166,3 +1166,26 @@ def test_accept_out_of_descriptors_is_one_warning_not_an_internal_error(hub):
     [warning] = events_of(hub, "accept_failed")
     assert warning.detail["errno"] == "EMFILE" and warning.detail["failures"] == 1
     assert hub.errors == []
+
+
+def test_start_returns_only_once_the_hub_loop_is_running():
+    # The hub's start-up finishes a moment before its loop's run_forever begins. Widened here to
+    # 0.3 s: start() must not return inside that gap, or the first call on the hub (add_device in
+    # a fixture) fails with "not running" on a busy machine.
+    hub = FakeHub("startgap", loop="asyncio")
+    make_loop = hub._new_loop
+
+    def loop_that_starts_late():
+        loop = make_loop()
+        run_forever = loop.run_forever
+
+        def late():
+            time.sleep(0.3)  # the gap, not a wait for anything
+            return run_forever()
+        loop.run_forever = late
+        return loop
+    hub._new_loop = loop_that_starts_late
+    with hub:
+        assert hub.running
+        assert hub.add_device("first").device_id == "first"
+        assert hub.errors == []

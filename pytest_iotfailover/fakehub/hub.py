@@ -206,13 +206,16 @@ class FakeHub(LimitsFace, ServiceShaping):
                 loop.run_until_complete(self._startup())
             except BaseException as exc:
                 self._startup_error = exc
-                return
-            finally:
                 self._started.set()
+                return
+            # set from inside the running loop: start() must not return before `running` holds,
+            # or a call right after it (add_device, say) finds the hub "not running"
+            loop.call_soon(self._started.set)
             loop.run_forever()
             assert self._server is not None
             loop.run_until_complete(self._server.close())
         finally:
+            self._started.set()  # start() waits no longer if the loop could not run at all
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             self._accept_failed.close()
